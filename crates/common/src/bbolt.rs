@@ -1,0 +1,364 @@
+//! A read-only bbolt reader: enough to read an etcd snapshot's revision and
+//! walk its buckets without loading the file into memory.
+//!
+//! Layout (native endian = little endian on every platform etcd ships for):
+//! page `n` lives at `n * page_size`; a page starts with a 16-byte header
+//! `id u64, flags u16, count u16, overflow u32`. Meta pages 0 and 1 hold
+//! `magic, version, page_size, flags, root bucket {pgid, seq}, freelist,
+//! high-water pgid, txid, checksum (FNV-1a 64 of the preceding 56 bytes)`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use thiserror::Error;
+
+const MAGIC: u32 = 0xED0C_DAED;
+const PAGE_HEADER_LEN: usize = 16;
+const ELEMENT_LEN: usize = 16;
+const BRANCH_PAGE: u16 = 0x01;
+const LEAF_PAGE: u16 = 0x02;
+const BUCKET_LEAF_FLAG: u32 = 0x01;
+/// Guards against runaway recursion on a corrupted file.
+const MAX_DEPTH: usize = 64;
+
+/// Errors reading a bbolt file.
+#[derive(Debug, Error)]
+pub enum BoltError {
+    /// I/O failure.
+    #[error("read bbolt file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file is not a valid bbolt database.
+    #[error("invalid bbolt file: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> BoltError {
+    BoltError::Invalid(msg.into())
+}
+
+/// FNV-1a 64, the checksum bbolt uses for its meta pages.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Where a bucket's tree lives.
+#[derive(Clone, Debug)]
+enum BucketRoot {
+    Page(u64),
+    Inline(Vec<u8>),
+}
+
+/// An open bbolt file.
+pub struct BoltReader {
+    file: File,
+    page_size: u64,
+    root: u64,
+    high_water: u64,
+    txid: u64,
+}
+
+/// A decoded page (possibly with overflow pages).
+struct Page {
+    flags: u16,
+    count: usize,
+    data: Vec<u8>,
+}
+
+impl Page {
+    fn leaf_element(&self, i: usize) -> Result<(u32, &[u8], &[u8]), BoltError> {
+        let at = PAGE_HEADER_LEN + i * ELEMENT_LEN;
+        let e = self.data.get(at..at + ELEMENT_LEN).ok_or_else(|| invalid("element outside page"))?;
+        let u32_at = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes"));
+        let (flags, pos, ksize, vsize) = (u32_at(0), u32_at(4) as usize, u32_at(8) as usize, u32_at(12) as usize);
+        let k0 = at + pos;
+        let key = self.data.get(k0..k0 + ksize).ok_or_else(|| invalid("key outside page"))?;
+        let value = self
+            .data
+            .get(k0 + ksize..k0 + ksize + vsize)
+            .ok_or_else(|| invalid("value outside page"))?;
+        Ok((flags, key, value))
+    }
+
+    fn branch_child(&self, i: usize) -> Result<u64, BoltError> {
+        let at = PAGE_HEADER_LEN + i * ELEMENT_LEN;
+        let e = self.data.get(at..at + ELEMENT_LEN).ok_or_else(|| invalid("element outside page"))?;
+        Ok(u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")))
+    }
+}
+
+impl BoltReader {
+    /// Opens a bbolt file and selects its newest valid meta page.
+    ///
+    /// # Errors
+    /// [`BoltError::Invalid`] if neither meta page is valid.
+    pub fn open(path: &Path) -> Result<Self, BoltError> {
+        let file = File::open(path)?;
+        let mut best: Option<(u64, u64, u64, u64)> = None;
+        // Meta page 1 sits one page in; try the common page sizes for it.
+        let mut first = vec![0u8; 4096];
+        let len = file.metadata()?.len();
+        if len < 4096 {
+            return Err(invalid("file shorter than one page"));
+        }
+        file.read_exact_at(&mut first, 0)?;
+        let page_size = u64::from(u32::from_le_bytes(first[24..28].try_into().expect("4 bytes")));
+        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err(invalid(format!("implausible page size {page_size}")));
+        }
+        for n in 0..2u64 {
+            let mut m = vec![0u8; PAGE_HEADER_LEN + 64];
+            if file.read_exact_at(&mut m, n * page_size).is_err() {
+                continue;
+            }
+            let meta = &m[PAGE_HEADER_LEN..];
+            let le32 = |o: usize| u32::from_le_bytes(meta[o..o + 4].try_into().expect("4 bytes"));
+            let le64 = |o: usize| u64::from_le_bytes(meta[o..o + 8].try_into().expect("8 bytes"));
+            if le32(0) != MAGIC || le32(4) != 2 || fnv1a64(&meta[..56]) != le64(56) {
+                continue;
+            }
+            let (root, high_water, txid) = (le64(16), le64(40), le64(48));
+            if best.is_none_or(|b| txid > b.3) {
+                best = Some((u64::from(le32(8)), root, high_water, txid));
+            }
+        }
+        let (page_size, root, high_water, txid) = best.ok_or_else(|| invalid("no valid meta page"))?;
+        if high_water * page_size > len {
+            return Err(invalid(format!(
+                "file is truncated: {len} bytes, meta claims {} pages",
+                high_water
+            )));
+        }
+        Ok(Self {
+            file,
+            page_size,
+            root,
+            high_water,
+            txid,
+        })
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// The high-water mark: number of pages in use.
+    pub fn high_water(&self) -> u64 {
+        self.high_water
+    }
+
+    /// Transaction id of the selected meta page.
+    pub fn txid(&self) -> u64 {
+        self.txid
+    }
+
+    fn read_page(&self, pgid: u64) -> Result<Page, BoltError> {
+        if pgid < 2 || pgid >= self.high_water {
+            return Err(invalid(format!("page {pgid} out of range")));
+        }
+        let mut head = vec![0u8; PAGE_HEADER_LEN];
+        self.file.read_exact_at(&mut head, pgid * self.page_size)?;
+        let overflow = u64::from(u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")));
+        if pgid + overflow >= self.high_water {
+            return Err(invalid(format!("page {pgid} overflows the file")));
+        }
+        let mut data = vec![0u8; ((overflow + 1) * self.page_size) as usize];
+        self.file.read_exact_at(&mut data, pgid * self.page_size)?;
+        Ok(Page {
+            flags: u16::from_le_bytes([data[8], data[9]]),
+            count: usize::from(u16::from_le_bytes([data[10], data[11]])),
+            data,
+        })
+    }
+
+    fn inline_page(bytes: &[u8]) -> Result<Page, BoltError> {
+        if bytes.len() < PAGE_HEADER_LEN {
+            return Err(invalid("inline bucket too short"));
+        }
+        Ok(Page {
+            flags: u16::from_le_bytes([bytes[8], bytes[9]]),
+            count: usize::from(u16::from_le_bytes([bytes[10], bytes[11]])),
+            data: bytes.to_vec(),
+        })
+    }
+
+    fn bucket_root(value: &[u8]) -> Result<BucketRoot, BoltError> {
+        if value.len() < 16 {
+            return Err(invalid("bucket header too short"));
+        }
+        let root = u64::from_le_bytes(value[..8].try_into().expect("8 bytes"));
+        Ok(if root == 0 {
+            BucketRoot::Inline(value[16..].to_vec())
+        } else {
+            BucketRoot::Page(root)
+        })
+    }
+
+    /// Visits every `(key, value)` of the tree rooted at `root`, in key order.
+    /// Nested buckets are reported with `is_bucket = true`.
+    fn walk(
+        &self,
+        root: &BucketRoot,
+        f: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>,
+    ) -> Result<(), BoltError> {
+        match root {
+            BucketRoot::Inline(bytes) => self.walk_page(&Self::inline_page(bytes)?, 0, f),
+            BucketRoot::Page(pgid) => self.walk_page(&self.read_page(*pgid)?, 0, f),
+        }
+    }
+
+    fn walk_page(
+        &self,
+        page: &Page,
+        depth: usize,
+        f: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>,
+    ) -> Result<(), BoltError> {
+        if depth > MAX_DEPTH {
+            return Err(invalid("tree too deep"));
+        }
+        match page.flags {
+            LEAF_PAGE => {
+                for i in 0..page.count {
+                    let (flags, k, v) = page.leaf_element(i)?;
+                    f(k, v, flags & BUCKET_LEAF_FLAG != 0)?;
+                }
+                Ok(())
+            }
+            BRANCH_PAGE => {
+                for i in 0..page.count {
+                    self.walk_page(&self.read_page(page.branch_child(i)?)?, depth + 1, f)?;
+                }
+                Ok(())
+            }
+            other => Err(invalid(format!("unexpected page flags {other:#x}"))),
+        }
+    }
+
+    /// The last `(key, value)` of a tree.
+    fn last_entry(&self, root: &BucketRoot) -> Result<Option<(Vec<u8>, Vec<u8>)>, BoltError> {
+        let mut page = match root {
+            BucketRoot::Inline(bytes) => Self::inline_page(bytes)?,
+            BucketRoot::Page(pgid) => self.read_page(*pgid)?,
+        };
+        for _ in 0..MAX_DEPTH {
+            if page.count == 0 {
+                return Ok(None);
+            }
+            match page.flags {
+                LEAF_PAGE => {
+                    let (_, k, v) = page.leaf_element(page.count - 1)?;
+                    return Ok(Some((k.to_vec(), v.to_vec())));
+                }
+                BRANCH_PAGE => page = self.read_page(page.branch_child(page.count - 1)?)?,
+                other => return Err(invalid(format!("unexpected page flags {other:#x}"))),
+            }
+        }
+        Err(invalid("tree too deep"))
+    }
+
+    fn find_bucket(&self, name: &[u8]) -> Result<Option<BucketRoot>, BoltError> {
+        let mut found = None;
+        self.walk(&BucketRoot::Page(self.root), &mut |k, v, is_bucket| {
+            if is_bucket && k == name {
+                found = Some(Self::bucket_root(v)?);
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// Names of the top-level buckets, in order.
+    ///
+    /// # Errors
+    /// I/O or structural errors.
+    pub fn bucket_names(&self) -> Result<Vec<Vec<u8>>, BoltError> {
+        let mut names = Vec::new();
+        self.walk(&BucketRoot::Page(self.root), &mut |k, _, is_bucket| {
+            if is_bucket {
+                names.push(k.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(names)
+    }
+
+    /// Visits every entry of a top-level bucket in key order; a missing bucket
+    /// visits nothing.
+    ///
+    /// # Errors
+    /// I/O or structural errors, or whatever `f` returns.
+    pub fn for_each(
+        &self,
+        bucket: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), BoltError>,
+    ) -> Result<(), BoltError> {
+        if let Some(root) = self.find_bucket(bucket)? {
+            self.walk(&root, &mut |k, v, _| f(k, v))?;
+        }
+        Ok(())
+    }
+
+    /// The last key/value of a top-level bucket.
+    ///
+    /// # Errors
+    /// I/O or structural errors.
+    pub fn last_in_bucket(&self, bucket: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, BoltError> {
+        match self.find_bucket(bucket)? {
+            Some(root) => self.last_entry(&root),
+            None => Ok(None),
+        }
+    }
+
+    /// A value of a top-level bucket.
+    ///
+    /// # Errors
+    /// I/O or structural errors.
+    pub fn get(&self, bucket: &[u8], key: &[u8]) -> Result<Option<Vec<u8>>, BoltError> {
+        let mut found = None;
+        self.for_each(bucket, &mut |k, v| {
+            if k == key {
+                found = Some(v.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+}
+
+/// The revision an etcd backend file is at: the main revision of the last key
+/// in the `key` bucket, raised to the compaction revisions recorded in `meta`
+/// (a compaction can remove the newest revision's keys only if it deleted them,
+/// but the compaction marks then still carry the revision).
+///
+/// # Errors
+/// Structural errors, or a file without a `key` bucket.
+pub fn etcd_revision(reader: &BoltReader) -> Result<i64, BoltError> {
+    if reader.find_bucket(b"key")?.is_none() {
+        return Err(invalid("no `key` bucket: not an etcd backend"));
+    }
+    let mut rev = 0i64;
+    if let Some((k, _)) = reader.last_in_bucket(b"key")? {
+        rev = revision_main(&k)?;
+    }
+    for mark in [&b"finishedCompactRev"[..], b"scheduledCompactRev"] {
+        if let Some(v) = reader.get(b"meta", mark)? {
+            rev = rev.max(revision_main(&v)?);
+        }
+    }
+    Ok(rev)
+}
+
+/// The main revision of an etcd revision key (`main BE u64, '_', sub BE u64`).
+///
+/// # Errors
+/// [`BoltError::Invalid`] if the key is shorter than 8 bytes.
+pub fn revision_main(key: &[u8]) -> Result<i64, BoltError> {
+    let head = key.get(..8).ok_or_else(|| invalid("revision key shorter than 8 bytes"))?;
+    Ok(i64::from_be_bytes(head.try_into().expect("8 bytes")))
+}

@@ -1,0 +1,233 @@
+//! Object names inside an archive.
+//!
+//! Everything of one source cluster lives under one prefix:
+//!
+//! ```text
+//! {prefix}/etcd-pitr.json                                   archive manifest (format version)
+//! {prefix}/gen-{gen:016x}/generation.json                   why and when the generation started
+//! {prefix}/gen-{gen:016x}/snapshots/{rev:016x}.snap         base snapshots (zstd bbolt + header)
+//! {prefix}/gen-{gen:016x}/segments/{first:016x}-{last:016x}-{end_ms:016x}.seg
+//! ```
+//!
+//! Fixed-width lower-case hex makes listing order equal revision order. A
+//! segment holds revisions `first..=last`; `first == last + 1` marks a segment
+//! that holds no revision, only progress (the cluster was idle until `end_ms`).
+//! `end_ms` is the last wall-clock time the segment vouches for, so a `--time`
+//! restore can be planned from the listing alone. Names are parsed strictly:
+//! a stray object under a generation is an error, never silently skipped.
+
+use std::fmt;
+
+use crate::Revision;
+
+/// Name of the archive manifest object at the root of an archive.
+pub const MANIFEST_NAME: &str = "etcd-pitr.json";
+/// Name of the generation manifest object inside a generation directory.
+pub const GENERATION_MANIFEST_NAME: &str = "generation.json";
+
+/// A generation: one unbroken chain of a base snapshot plus contiguous segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GenerationId(pub u64);
+
+impl GenerationId {
+    /// The directory name of this generation, `gen-{id:016x}`.
+    pub fn dir_name(self) -> String {
+        format!("gen-{:016x}", self.0)
+    }
+
+    /// Parses a generation directory name such as `gen-0000000000000001`.
+    pub fn parse_dir(name: &str) -> Option<Self> {
+        let hex = name.strip_prefix("gen-")?;
+        parse_hex16(hex).map(Self)
+    }
+
+    /// The next generation id.
+    #[must_use]
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+impl fmt::Display for GenerationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The revision range and end time of a segment, as carried by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentName {
+    /// First revision held (`last + 1` when the segment holds none).
+    pub first: Revision,
+    /// Last revision held; every revision up to here is archived in the chain.
+    pub last: Revision,
+    /// Latest wall-clock time (Unix ms) at which `last` was known to be current.
+    pub end_ms: i64,
+}
+
+impl SegmentName {
+    /// The object file name, without directories.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{:016x}-{:016x}-{:016x}.seg",
+            self.first, self.last, self.end_ms
+        )
+    }
+
+    /// Parses a segment file name strictly.
+    pub fn parse(name: &str) -> Option<Self> {
+        let stem = name.strip_suffix(".seg")?;
+        let mut parts = stem.split('-');
+        let first = parse_rev(parts.next()?)?;
+        let last = parse_rev(parts.next()?)?;
+        let end_ms = parse_rev(parts.next()?)?;
+        if parts.next().is_some() || first < 1 || first > last + 1 {
+            return None;
+        }
+        Some(Self {
+            first,
+            last,
+            end_ms,
+        })
+    }
+
+    /// The revision the previous segment (or the generation start) ended at.
+    pub fn prev(&self) -> Revision {
+        self.first - 1
+    }
+
+    /// Whether the segment holds no revision (only progress).
+    pub fn is_empty(&self) -> bool {
+        self.first > self.last
+    }
+}
+
+/// Object file name of a snapshot at `revision`.
+pub fn snapshot_file_name(revision: Revision) -> String {
+    format!("{revision:016x}.snap")
+}
+
+/// Parses a snapshot file name strictly, returning its revision.
+pub fn parse_snapshot_file_name(name: &str) -> Option<Revision> {
+    parse_rev(name.strip_suffix(".snap")?)
+}
+
+/// Relative object key of a segment inside the archive.
+pub fn segment_key(generation: GenerationId, name: &SegmentName) -> String {
+    format!("{}/segments/{}", generation.dir_name(), name.file_name())
+}
+
+/// Relative object key of a snapshot inside the archive.
+pub fn snapshot_key(generation: GenerationId, revision: Revision) -> String {
+    format!(
+        "{}/snapshots/{}",
+        generation.dir_name(),
+        snapshot_file_name(revision)
+    )
+}
+
+/// Relative object key of a generation's manifest.
+pub fn generation_manifest_key(generation: GenerationId) -> String {
+    format!("{}/{GENERATION_MANIFEST_NAME}", generation.dir_name())
+}
+
+/// One object of a generation, classified by its relative name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GenerationObject {
+    /// `generation.json`
+    Manifest,
+    /// A snapshot at this revision.
+    Snapshot(Revision),
+    /// A segment.
+    Segment(SegmentName),
+}
+
+/// Classifies a key relative to the archive root (`gen-…/…`).
+///
+/// Returns `None` for anything that does not follow the layout exactly.
+pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
+    let (dir, rest) = relative.split_once('/')?;
+    let generation = GenerationId::parse_dir(dir)?;
+    let object = if rest == GENERATION_MANIFEST_NAME {
+        GenerationObject::Manifest
+    } else if let Some(file) = rest.strip_prefix("snapshots/") {
+        GenerationObject::Snapshot(parse_snapshot_file_name(file)?)
+    } else if let Some(file) = rest.strip_prefix("segments/") {
+        GenerationObject::Segment(SegmentName::parse(file)?)
+    } else {
+        return None;
+    };
+    Some((generation, object))
+}
+
+fn parse_hex16(s: &str) -> Option<u64> {
+    if s.len() != 16
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
+fn parse_rev(s: &str) -> Option<Revision> {
+    i64::try_from(parse_hex16(s)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip_and_sort() {
+        let a = SegmentName {
+            first: 5,
+            last: 300,
+            end_ms: 1_700_000_000_000,
+        };
+        let b = SegmentName {
+            first: 301,
+            last: 300,
+            end_ms: 1_700_000_001_000,
+        };
+        let c = SegmentName {
+            first: 301,
+            last: 4096,
+            end_ms: 1_700_000_000_500,
+        };
+        for n in [a, b, c] {
+            assert_eq!(SegmentName::parse(&n.file_name()), Some(n));
+        }
+        let mut names = vec![c.file_name(), a.file_name(), b.file_name()];
+        names.sort();
+        assert_eq!(names, vec![a.file_name(), b.file_name(), c.file_name()]);
+        assert!(b.is_empty());
+        assert_eq!(c.prev(), 300);
+    }
+
+    #[test]
+    fn strict_parsing_rejects_strays() {
+        for bad in [
+            "0000000000000005-000000000000012c.seg",
+            "0000000000000005-000000000000012c-0000000000000001.seg.tmp",
+            "000000000000005-000000000000012c-0000000000000001.seg",
+            "0000000000000005-000000000000012C-0000000000000001.seg",
+            "0000000000000005-0000000000000001-0000000000000001.seg",
+            "0000000000000000-0000000000000001-0000000000000001.seg",
+            "0000000000000005-000000000000012c-0000000000000001-00.seg",
+            "+000000000000005-000000000000012c-0000000000000001.seg",
+        ] {
+            assert_eq!(SegmentName::parse(bad), None, "{bad}");
+        }
+        assert_eq!(parse_snapshot_file_name("00000000000000ff.snap"), Some(255));
+        assert_eq!(parse_snapshot_file_name("ff.snap"), None);
+        assert_eq!(parse_snapshot_file_name("8000000000000000.snap"), None);
+        assert_eq!(classify("gen-0000000000000001/other/x"), None);
+        assert_eq!(classify("gen-1/generation.json"), None);
+        assert_eq!(
+            classify("gen-0000000000000002/snapshots/0000000000000010.snap"),
+            Some((GenerationId(2), GenerationObject::Snapshot(16)))
+        );
+    }
+}

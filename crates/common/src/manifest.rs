@@ -1,0 +1,144 @@
+//! Archive and generation manifests (small JSON objects, written once).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::layout::GenerationId;
+use crate::Revision;
+
+/// The archive format version this build reads and writes.
+pub const ARCHIVE_FORMAT_VERSION: u32 = 1;
+
+/// Errors reading manifests.
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    /// Not valid JSON of the expected shape.
+    #[error("{object}: malformed manifest: {reason}")]
+    Malformed {
+        /// Object name.
+        object: String,
+        /// Parser message.
+        reason: String,
+    },
+    /// An archive format this build does not know.
+    #[error("{object}: archive format version {version} is not supported (this build reads {ARCHIVE_FORMAT_VERSION})")]
+    UnsupportedVersion {
+        /// Object name.
+        object: String,
+        /// Version found.
+        version: u32,
+    },
+}
+
+/// `etcd-pitr.json` at the archive root.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArchiveManifest {
+    /// Always `"etcd-pitr"`.
+    pub format: String,
+    /// Archive format version.
+    pub version: u32,
+    /// When the archive was created (Unix ms).
+    pub created_ms: i64,
+}
+
+impl ArchiveManifest {
+    /// A manifest for a new archive.
+    pub fn new(created_ms: i64) -> Self {
+        Self {
+            format: "etcd-pitr".into(),
+            version: ARCHIVE_FORMAT_VERSION,
+            created_ms,
+        }
+    }
+
+    /// Parses and checks the manifest.
+    ///
+    /// # Errors
+    /// [`ManifestError`] naming the object.
+    pub fn parse(object: &str, bytes: &[u8]) -> Result<Self, ManifestError> {
+        let m: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed {
+            object: object.into(),
+            reason: e.to_string(),
+        })?;
+        if m.format != "etcd-pitr" {
+            return Err(ManifestError::Malformed {
+                object: object.into(),
+                reason: format!("format is {:?}, expected \"etcd-pitr\"", m.format),
+            });
+        }
+        if m.version != ARCHIVE_FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion {
+                object: object.into(),
+                version: m.version,
+            });
+        }
+        Ok(m)
+    }
+}
+
+/// Why a generation was started.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartReason {
+    /// First generation of the archive.
+    NewArchive,
+    /// etcd compacted past the archiver's resume point: revisions were lost.
+    Compacted,
+    /// The cluster ID changed.
+    ClusterChanged,
+    /// The source's history no longer matches the archive (it was restored).
+    LineageBroken,
+}
+
+/// The previous generation's end, i.e. where the gap begins.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GapStart {
+    /// Previous generation.
+    pub generation: GenerationId,
+    /// Its last archived revision.
+    pub last_revision: Revision,
+}
+
+/// `gen-…/generation.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationManifest {
+    /// This generation.
+    pub generation: GenerationId,
+    /// etcd cluster ID of the source.
+    pub cluster_id: u64,
+    /// The chain starts after this revision (first segment's `prev`).
+    pub start_revision: Revision,
+    /// When the generation was started (Unix ms).
+    pub started_ms: i64,
+    /// Why it was started.
+    pub reason: StartReason,
+    /// Where the previous generation ended, if there was one.
+    pub previous: Option<GapStart>,
+    /// Human-readable detail of the reason.
+    pub detail: String,
+}
+
+impl GenerationManifest {
+    /// Parses the manifest.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse(object: &str, bytes: &[u8]) -> Result<Self, ManifestError> {
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed {
+            object: object.into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Serialize for GenerationId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for GenerationId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(Self)
+    }
+}
