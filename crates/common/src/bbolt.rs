@@ -73,11 +73,22 @@ struct Page {
 impl Page {
     fn leaf_element(&self, i: usize) -> Result<(u32, &[u8], &[u8]), BoltError> {
         let at = PAGE_HEADER_LEN + i * ELEMENT_LEN;
-        let e = self.data.get(at..at + ELEMENT_LEN).ok_or_else(|| invalid("element outside page"))?;
+        let e = self
+            .data
+            .get(at..at + ELEMENT_LEN)
+            .ok_or_else(|| invalid("element outside page"))?;
         let u32_at = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes"));
-        let (flags, pos, ksize, vsize) = (u32_at(0), u32_at(4) as usize, u32_at(8) as usize, u32_at(12) as usize);
+        let (flags, pos, ksize, vsize) = (
+            u32_at(0),
+            u32_at(4) as usize,
+            u32_at(8) as usize,
+            u32_at(12) as usize,
+        );
         let k0 = at + pos;
-        let key = self.data.get(k0..k0 + ksize).ok_or_else(|| invalid("key outside page"))?;
+        let key = self
+            .data
+            .get(k0..k0 + ksize)
+            .ok_or_else(|| invalid("key outside page"))?;
         let value = self
             .data
             .get(k0 + ksize..k0 + ksize + vsize)
@@ -87,7 +98,10 @@ impl Page {
 
     fn branch_child(&self, i: usize) -> Result<u64, BoltError> {
         let at = PAGE_HEADER_LEN + i * ELEMENT_LEN;
-        let e = self.data.get(at..at + ELEMENT_LEN).ok_or_else(|| invalid("element outside page"))?;
+        let e = self
+            .data
+            .get(at..at + ELEMENT_LEN)
+            .ok_or_else(|| invalid("element outside page"))?;
         Ok(u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")))
     }
 }
@@ -107,7 +121,9 @@ impl BoltReader {
             return Err(invalid("file shorter than one page"));
         }
         file.read_exact_at(&mut first, 0)?;
-        let page_size = u64::from(u32::from_le_bytes(first[24..28].try_into().expect("4 bytes")));
+        let page_size = u64::from(u32::from_le_bytes(
+            first[24..28].try_into().expect("4 bytes"),
+        ));
         if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
             return Err(invalid(format!("implausible page size {page_size}")));
         }
@@ -127,11 +143,11 @@ impl BoltReader {
                 best = Some((u64::from(le32(8)), root, high_water, txid));
             }
         }
-        let (page_size, root, high_water, txid) = best.ok_or_else(|| invalid("no valid meta page"))?;
+        let (page_size, root, high_water, txid) =
+            best.ok_or_else(|| invalid("no valid meta page"))?;
         if high_water * page_size > len {
             return Err(invalid(format!(
-                "file is truncated: {len} bytes, meta claims {} pages",
-                high_water
+                "file is truncated: {len} bytes, meta claims {high_water} pages"
             )));
         }
         Ok(Self {
@@ -164,7 +180,9 @@ impl BoltReader {
         }
         let mut head = vec![0u8; PAGE_HEADER_LEN];
         self.file.read_exact_at(&mut head, pgid * self.page_size)?;
-        let overflow = u64::from(u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")));
+        let overflow = u64::from(u32::from_le_bytes(
+            head[12..16].try_into().expect("4 bytes"),
+        ));
         if pgid + overflow >= self.high_water {
             return Err(invalid(format!("page {pgid} overflows the file")));
         }
@@ -359,6 +377,8 @@ pub fn etcd_revision(reader: &BoltReader) -> Result<i64, BoltError> {
 /// # Errors
 /// [`BoltError::Invalid`] if the key is shorter than 8 bytes.
 pub fn revision_main(key: &[u8]) -> Result<i64, BoltError> {
-    let head = key.get(..8).ok_or_else(|| invalid("revision key shorter than 8 bytes"))?;
+    let head = key
+        .get(..8)
+        .ok_or_else(|| invalid("revision key shorter than 8 bytes"))?;
     Ok(i64::from_be_bytes(head.try_into().expect("8 bytes")))
 }

@@ -119,10 +119,8 @@ impl Catalog {
                 |r| r.get(0),
             )
             .optional()?;
-        json.map(|j| {
-            serde_json::from_str(&j).map_err(|e| CatalogError::Corrupted(e.to_string()))
-        })
-        .transpose()
+        json.map(|j| serde_json::from_str(&j).map_err(|e| CatalogError::Corrupted(e.to_string())))
+            .transpose()
     }
 
     /// Records a segment in `state` (insert or update).
@@ -265,16 +263,33 @@ mod tests {
         {
             let c = Catalog::open(&path).unwrap();
             c.put_generation(&m).unwrap();
-            let a = SegmentName { first: 11, last: 20, end_ms: 5 };
-            let b = SegmentName { first: 21, last: 30, end_ms: 6 };
-            c.put_segment(GenerationId(3), &a, 10, ObjectState::Spooled).unwrap();
-            c.put_segment(GenerationId(3), &a, 10, ObjectState::Uploaded).unwrap();
-            c.put_segment(GenerationId(3), &b, 10, ObjectState::Spooled).unwrap();
+            let a = SegmentName {
+                first: 11,
+                last: 20,
+                end_ms: 5,
+            };
+            let b = SegmentName {
+                first: 21,
+                last: 30,
+                end_ms: 6,
+            };
+            c.put_segment(GenerationId(3), &a, 10, ObjectState::Spooled)
+                .unwrap();
+            c.put_segment(GenerationId(3), &a, 10, ObjectState::Uploaded)
+                .unwrap();
+            c.put_segment(GenerationId(3), &b, 10, ObjectState::Spooled)
+                .unwrap();
             c.put_snapshot(GenerationId(3), 10, 100, 1).unwrap();
         }
         let c = Catalog::open(&path).unwrap();
         assert_eq!(c.last_generation().unwrap(), Some(m));
-        assert_eq!(c.last_uploaded_segment(GenerationId(3)).unwrap().unwrap().last, 20);
+        assert_eq!(
+            c.last_uploaded_segment(GenerationId(3))
+                .unwrap()
+                .unwrap()
+                .last,
+            20
+        );
         assert_eq!(c.snapshots(GenerationId(3)).unwrap(), vec![10]);
     }
 }

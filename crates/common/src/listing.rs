@@ -115,8 +115,8 @@ impl ArchiveListing {
             if key == layout::MANIFEST_NAME {
                 continue;
             }
-            let (generation, object) =
-                layout::classify(&key).ok_or_else(|| ListingError::UnexpectedObject(key.clone()))?;
+            let (generation, object) = layout::classify(&key)
+                .ok_or_else(|| ListingError::UnexpectedObject(key.clone()))?;
             if listing.generations.last().and_then(|g| g.id) != Some(generation) {
                 listing.generations.push(GenerationListing {
                     id: Some(generation),
@@ -162,7 +162,10 @@ mod tests {
         };
         let runs = g.runs();
         assert_eq!(runs.len(), 2);
-        assert_eq!((runs[0].after, runs[0].last, runs[0].end_segment), (4, 20, 3));
+        assert_eq!(
+            (runs[0].after, runs[0].last, runs[0].end_segment),
+            (4, 20, 3)
+        );
         assert_eq!((runs[1].after, runs[1].last), (24, 30));
     }
 }

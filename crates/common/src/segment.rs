@@ -574,7 +574,10 @@ fn decode_record(r: &mut impl Read) -> io::Result<Record> {
 ///
 /// # Errors
 /// A [`SegmentError`] naming `object`.
-pub fn decode_all(object: &str, bytes: &[u8]) -> Result<(SegmentHeader, Vec<Record>), SegmentError> {
+pub fn decode_all(
+    object: &str,
+    bytes: &[u8],
+) -> Result<(SegmentHeader, Vec<Record>), SegmentError> {
     let (header, body) = open(object, bytes)?;
     let mut reader = RecordReader::new(object, &header, body)?;
     let mut records = Vec::new();
@@ -657,7 +660,10 @@ mod tests {
             b.push(r).unwrap();
         }
         let (name, bytes) = b.finish().unwrap();
-        assert_eq!((name.first, name.last, name.end_ms), (11, 12, 1_700_000_005_000));
+        assert_eq!(
+            (name.first, name.last, name.end_ms),
+            (11, 12, 1_700_000_005_000)
+        );
         let (header, decoded) = decode_all("x", &bytes).unwrap();
         assert_eq!(decoded, records);
         assert_eq!(header.generation, 3);
@@ -722,8 +728,13 @@ mod tests {
         let hash = blake3::hash(&bytes[..n]);
         bytes[n..].copy_from_slice(hash.as_bytes());
         let err = decode_all("obj", &bytes).unwrap_err();
-        assert!(matches!(err, SegmentError::UnsupportedVersion { version: 9, .. }));
-        assert!(err.to_string().contains("unsupported segment format version 9"));
+        assert!(matches!(
+            err,
+            SegmentError::UnsupportedVersion { version: 9, .. }
+        ));
+        assert!(err
+            .to_string()
+            .contains("unsupported segment format version 9"));
     }
 
     /// The stored sample keeps the byte layout in `docs/segment-format.md`

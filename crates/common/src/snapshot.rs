@@ -140,7 +140,11 @@ impl SnapshotHeader {
 ///
 /// # Errors
 /// I/O errors.
-pub fn write_object(header: &SnapshotHeader, db: &mut impl Read, out: &mut impl Write) -> io::Result<()> {
+pub fn write_object(
+    header: &SnapshotHeader,
+    db: &mut impl Read,
+    out: &mut impl Write,
+) -> io::Result<()> {
     out.write_all(&header.encode())?;
     let mut encoder = zstd::Encoder::new(out, 3)?;
     io::copy(db, &mut encoder)?;
@@ -208,14 +212,20 @@ mod tests {
         let mut obj = Vec::new();
         write_object(&header, &mut db.as_slice(), &mut obj).unwrap();
         let mut back = Vec::new();
-        assert_eq!(read_object("s", &mut obj.as_slice(), &mut back).unwrap(), header);
+        assert_eq!(
+            read_object("s", &mut obj.as_slice(), &mut back).unwrap(),
+            header
+        );
         assert_eq!(back, db);
 
         let mut bad = obj.clone();
         let last = bad.len() - 3;
         bad[last] ^= 1;
         let err = read_object("gen/s.snap", &mut bad.as_slice(), &mut Vec::new()).unwrap_err();
-        assert!(matches!(err, SnapshotError::ChecksumMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, SnapshotError::ChecksumMismatch { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("gen/s.snap"));
 
         let mut bad = obj;

@@ -81,7 +81,9 @@ impl Archive {
         match parsed.scheme() {
             "file" => {
                 if parsed.host_str().is_some_and(|h| !h.is_empty()) {
-                    return Err(invalid("file URLs take an absolute path: file:///dir".into()));
+                    return Err(invalid(
+                        "file URLs take an absolute path: file:///dir".into(),
+                    ));
                 }
                 let dir = parsed
                     .to_file_path()
@@ -101,9 +103,8 @@ impl Archive {
                 if parsed.host_str().is_none_or(str::is_empty) {
                     return Err(invalid("missing bucket or container name".into()));
                 }
-                let env = std::env::vars().filter(|(k, _)| {
-                    ENV_PREFIXES.iter().any(|p| k.starts_with(p))
-                });
+                let env =
+                    std::env::vars().filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)));
                 let (store, prefix) = object_store::parse_url_opts(&parsed, env)
                     .map_err(|e| invalid(e.to_string()))?;
                 Ok(Self {
@@ -126,14 +127,23 @@ impl Archive {
     /// Full store path of an archive-relative key.
     pub fn path(&self, relative: &str) -> Path {
         let mut parts: Vec<_> = self.prefix.parts().collect();
-        parts.extend(Path::from(relative).parts().map(|p| p.as_ref().to_owned().into()));
+        parts.extend(
+            Path::from(relative)
+                .parts()
+                .map(|p| p.as_ref().to_owned().into()),
+        );
         Path::from_iter(parts)
     }
 
     /// Archive-relative key of a full store path.
     pub fn relative(&self, path: &Path) -> Option<String> {
         let rest: Vec<_> = path.prefix_match(&self.prefix)?.collect();
-        Some(rest.iter().map(AsRef::as_ref).collect::<Vec<&str>>().join("/"))
+        Some(
+            rest.iter()
+                .map(AsRef::as_ref)
+                .collect::<Vec<&str>>()
+                .join("/"),
+        )
     }
 
     /// Reads a whole object.
@@ -157,6 +167,18 @@ impl Archive {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Whether an object exists.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn exists(&self, relative: &str) -> Result<bool, StoreError> {
+        match self.store.head(&self.path(relative)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -195,7 +217,11 @@ impl Archive {
     ///
     /// # Errors
     /// Local I/O or backend errors.
-    pub async fn upload_file(&self, relative: &str, file: &std::path::Path) -> Result<(), StoreError> {
+    pub async fn upload_file(
+        &self,
+        relative: &str,
+        file: &std::path::Path,
+    ) -> Result<(), StoreError> {
         use tokio::io::AsyncReadExt;
         const PART_BYTES: usize = 8 << 20;
         let path = self.path(relative);
@@ -307,7 +333,10 @@ mod tests {
         let a = Archive::open(&url).unwrap();
         a.put_once("g/x", Bytes::from_static(b"one")).await.unwrap();
         a.put_once("g/x", Bytes::from_static(b"one")).await.unwrap();
-        let err = a.put_once("g/x", Bytes::from_static(b"two")).await.unwrap_err();
+        let err = a
+            .put_once("g/x", Bytes::from_static(b"two"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)));
         assert_eq!(a.get("g/x").await.unwrap().as_ref(), b"one");
         assert_eq!(a.list("g", None).await.unwrap(), vec!["g/x".to_string()]);

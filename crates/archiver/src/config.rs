@@ -1,0 +1,418 @@
+//! Typed, validated configuration: flags, environment and an optional TOML
+//! file land in one [`Config`]. Precedence: flag > environment > file > default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+/// Default etcd endpoint.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+/// Default data directory (catalog, spool, snapshot scratch space).
+pub const DEFAULT_DATA_DIR: &str = "etcd-archiver-data";
+/// Default interval between full snapshots.
+pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_hours(1);
+/// Default age at which an open segment is sealed.
+pub const DEFAULT_SEGMENT_MAX_AGE: Duration = Duration::from_secs(5);
+/// Default uncompressed size at which an open segment is sealed.
+pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 16 << 20;
+/// Default limit of sealed-but-not-uploaded bytes kept in the spool.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Default interval at which an idle cluster's progress is sealed.
+pub const DEFAULT_IDLE_SEAL_INTERVAL: Duration = Duration::from_mins(1);
+/// Default time allowed for a clean shutdown (seal + upload).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Flags shared by every subcommand. Every field is optional here so that
+/// the TOML file can supply it; [`Settings::resolve`] applies defaults.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Settings {
+    /// TOML file with the same settings (kebab-case keys).
+    #[arg(long, env = "ETCD_ARCHIVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "ETCD_ARCHIVER_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Option<Vec<String>>,
+    /// Archive URL: file:///abs/dir, s3://bucket/prefix, gs://…, az://…
+    #[arg(long, env = "ETCD_ARCHIVER_ARCHIVE")]
+    pub archive: Option<String>,
+    /// Local directory for the catalog, the upload spool and snapshot scratch files.
+    #[arg(long, env = "ETCD_ARCHIVER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Interval between full snapshots (e.g. 30m, 1h).
+    #[arg(long)]
+    pub snapshot_interval: Option<String>,
+    /// Seal the open segment when its first record is this old (e.g. 500ms, 5s).
+    #[arg(long)]
+    pub segment_max_age: Option<String>,
+    /// Seal the open segment at this uncompressed size (e.g. 16MiB).
+    #[arg(long)]
+    pub segment_max_bytes: Option<String>,
+    /// Stop reading the watch while this many sealed bytes wait for upload.
+    #[arg(long)]
+    pub spool_max_bytes: Option<String>,
+    /// CA certificate (PEM) to verify etcd's server certificate.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// etcd user name (password from ETCD_ARCHIVER_PASSWORD or --password-file).
+    #[arg(long, env = "ETCD_ARCHIVER_USER")]
+    pub user: Option<String>,
+    /// File holding the etcd password.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Time allowed for sealing and uploading on SIGTERM/SIGINT.
+    #[arg(long)]
+    pub shutdown_timeout: Option<String>,
+}
+
+/// The TOML file's shape.
+#[derive(Deserialize, Debug, Default)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+struct FileSettings {
+    endpoints: Option<Vec<String>>,
+    archive: Option<String>,
+    data_dir: Option<PathBuf>,
+    snapshot_interval: Option<String>,
+    segment_max_age: Option<String>,
+    segment_max_bytes: Option<String>,
+    spool_max_bytes: Option<String>,
+    cacert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    shutdown_timeout: Option<String>,
+}
+
+/// TLS material for etcd, loaded and checked.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// CA certificate PEM.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A secret that never prints.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("******")
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    /// etcd endpoints.
+    pub endpoints: Vec<String>,
+    /// Archive URL.
+    pub archive: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Interval between snapshots.
+    pub snapshot_interval: Duration,
+    /// Segment age limit.
+    pub segment_max_age: Duration,
+    /// Segment size limit (uncompressed).
+    pub segment_max_bytes: u64,
+    /// Spool limit.
+    pub spool_max_bytes: u64,
+    /// Seal interval while the cluster is idle.
+    pub idle_seal_interval: Duration,
+    /// Shutdown budget.
+    pub shutdown_timeout: Duration,
+    /// TLS material, if any.
+    pub tls: Option<TlsFiles>,
+    /// User and password, if any.
+    pub auth: Option<(String, Secret)>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("endpoints", &self.endpoints)
+            .field("archive", &self.archive)
+            .field("data_dir", &self.data_dir)
+            .field("snapshot_interval", &self.snapshot_interval)
+            .field("segment_max_age", &self.segment_max_age)
+            .field("segment_max_bytes", &self.segment_max_bytes)
+            .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.auth.as_ref().map(|a| (&a.0, &a.1)))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a human duration such as `500ms`, `10s`, `1h`.
+///
+/// # Errors
+/// Names the field and the bad value.
+pub fn parse_duration(field: &str, s: &str) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(s.trim())
+        .with_context(|| format!("--{field}: {s:?} is not a duration like 500ms, 10s or 1h"))?;
+    if d.is_zero() {
+        bail!("--{field}: must be greater than zero");
+    }
+    Ok(d)
+}
+
+/// Parses a size such as `16MiB`, `64MB`, `1048576`.
+///
+/// # Errors
+/// Names the field and the bad value.
+pub fn parse_size(field: &str, s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => bail!("--{field}: {s:?} is not a size like 16MiB, 64MB or 1048576"),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("--{field}: {s:?} is not a size like 16MiB, 64MB or 1048576"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .with_context(|| format!("--{field}: {s:?} is too large"))?;
+    if bytes == 0 {
+        bail!("--{field}: must be greater than zero");
+    }
+    Ok(bytes)
+}
+
+fn read_file(field: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("--{field}: cannot read {}", path.display()))
+}
+
+fn check_pem(field: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        bail!("--{field}: {} is not a PEM file", path.display());
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Merges flags, environment, file and defaults, and validates the result.
+    ///
+    /// # Errors
+    /// A message naming the offending field.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let file: FileSettings = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--config: cannot read {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("--config: invalid settings in {}", path.display()))?
+            }
+            None => FileSettings::default(),
+        };
+        let endpoints = self
+            .endpoints
+            .or(file.endpoints)
+            .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_owned()]);
+        if endpoints.is_empty() {
+            bail!("--endpoints: at least one endpoint is required");
+        }
+        for e in &endpoints {
+            let url = url::Url::parse(e).with_context(|| {
+                format!("--endpoints: {e:?} is not a URL like http://127.0.0.1:2379")
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                bail!("--endpoints: {e:?} must be http://host:port or https://host:port");
+            }
+        }
+        let archive = self.archive.or(file.archive).context(
+            "--archive: required (e.g. file:///var/lib/etcd-archive or s3://bucket/prefix)",
+        )?;
+        let duration =
+            |field: &str, cli: Option<String>, file: Option<String>, default: Duration| {
+                cli.or(file)
+                    .map_or(Ok(default), |s| parse_duration(field, &s))
+            };
+        let size = |field: &str, cli: Option<String>, file: Option<String>, default: u64| {
+            cli.or(file).map_or(Ok(default), |s| parse_size(field, &s))
+        };
+        let cacert = self.cacert.or(file.cacert);
+        let cert = self.cert.or(file.cert);
+        let key = self.key.or(file.key);
+        let tls = if cacert.is_some() || cert.is_some() || key.is_some() {
+            let ca_pem = match &cacert {
+                Some(p) => {
+                    let b = read_file("cacert", p)?;
+                    check_pem("cacert", p, &b)?;
+                    Some(b)
+                }
+                None => None,
+            };
+            let identity = match (&cert, &key) {
+                (Some(c), Some(k)) => {
+                    let (cb, kb) = (read_file("cert", c)?, read_file("key", k)?);
+                    check_pem("cert", c, &cb)?;
+                    check_pem("key", k, &kb)?;
+                    Some((cb, kb))
+                }
+                (None, None) => None,
+                _ => bail!("--cert and --key: give both or neither"),
+            };
+            Some(TlsFiles { ca_pem, identity })
+        } else {
+            None
+        };
+        if tls.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
+            bail!("--endpoints: TLS options were given, so endpoints must use https://");
+        }
+        let user = self.user.or(file.user);
+        let password_file = self.password_file.or(file.password_file);
+        let auth = match user {
+            Some(u) => {
+                let password = match (&password_file, std::env::var("ETCD_ARCHIVER_PASSWORD")) {
+                    (Some(p), _) => String::from_utf8(read_file("password-file", p)?)
+                        .context("--password-file: not UTF-8")?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned(),
+                    (None, Ok(p)) => p,
+                    (None, Err(_)) => bail!(
+                        "--user: a password is required in ETCD_ARCHIVER_PASSWORD or --password-file"
+                    ),
+                };
+                Some((u, Secret(password)))
+            }
+            None => None,
+        };
+        Ok(Config {
+            endpoints,
+            archive,
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            snapshot_interval: duration(
+                "snapshot-interval",
+                self.snapshot_interval,
+                file.snapshot_interval,
+                DEFAULT_SNAPSHOT_INTERVAL,
+            )?,
+            segment_max_age: duration(
+                "segment-max-age",
+                self.segment_max_age,
+                file.segment_max_age,
+                DEFAULT_SEGMENT_MAX_AGE,
+            )?,
+            segment_max_bytes: size(
+                "segment-max-bytes",
+                self.segment_max_bytes,
+                file.segment_max_bytes,
+                DEFAULT_SEGMENT_MAX_BYTES,
+            )?,
+            spool_max_bytes: size(
+                "spool-max-bytes",
+                self.spool_max_bytes,
+                file.spool_max_bytes,
+                DEFAULT_SPOOL_MAX_BYTES,
+            )?,
+            idle_seal_interval: DEFAULT_IDLE_SEAL_INTERVAL,
+            shutdown_timeout: duration(
+                "shutdown-timeout",
+                self.shutdown_timeout,
+                file.shutdown_timeout,
+                DEFAULT_SHUTDOWN_TIMEOUT,
+            )?,
+            tls,
+            auth,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Settings {
+        Settings {
+            archive: Some("file:///tmp/x".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = base().resolve().unwrap();
+        assert_eq!(c.endpoints, vec![DEFAULT_ENDPOINT]);
+        assert_eq!(c.segment_max_age, DEFAULT_SEGMENT_MAX_AGE);
+        assert_eq!(c.segment_max_bytes, DEFAULT_SEGMENT_MAX_BYTES);
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("x", "16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("x", "64MB").unwrap(), 64_000_000);
+        assert_eq!(parse_size("x", "1048576").unwrap(), 1 << 20);
+        assert!(parse_size("x", "12 parsecs")
+            .unwrap_err()
+            .to_string()
+            .contains("--x"));
+        assert_eq!(
+            parse_duration("x", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert!(parse_duration("segment-max-age", "soon")
+            .unwrap_err()
+            .to_string()
+            .contains("--segment-max-age"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut s = base();
+        s.endpoints = Some(vec!["127.0.0.1:2379".into()]);
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--endpoints"));
+        let mut s = base();
+        s.cacert = Some("/nonexistent/ca.pem".into());
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--cacert"));
+        let mut s = base();
+        s.archive = None;
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--archive"));
+    }
+
+    #[test]
+    fn toml_file_and_flag_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "archive = \"file:///from/file\"\nsegment-max-age = \"2s\"\nendpoints = [\"http://127.0.0.2:2379\"]\n",
+        )
+        .unwrap();
+        let s = Settings {
+            config: Some(path.clone()),
+            segment_max_age: Some("1s".into()),
+            ..Settings::default()
+        };
+        let c = s.resolve().unwrap();
+        assert_eq!(c.archive, "file:///from/file");
+        assert_eq!(c.segment_max_age, Duration::from_secs(1));
+        std::fs::write(&path, "archve = \"typo\"\n").unwrap();
+        let s = Settings {
+            config: Some(path),
+            ..Settings::default()
+        };
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("unknown field"));
+    }
+}

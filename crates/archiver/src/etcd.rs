@@ -1,0 +1,143 @@
+//! Connecting to etcd and the few reads the archiver makes besides the watch.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use etcdpitr_common::segment::{Event, EventKind, RevisionRecord};
+use etcdpitr_common::Revision;
+
+use crate::config::Config;
+
+/// Largest gRPC message accepted from etcd. Fragmented watch responses stay
+/// near etcd's request limit, but a single event (or a snapshot of a key
+/// with a huge value) may exceed tonic's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
+/// What the cluster says about itself in a response header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// Cluster ID.
+    pub cluster_id: u64,
+    /// Current revision.
+    pub revision: Revision,
+}
+
+/// Connects to etcd with the configured endpoints, TLS and credentials.
+///
+/// # Errors
+/// Connection or authentication failures.
+pub async fn connect(config: &Config) -> anyhow::Result<Client> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    if let Some(tls) = &config.tls {
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &tls.ca_pem {
+            t = t.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(Identity::from_pem(cert, key));
+        }
+        opts = opts.with_tls(t);
+    }
+    if let Some((user, password)) = &config.auth {
+        opts = opts.with_user(user.clone(), password.0.clone());
+    }
+    Client::connect(&config.endpoints, Some(opts))
+        .await
+        .with_context(|| format!("connect to etcd at {}", config.endpoints.join(",")))
+}
+
+/// Reads the cluster ID and current revision (a linearizable read of one
+/// key, which costs the same whatever the database size).
+///
+/// # Errors
+/// RPC failures.
+pub async fn cluster_info(client: &mut Client) -> anyhow::Result<ClusterInfo> {
+    let resp = client
+        .kv_client()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .get(vec![0u8], Some(GetOptions::new().with_count_only()))
+        .await
+        .context("read cluster revision")?;
+    let header = resp.header().context("etcd response without header")?;
+    Ok(ClusterInfo {
+        cluster_id: header.cluster_id(),
+        revision: header.revision(),
+    })
+}
+
+/// Whether the last archived revision still reads the same in the cluster.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lineage {
+    /// Every checked event matches.
+    Same,
+    /// Something differs: the cluster's history is not the archived one.
+    Diverged(String),
+    /// The revision was compacted away, so it cannot be checked.
+    Compacted,
+}
+
+/// How many events of the last revision are compared (a revision can hold
+/// thousands; a handful is enough to tell two histories apart).
+const LINEAGE_SAMPLE: usize = 16;
+
+/// Checks that the events of `record` read the same at their revision.
+///
+/// # Errors
+/// RPC failures other than compaction.
+pub async fn check_lineage(
+    client: &mut Client,
+    record: &RevisionRecord,
+) -> anyhow::Result<Lineage> {
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    for event in record.events.iter().rev().take(LINEAGE_SAMPLE) {
+        let resp = match kv
+            .get(
+                event.key.clone(),
+                Some(GetOptions::new().with_revision(record.revision)),
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                return Ok(Lineage::Compacted)
+            }
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("future revision") => {
+                return Ok(Lineage::Diverged(format!(
+                    "revision {} is in the cluster's future",
+                    record.revision
+                )))
+            }
+            Err(e) => return Err(e).context("read the last archived revision back"),
+        };
+        let kv = resp.kvs().first();
+        let same = match (event.kind, kv) {
+            (EventKind::Delete, None) => true,
+            (EventKind::Put, Some(kv)) => same_put(event, kv),
+            _ => false,
+        };
+        if !same {
+            return Ok(Lineage::Diverged(format!(
+                "key {:?} reads differently at revision {}",
+                String::from_utf8_lossy(&event.key),
+                record.revision
+            )));
+        }
+    }
+    Ok(Lineage::Same)
+}
+
+fn same_put(event: &Event, kv: &etcd_client::KeyValue) -> bool {
+    kv.key() == event.key.as_slice()
+        && kv.value() == event.value.as_slice()
+        && kv.create_revision() == event.create_revision
+        && kv.mod_revision() == event.mod_revision
+        && kv.version() == event.version
+        && kv.lease() == event.lease
+}

@@ -1,0 +1,125 @@
+//! Full snapshots: streamed from etcd's Maintenance API to a scratch file
+//! (never whole in memory), revision read from the file itself, compressed
+//! into the snapshot object format and uploaded.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use etcd_client::Client;
+use etcdpitr_common::bbolt::{self, BoltReader};
+use etcdpitr_common::catalog::Catalog;
+use etcdpitr_common::layout::{self, GenerationId};
+use etcdpitr_common::snapshot::{self as format, SnapshotHeader};
+use etcdpitr_common::store::Archive;
+use etcdpitr_common::{now_ms, Revision};
+use tokio::io::AsyncWriteExt;
+
+/// Takes one snapshot into `generation`, refusing it if its revision is
+/// below `min_revision` (the generation's start: such a file would belong
+/// to an older history). Returns its revision.
+///
+/// Dropping it midway leaves at most scratch files, removed on the next run.
+///
+/// # Errors
+/// etcd, local I/O or store failures.
+pub async fn take(
+    client: &mut Client,
+    archive: &Archive,
+    catalog: &Arc<Mutex<Catalog>>,
+    data_dir: &Path,
+    generation: GenerationId,
+    min_revision: Revision,
+) -> anyhow::Result<Revision> {
+    let started = std::time::Instant::now();
+    let taken_ms = now_ms();
+    let db_path = data_dir.join("snapshot.db.tmp");
+    let obj_path = data_dir.join("snapshot.snap.tmp");
+    let mut stream = client
+        .maintenance_client()
+        .snapshot()
+        .await
+        .context("start etcd snapshot")?;
+    let mut file = tokio::fs::File::create(&db_path)
+        .await
+        .with_context(|| format!("create {}", db_path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut db_bytes = 0u64;
+    while let Some(chunk) = stream.message().await.context("receive etcd snapshot")? {
+        hasher.update(chunk.blob());
+        file.write_all(chunk.blob()).await?;
+        db_bytes += chunk.blob().len() as u64;
+    }
+    file.sync_all().await?;
+    drop(file);
+
+    let header_db = db_path.clone();
+    let header = tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
+        let reader = BoltReader::open(&header_db).context("read the snapshot's revision")?;
+        let revision = bbolt::etcd_revision(&reader).context("read the snapshot's revision")?;
+        Ok(SnapshotHeader {
+            generation: generation.0,
+            revision,
+            taken_ms,
+            db_bytes,
+            db_blake3: *hasher.finalize().as_bytes(),
+        })
+    })
+    .await??;
+    if header.revision < min_revision {
+        bail!(
+            "snapshot revision {} is below the generation's start {min_revision}",
+            header.revision
+        );
+    }
+    let (src, dst) = (db_path.clone(), obj_path.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&dst)?);
+        format::write_object(&header, &mut input, &mut out)?;
+        Ok(())
+    })
+    .await??;
+    tokio::fs::remove_file(&db_path).await.ok();
+
+    let key = layout::snapshot_key(generation, header.revision);
+    let object_bytes = tokio::fs::metadata(&obj_path).await?.len();
+    // A snapshot name carries its revision: an existing object at that name
+    // is a complete snapshot of the same revision (multipart uploads appear
+    // atomically), so it is kept rather than overwritten.
+    match archive.exists(&key).await {
+        Ok(true) => tracing::info!(snapshot = %key, "snapshot of this revision already archived"),
+        Ok(false) => archive
+            .upload_file(&key, &obj_path)
+            .await
+            .with_context(|| format!("upload snapshot {key}"))?,
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),
+    }
+    tokio::fs::remove_file(&obj_path).await.ok();
+    catalog.lock().expect("catalog lock").put_snapshot(
+        generation,
+        header.revision,
+        object_bytes,
+        taken_ms,
+    )?;
+    tracing::info!(
+        snapshot = %key,
+        revision = header.revision,
+        db_bytes,
+        object_bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        "snapshot archived"
+    );
+    Ok(header.revision)
+}
+
+/// Removes scratch files a killed run may have left.
+pub fn clean_scratch(data_dir: &Path) {
+    for name in ["snapshot.db.tmp", "snapshot.snap.tmp"] {
+        match std::fs::remove_file(data_dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, file = name, "cannot remove scratch file"),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Runs at most one snapshot at a time for the current generation: one as
+//! soon as a generation has none, then one every `--snapshot-interval`.
+//! Dropping the schedule aborts a snapshot in flight (scratch files are
+//! cleaned on the next start).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::Client;
+use etcdpitr_common::catalog::Catalog;
+use etcdpitr_common::layout::GenerationId;
+use etcdpitr_common::store::Archive;
+use etcdpitr_common::Revision;
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
+
+/// Delay before retrying a failed snapshot.
+const RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// The snapshot schedule of one generation.
+pub struct SnapshotSchedule {
+    archive: Archive,
+    catalog: Arc<Mutex<Catalog>>,
+    data_dir: PathBuf,
+    generation: GenerationId,
+    min_revision: Revision,
+    interval: Duration,
+    next_due: Instant,
+    task: JoinSet<anyhow::Result<Revision>>,
+}
+
+impl SnapshotSchedule {
+    /// A schedule for `generation`; the first snapshot is due now unless the
+    /// generation already has one.
+    pub fn new(
+        archive: Archive,
+        catalog: Arc<Mutex<Catalog>>,
+        data_dir: PathBuf,
+        generation: GenerationId,
+        min_revision: Revision,
+        interval: Duration,
+        has_snapshot: bool,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            archive,
+            catalog,
+            data_dir,
+            generation,
+            min_revision,
+            interval,
+            next_due: if has_snapshot { now + interval } else { now },
+            task: JoinSet::new(),
+        }
+    }
+
+    /// Starts a snapshot if one is due and none is running.
+    pub fn start_if_due(&mut self, client: &Client) {
+        if !self.task.is_empty() || Instant::now() < self.next_due {
+            return;
+        }
+        let mut client = client.clone();
+        let (archive, catalog, data_dir) = (
+            self.archive.clone(),
+            self.catalog.clone(),
+            self.data_dir.clone(),
+        );
+        let (generation, min_revision) = (self.generation, self.min_revision);
+        self.task.spawn(async move {
+            crate::snapshot::take(
+                &mut client,
+                &archive,
+                &catalog,
+                &data_dir,
+                generation,
+                min_revision,
+            )
+            .await
+        });
+    }
+
+    /// Waits for the running snapshot to finish; never returns if none runs.
+    /// Safe to drop.
+    pub async fn next_done(&mut self) -> Result<anyhow::Result<Revision>, JoinError> {
+        match self.task.join_next().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records the outcome of a snapshot and schedules the next one.
+    pub fn finished(&mut self, result: Result<anyhow::Result<Revision>, JoinError>) {
+        let now = Instant::now();
+        match result {
+            Ok(Ok(_)) => self.next_due = now + self.interval,
+            Ok(Err(e)) => {
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?RETRY_DELAY, "snapshot failed");
+                self.next_due = now + RETRY_DELAY.min(self.interval);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot task failed");
+                self.next_due = now + RETRY_DELAY.min(self.interval);
+            }
+        }
+    }
+}
