@@ -1,0 +1,210 @@
+//! End-to-end tests of `etcd-archiver` against real etcd servers and a real
+//! S3-compatible server.
+
+use std::time::Duration;
+
+use integration::{
+    big_revision, current_revision, mixed_workload, read_archive, verify_generation, wait_archived,
+    ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server,
+};
+
+fn archiver_args(endpoints: &str, archive: &str, data_dir: &std::path::Path) -> Vec<String> {
+    [
+        "--endpoints",
+        endpoints,
+        "--archive",
+        archive,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--segment-max-age",
+        "300ms",
+        "--segment-max-bytes",
+        "256KiB",
+        "--snapshot-interval",
+        "3s",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
+}
+
+/// Mixed workload across a `kill -9`, a clean restart and a restart with an
+/// empty data directory: one generation, every revision exactly once, equal
+/// to the source's own history.
+async fn lossless_across_restarts(version: EtcdVersion) -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(version, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let log = tmp.path().join("archiver.log");
+    let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
+    let mut rng = Rng::new(7);
+
+    mixed_workload(&mut client, &mut rng, 100).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 150).await?;
+    big_revision(&mut client, 6000).await?;
+    archiver.kill9();
+
+    mixed_workload(&mut client, &mut rng, 100).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 100).await?;
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&url, 1, rev, Duration::from_secs(30)).await?;
+    let (status, took) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success(), "archiver exit status {status}");
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+
+    mixed_workload(&mut client, &mut rng, 100).await?;
+    let empty = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("fresh-data"));
+    let mut archiver = ArchiverProcess::start(&empty, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 100).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // let short leases expire
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&url, 1, rev, Duration::from_secs(30)).await?;
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success());
+
+    let generations = read_archive(&url).await?;
+    assert_eq!(generations.len(), 1, "{}", std::fs::read_to_string(&log)?);
+    let g = &generations[0];
+    assert!(!g.snapshots.is_empty());
+    assert!(g.snapshots[0] >= g.start_revision);
+    verify_generation(&mut client, &g, rev).await?;
+    let biggest = g
+        .revisions
+        .iter()
+        .map(|r| r.events.len())
+        .max()
+        .unwrap_or(0);
+    assert!(biggest >= 6000, "the >4 MiB revision was archived whole");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossless_across_restarts_etcd_3_5() -> anyhow::Result<()> {
+    lossless_across_restarts(EtcdVersion::V35).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossless_across_restarts_etcd_3_4() -> anyhow::Result<()> {
+    lossless_across_restarts(EtcdVersion::V34).await
+}
+
+/// A member of a 3-member cluster dies (twice, different members): the
+/// archiver continues through the others without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continues_through_member_failures() -> anyhow::Result<()> {
+    let mut cluster = EtcdCluster::start(EtcdVersion::V35, 3).await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let log = tmp.path().join("archiver.log");
+    let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    let mut rng = Rng::new(11);
+    for victim in [0, 1] {
+        let mut client = cluster.client().await?;
+        mixed_workload(&mut client, &mut rng, 80).await?;
+        cluster.members[victim].kill();
+        cluster.wait_ready().await?;
+        let mut client = cluster.client().await?;
+        mixed_workload(&mut client, &mut rng, 80).await?;
+        cluster.restart(victim)?;
+        cluster.wait_ready().await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut client = cluster.client().await?;
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&url, 1, rev, Duration::from_secs(60)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+    let generations = read_archive(&url).await?;
+    assert_eq!(generations.len(), 1, "{}", std::fs::read_to_string(&log)?);
+    verify_generation(&mut client, &generations[0], rev).await?;
+    Ok(())
+}
+
+/// The S3 store is unreachable for 30 s while writes continue: segments
+/// wait in the spool and arrive in order afterwards, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_30s_store_outage_on_s3() -> anyhow::Result<()> {
+    let s3 = S3Server::start("pitr").await?;
+    let proxy = Proxy::start(s3.port).await?;
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = "s3://pitr/clusters/test".to_owned();
+    let log = tmp.path().join("archiver.log");
+    let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
+    let env = S3Server::env(proxy.port);
+    let mut archiver = ArchiverProcess::start(&args, &env, &log)?;
+    let mut rng = Rng::new(5);
+    mixed_workload(&mut client, &mut rng, 100).await?;
+    proxy.set_up(false);
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(30) {
+        mixed_workload(&mut client, &mut rng, 20).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    proxy.set_up(true);
+    mixed_workload(&mut client, &mut rng, 50).await?;
+    let rev = current_revision(&mut client).await?;
+    // Read through moto directly: the test's own view of the store.
+    for (k, v) in S3Server::env(s3.port) {
+        std::env::set_var(k, v);
+    }
+    wait_archived(&url, 1, rev, Duration::from_secs(60)).await?;
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success());
+    let generations = read_archive(&url).await?;
+    assert_eq!(generations.len(), 1, "{}", std::fs::read_to_string(&log)?);
+    verify_generation(&mut client, &generations[0], rev).await?;
+    let text = std::fs::read_to_string(&log)?;
+    assert!(
+        text.contains("upload failed"),
+        "the outage was seen by the archiver"
+    );
+    Ok(())
+}
+
+/// etcd compacts past the archiver's resume point while it is down: the
+/// archiver records the gap and starts a new generation with a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_resume_point_starts_a_new_generation() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let log = tmp.path().join("archiver.log");
+    let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
+    let mut rng = Rng::new(3);
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 50).await?;
+    let first_end = current_revision(&mut client).await?;
+    wait_archived(&url, 1, first_end, Duration::from_secs(30)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+
+    mixed_workload(&mut client, &mut rng, 50).await?;
+    let compact_at = current_revision(&mut client).await?;
+    client.compact(compact_at, None).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 50).await?;
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&url, 2, rev, Duration::from_secs(30)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+
+    let generations = read_archive(&url).await?;
+    assert_eq!(generations.len(), 2);
+    assert_eq!(generations[1].reason, "Compacted");
+    assert!(generations[0].revisions.last().unwrap().revision >= first_end);
+    assert!(generations[1].start_revision >= compact_at);
+    assert!(!generations[1].snapshots.is_empty());
+    let manifest = std::fs::read_to_string(
+        tmp.path()
+            .join("archive/gen-0000000000000002/generation.json"),
+    )?;
+    let manifest: serde_json::Value = serde_json::from_str(&manifest)?;
+    assert_eq!(manifest["reason"], "compacted");
+    assert_eq!(manifest["previous"]["generation"], 1);
+    verify_generation(&mut client, &generations[1], rev).await?;
+    Ok(())
+}
