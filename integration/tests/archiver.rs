@@ -70,7 +70,7 @@ async fn lossless_across_restarts(version: EtcdVersion) -> anyhow::Result<()> {
     let g = &generations[0];
     assert!(!g.snapshots.is_empty());
     assert!(g.snapshots[0] >= g.start_revision);
-    verify_generation(&mut client, &g, rev).await?;
+    verify_generation(&mut client, g, rev).await?;
     let biggest = g
         .revisions
         .iter()
@@ -115,7 +115,7 @@ async fn continues_through_member_failures() -> anyhow::Result<()> {
     }
     let mut client = cluster.client().await?;
     let rev = current_revision(&mut client).await?;
-    wait_archived(&url, 1, rev, Duration::from_secs(60)).await?;
+    wait_archived(&url, 1, rev, Duration::from_mins(1)).await?;
     archiver.terminate(Duration::from_secs(20))?;
     let generations = read_archive(&url).await?;
     assert_eq!(generations.len(), 1, "{}", std::fs::read_to_string(&log)?);
@@ -152,7 +152,7 @@ async fn survives_a_30s_store_outage_on_s3() -> anyhow::Result<()> {
     for (k, v) in S3Server::env(s3.port) {
         std::env::set_var(k, v);
     }
-    wait_archived(&url, 1, rev, Duration::from_secs(60)).await?;
+    wait_archived(&url, 1, rev, Duration::from_mins(1)).await?;
     let (status, _) = archiver.terminate(Duration::from_secs(20))?;
     assert!(status.success());
     let generations = read_archive(&url).await?;

@@ -226,35 +226,8 @@ impl BoltReader {
         f: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>,
     ) -> Result<(), BoltError> {
         match root {
-            BucketRoot::Inline(bytes) => self.walk_page(&Self::inline_page(bytes)?, 0, f),
-            BucketRoot::Page(pgid) => self.walk_page(&self.read_page(*pgid)?, 0, f),
-        }
-    }
-
-    fn walk_page(
-        &self,
-        page: &Page,
-        depth: usize,
-        f: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>,
-    ) -> Result<(), BoltError> {
-        if depth > MAX_DEPTH {
-            return Err(invalid("tree too deep"));
-        }
-        match page.flags {
-            LEAF_PAGE => {
-                for i in 0..page.count {
-                    let (flags, k, v) = page.leaf_element(i)?;
-                    f(k, v, flags & BUCKET_LEAF_FLAG != 0)?;
-                }
-                Ok(())
-            }
-            BRANCH_PAGE => {
-                for i in 0..page.count {
-                    self.walk_page(&self.read_page(page.branch_child(i)?)?, depth + 1, f)?;
-                }
-                Ok(())
-            }
-            other => Err(invalid(format!("unexpected page flags {other:#x}"))),
+            BucketRoot::Inline(bytes) => self.walk_page(&Self::inline_page(bytes)?, 0, None, f),
+            BucketRoot::Page(pgid) => self.walk_page(&self.read_page(*pgid)?, 0, None, f),
         }
     }
 
@@ -289,6 +262,138 @@ impl BoltReader {
             Ok(())
         })?;
         Ok(found)
+    }
+
+    /// Top-level buckets with their sequence numbers, in name order.
+    ///
+    /// # Errors
+    /// I/O or structural errors, or a bucket that is not top-level only
+    /// (etcd never nests buckets).
+    pub fn buckets(&self) -> Result<Vec<(Vec<u8>, u64)>, BoltError> {
+        let mut out = Vec::new();
+        self.walk(&BucketRoot::Page(self.root), &mut |k, v, is_bucket| {
+            if !is_bucket {
+                return Err(invalid("a plain value in the root bucket"));
+            }
+            if v.len() < 16 {
+                return Err(invalid("bucket header too short"));
+            }
+            out.push((
+                k.to_vec(),
+                u64::from_le_bytes(v[8..16].try_into().expect("8 bytes")),
+            ));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// bbolt's consistency check: every page below the high-water mark is
+    /// reachable exactly once (the freelist is not persisted), and keys are
+    /// strictly increasing in every bucket. Returns the number of entries per
+    /// top-level bucket.
+    ///
+    /// # Errors
+    /// [`BoltError::Invalid`] describing the first problem.
+    pub fn check(&self) -> Result<Vec<(Vec<u8>, u64)>, BoltError> {
+        let mut seen = vec![false; self.high_water as usize];
+        seen[0] = true;
+        seen[1] = true;
+        let mut counts = Vec::new();
+        let root = self.read_page(self.root)?;
+        self.mark(self.root, &root, &mut seen)?;
+        let mut buckets = Vec::new();
+        self.walk_page(&root, 0, Some(&mut seen), &mut |k, v, is_bucket| {
+            if !is_bucket {
+                return Err(invalid("a plain value in the root bucket"));
+            }
+            buckets.push((k.to_vec(), Self::bucket_root(v)?));
+            Ok(())
+        })?;
+        for (name, root) in buckets {
+            let mut count = 0u64;
+            let mut last: Option<Vec<u8>> = None;
+            let mut visit = |k: &[u8], _: &[u8], is_bucket: bool| {
+                if is_bucket {
+                    return Err(invalid("nested bucket"));
+                }
+                if last.as_deref().is_some_and(|l| l >= k) {
+                    return Err(invalid(format!(
+                        "keys out of order in bucket {:?}",
+                        String::from_utf8_lossy(&name)
+                    )));
+                }
+                last = Some(k.to_vec());
+                count += 1;
+                Ok(())
+            };
+            match &root {
+                BucketRoot::Inline(bytes) => {
+                    self.walk_page(&Self::inline_page(bytes)?, 0, Some(&mut seen), &mut visit)?;
+                }
+                BucketRoot::Page(pgid) => {
+                    let page = self.read_page(*pgid)?;
+                    self.mark(*pgid, &page, &mut seen)?;
+                    self.walk_page(&page, 0, Some(&mut seen), &mut visit)?;
+                }
+            }
+            counts.push((name.clone(), count));
+        }
+        if let Some(p) = seen.iter().position(|s| !s) {
+            return Err(invalid(format!("page {p} is unreachable")));
+        }
+        Ok(counts)
+    }
+
+    fn mark(&self, pgid: u64, page: &Page, seen: &mut [bool]) -> Result<(), BoltError> {
+        let pages = page.data.len() as u64 / self.page_size;
+        for p in pgid..pgid + pages {
+            let slot = seen
+                .get_mut(p as usize)
+                .ok_or_else(|| invalid(format!("page {p} beyond the high-water mark")))?;
+            if *slot {
+                return Err(invalid(format!("page {p} is referenced twice")));
+            }
+            *slot = true;
+        }
+        Ok(())
+    }
+
+    /// Visits a page's entries in order, recursing into branches. With
+    /// `seen`, every child page is also marked (and a second visit is an error).
+    fn walk_page(
+        &self,
+        page: &Page,
+        depth: usize,
+        mut seen: Option<&mut [bool]>,
+        f: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>,
+    ) -> Result<(), BoltError> {
+        if depth > MAX_DEPTH {
+            return Err(invalid("tree too deep"));
+        }
+        match page.flags {
+            LEAF_PAGE => {
+                for i in 0..page.count {
+                    let (flags, k, v) = page.leaf_element(i)?;
+                    f(k, v, flags & BUCKET_LEAF_FLAG != 0)?;
+                }
+                Ok(())
+            }
+            BRANCH_PAGE => {
+                if page.count == 0 {
+                    return Err(invalid("empty branch page"));
+                }
+                for i in 0..page.count {
+                    let child = page.branch_child(i)?;
+                    let child_page = self.read_page(child)?;
+                    if let Some(seen) = seen.as_deref_mut() {
+                        self.mark(child, &child_page, seen)?;
+                    }
+                    self.walk_page(&child_page, depth + 1, seen.as_deref_mut(), f)?;
+                }
+                Ok(())
+            }
+            other => Err(invalid(format!("unexpected page flags {other:#x}"))),
+        }
     }
 
     /// Names of the top-level buckets, in order.

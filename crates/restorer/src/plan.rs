@@ -1,0 +1,312 @@
+//! Restore planning: a pure function of the archive listing and the target.
+//!
+//! A revision R is restorable from generation G when G has a base snapshot
+//! S <= R and an unbroken run of segments that starts at or before S and
+//! reaches R. The newest such snapshot is chosen (least replay). Revision
+//! numbers can repeat across generations (the source was restored
+//! underneath the archiver), so the newest generation holding R wins unless
+//! a generation is named.
+
+use std::fmt;
+
+use etcdpitr_common::layout::{GenerationId, SegmentName};
+use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
+use etcdpitr_common::Revision;
+use thiserror::Error;
+
+/// A restorable stretch of revisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestorableRange {
+    /// Generation.
+    pub generation: GenerationId,
+    /// First restorable revision (the oldest usable base snapshot).
+    pub first: Revision,
+    /// Last restorable revision.
+    pub last: Revision,
+    /// Latest time (Unix ms) the archive vouches for in this range.
+    pub end_ms: i64,
+}
+
+impl fmt::Display for RestorableRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "generation {}: {}..={}",
+            self.generation, self.first, self.last
+        )
+    }
+}
+
+/// Lists restorable ranges as text for error messages.
+pub fn describe(ranges: &[RestorableRange]) -> String {
+    if ranges.is_empty() {
+        return "none".into();
+    }
+    ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why a target cannot be restored.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// The archive has no restorable revision at all.
+    #[error("the archive holds no restorable revision yet (no base snapshot with its chain)")]
+    Empty,
+    /// The generation named does not exist.
+    #[error("generation {0} does not exist in the archive")]
+    NoSuchGeneration(GenerationId),
+    /// Before the first base snapshot.
+    #[error("revision {target} is before the first restorable revision; restorable: {}", describe(.ranges))]
+    BeforeFirst {
+        /// Requested revision.
+        target: Revision,
+        /// Restorable ranges.
+        ranges: Vec<RestorableRange>,
+    },
+    /// After the last archived revision.
+    #[error("revision {target} is beyond the last archived revision; restorable: {}", describe(.ranges))]
+    BeyondLast {
+        /// Requested revision.
+        target: Revision,
+        /// Restorable ranges.
+        ranges: Vec<RestorableRange>,
+    },
+    /// A `--time` the archive cannot place.
+    #[error("time {time} {why}; restorable: {}", describe(.ranges))]
+    TimeNotCovered {
+        /// Requested time (RFC 3339).
+        time: String,
+        /// Why (before the archive, after it, in a gap).
+        why: String,
+        /// Restorable ranges.
+        ranges: Vec<RestorableRange>,
+    },
+    /// Inside a gap between generations or inside a generation.
+    #[error("revision {target} falls in a gap of the archive; restorable: {}", describe(.ranges))]
+    InGap {
+        /// Requested revision.
+        target: Revision,
+        /// Restorable ranges.
+        ranges: Vec<RestorableRange>,
+    },
+}
+
+/// What a restore will do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestorePlan {
+    /// Generation restored from.
+    pub generation: GenerationId,
+    /// Base snapshot revision.
+    pub snapshot_revision: Revision,
+    /// Segments to replay, in order (they cover `snapshot_revision + 1..=target`).
+    pub segments: Vec<SegmentName>,
+    /// The target revision.
+    pub target: Revision,
+}
+
+/// Restorable ranges of one generation, one per usable run.
+pub fn generation_ranges(g: &GenerationListing) -> Vec<RestorableRange> {
+    let mut out = Vec::new();
+    let runs = g.runs();
+    for &snap in &g.snapshots {
+        let run = runs
+            .iter()
+            .find(|r| r.after <= snap && snap <= r.last.max(r.after));
+        let (last, end_ms) = match run {
+            Some(r) => (r.last.max(snap), r.end_ms),
+            // A snapshot newer than every segment: restorable by itself.
+            None if runs.last().is_none_or(|r| snap > r.last) => (snap, 0),
+            None => continue,
+        };
+        match out.last_mut() {
+            Some(RestorableRange {
+                last: l, end_ms: e, ..
+            }) if *l >= snap => {
+                *l = (*l).max(last);
+                *e = (*e).max(end_ms);
+            }
+            _ => out.push(RestorableRange {
+                generation: g.generation(),
+                first: snap,
+                last,
+                end_ms,
+            }),
+        }
+    }
+    out
+}
+
+/// All restorable ranges of the archive, oldest generation first.
+pub fn ranges(listing: &ArchiveListing) -> Vec<RestorableRange> {
+    listing
+        .generations
+        .iter()
+        .flat_map(generation_ranges)
+        .collect()
+}
+
+/// Plans a restore of `target`, from `generation` if given, else from the
+/// newest generation that can serve it.
+///
+/// # Errors
+/// A [`PlanError`] naming why and what is restorable instead.
+pub fn plan(
+    listing: &ArchiveListing,
+    target: Revision,
+    generation: Option<GenerationId>,
+) -> Result<RestorePlan, PlanError> {
+    let all = ranges(listing);
+    let candidates: Vec<&GenerationListing> = match generation {
+        Some(id) => vec![listing
+            .generations
+            .iter()
+            .find(|g| g.id == Some(id))
+            .ok_or(PlanError::NoSuchGeneration(id))?],
+        None => listing.generations.iter().rev().collect(),
+    };
+    for g in &candidates {
+        let Some(range) = generation_ranges(g)
+            .into_iter()
+            .find(|r| r.first <= target && target <= r.last)
+        else {
+            continue;
+        };
+        let snapshot_revision = *g
+            .snapshots
+            .iter()
+            .filter(|&&s| s >= range.first && s <= target)
+            .max()
+            .expect("the range starts at a snapshot <= target");
+        let segments = g
+            .segments
+            .iter()
+            .filter(|s| {
+                !s.is_empty()
+                    && s.last > snapshot_revision
+                    && s.first <= target
+                    && snapshot_revision < target
+            })
+            .copied()
+            .collect();
+        return Ok(RestorePlan {
+            generation: g.generation(),
+            snapshot_revision,
+            segments,
+            target,
+        });
+    }
+    let scope: Vec<RestorableRange> = match generation {
+        Some(id) => all.iter().filter(|r| r.generation == id).copied().collect(),
+        None => all.clone(),
+    };
+    let (Some(first), Some(last)) = (
+        scope.iter().map(|r| r.first).min(),
+        scope.iter().map(|r| r.last).max(),
+    ) else {
+        return Err(PlanError::Empty);
+    };
+    let ranges = all;
+    Err(if target < first {
+        PlanError::BeforeFirst { target, ranges }
+    } else if target > last {
+        PlanError::BeyondLast { target, ranges }
+    } else {
+        PlanError::InGap { target, ranges }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(first: Revision, last: Revision) -> SegmentName {
+        SegmentName {
+            first,
+            last,
+            end_ms: last * 10,
+        }
+    }
+
+    fn gen(id: u64, snapshots: Vec<Revision>, segments: Vec<SegmentName>) -> GenerationListing {
+        GenerationListing {
+            id: Some(GenerationId(id)),
+            manifest: None,
+            snapshots,
+            segments,
+        }
+    }
+
+    fn listing() -> ArchiveListing {
+        ArchiveListing {
+            manifest: None,
+            generations: vec![
+                // gen 1: chain 10..=100, snapshots at 12 and 50
+                gen(
+                    1,
+                    vec![12, 50],
+                    vec![seg(11, 40), seg(41, 40), seg(41, 100)],
+                ),
+                // gen 2: after a compaction gap, chain 300..=400 with a hole 351..=359
+                gen(2, vec![300], vec![seg(301, 350), seg(360, 400)]),
+            ],
+        }
+    }
+
+    #[test]
+    fn picks_newest_snapshot_and_needed_segments() {
+        let p = plan(&listing(), 60, None).unwrap();
+        assert_eq!(p.generation, GenerationId(1));
+        assert_eq!(p.snapshot_revision, 50);
+        assert_eq!(p.segments, vec![seg(41, 100)]);
+        let p = plan(&listing(), 12, None).unwrap();
+        assert_eq!(p.snapshot_revision, 12);
+        assert!(p.segments.is_empty());
+        let p = plan(&listing(), 30, None).unwrap();
+        assert_eq!((p.snapshot_revision, p.segments.len()), (12, 1));
+        let p = plan(&listing(), 350, None).unwrap();
+        assert_eq!(p.generation, GenerationId(2));
+    }
+
+    #[test]
+    fn refusals_are_typed_and_name_the_ranges() {
+        let l = listing();
+        assert!(matches!(
+            plan(&l, 5, None),
+            Err(PlanError::BeforeFirst { .. })
+        ));
+        assert!(matches!(
+            plan(&l, 11, None),
+            Err(PlanError::BeforeFirst { .. })
+        ));
+        assert!(matches!(
+            plan(&l, 401, None),
+            Err(PlanError::BeyondLast { .. })
+        ));
+        let gap = plan(&l, 200, None).unwrap_err();
+        assert!(matches!(gap, PlanError::InGap { .. }));
+        assert!(
+            gap.to_string()
+                .contains("generation 1: 12..=100; generation 2: 300..=350"),
+            "{gap}"
+        );
+        assert!(matches!(
+            plan(&l, 355, None),
+            Err(PlanError::BeyondLast { .. } | PlanError::InGap { .. })
+        ));
+        assert!(matches!(
+            plan(&l, 60, Some(GenerationId(2))),
+            Err(PlanError::BeforeFirst { .. })
+        ));
+        assert_eq!(
+            plan(&l, 60, Some(GenerationId(9))),
+            Err(PlanError::NoSuchGeneration(GenerationId(9)))
+        );
+        assert_eq!(
+            plan(&ArchiveListing::default(), 1, None),
+            Err(PlanError::Empty)
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Reading an archive for a restore: verified snapshots, verified segment
+//! records, and placing a wall-clock time on a revision.
+
+use std::path::Path;
+
+use anyhow::Context;
+use bytes::Bytes;
+use etcdpitr_common::layout::{self, GenerationId, SegmentName};
+use etcdpitr_common::listing::ArchiveListing;
+use etcdpitr_common::segment::{self, Record, RecordReader};
+use etcdpitr_common::snapshot::{self, SnapshotHeader};
+use etcdpitr_common::store::Archive;
+use etcdpitr_common::Revision;
+use tokio::sync::mpsc;
+
+use crate::plan::{self, PlanError};
+
+/// Downloads a snapshot object and writes the etcd snapshot file it holds to
+/// `dest`, checking its length and blake3 hash.
+///
+/// # Errors
+/// Store failures or an integrity error naming the object.
+pub async fn fetch_snapshot(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+    dest: &Path,
+) -> anyhow::Result<SnapshotHeader> {
+    let key = layout::snapshot_key(generation, revision);
+    let compressed = dest.with_extension("download");
+    let mut file = tokio::fs::File::create(&compressed)
+        .await
+        .with_context(|| format!("create {}", compressed.display()))?;
+    archive
+        .download(&key, &mut file)
+        .await
+        .with_context(|| format!("download {key}"))?;
+    drop(file);
+    let (src, dst) = (compressed.clone(), dest.to_owned());
+    let header = tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
+        let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&dst)?);
+        let header = snapshot::read_object(&key, &mut input, &mut out)?;
+        std::io::Write::flush(&mut out)?;
+        Ok(header)
+    })
+    .await?;
+    tokio::fs::remove_file(&compressed).await.ok();
+    let header = header?;
+    if header.revision != revision || header.generation != generation.0 {
+        anyhow::bail!(
+            "{}: header says generation {} revision {}, its name says generation {generation} revision {revision}",
+            layout::snapshot_key(generation, revision),
+            header.generation,
+            header.revision
+        );
+    }
+    Ok(header)
+}
+
+/// Number of segments fetched ahead of the one being replayed.
+const PREFETCH: usize = 4;
+
+/// Fetches `segments` in order in a background task, `PREFETCH` ahead.
+/// Each item is the object key and its bytes (not yet checked).
+pub fn prefetch_segments(
+    archive: Archive,
+    generation: GenerationId,
+    segments: Vec<SegmentName>,
+) -> mpsc::Receiver<anyhow::Result<(String, Bytes)>> {
+    let (tx, rx) = mpsc::channel(PREFETCH);
+    tokio::spawn(async move {
+        for name in segments {
+            let key = layout::segment_key(generation, &name);
+            let result = archive
+                .get(&key)
+                .await
+                .with_context(|| format!("download {key}"))
+                .map(|b| (key, b));
+            let failed = result.is_err();
+            if tx.send(result).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Checks a segment and passes each of its records to `f`.
+///
+/// # Errors
+/// An integrity error naming the object, or what `f` returns.
+pub fn for_each_record(
+    key: &str,
+    bytes: &[u8],
+    expected: &SegmentName,
+    f: &mut dyn FnMut(Record) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (header, body) = segment::open(key, bytes)?;
+    if header.prev_revision != expected.prev() || header.last_revision != expected.last {
+        anyhow::bail!("{key}: header range does not match the object name (object is corrupted)");
+    }
+    let mut reader = RecordReader::new(key, &header, body)?;
+    while let Some(record) = reader.next_record()? {
+        f(record)?;
+    }
+    Ok(())
+}
+
+/// The revision chosen for a `--time` target.
+#[derive(Clone, Debug)]
+pub struct TimeChoice {
+    /// Generation the time was placed in.
+    pub generation: GenerationId,
+    /// The last revision observed at or before the time.
+    pub revision: Revision,
+    /// When that revision was observed (Unix ms), if it was observed here.
+    pub observed_ms: Option<i64>,
+    /// Set when the next revision was observed during a catch-up: it may
+    /// have been committed before the requested time (earliest possible
+    /// commit time, Unix ms).
+    pub uncertain_after_ms: Option<i64>,
+}
+
+/// Places `time_ms` on a revision: the last one observed at or before it.
+///
+/// # Errors
+/// [`PlanError::TimeNotCovered`] when the time is outside every generation
+/// or in a gap; store or integrity errors.
+pub async fn resolve_time(
+    archive: &Archive,
+    listing: &ArchiveListing,
+    time_ms: i64,
+    time_text: &str,
+    only: Option<GenerationId>,
+) -> anyhow::Result<TimeChoice> {
+    let not_covered = |why: String| PlanError::TimeNotCovered {
+        time: time_text.to_owned(),
+        why,
+        ranges: plan::ranges(listing),
+    };
+    let generations: Vec<_> = listing
+        .generations
+        .iter()
+        .rev()
+        .filter(|g| only.is_none_or(|id| g.id == Some(id)))
+        .collect();
+    for (newest, g) in generations.iter().enumerate().map(|(i, g)| (i == 0, g)) {
+        let started_ms = g.manifest.as_ref().map_or(i64::MIN, |m| m.started_ms);
+        if time_ms < started_ms {
+            continue;
+        }
+        let Some(i) = g.segments.iter().position(|s| s.end_ms >= time_ms) else {
+            let latest = g
+                .segments
+                .iter()
+                .map(|s| s.end_ms)
+                .max()
+                .unwrap_or(started_ms);
+            return Err(not_covered(if newest {
+                format!(
+                    "is after the last archived moment ({})",
+                    crate::format_ms(latest)
+                )
+            } else {
+                format!(
+                    "falls in the gap after generation {} (archived until {})",
+                    g.generation(),
+                    crate::format_ms(latest)
+                )
+            })
+            .into());
+        };
+        let name = g.segments[i];
+        let key = layout::segment_key(g.generation(), &name);
+        let bytes = archive
+            .get(&key)
+            .await
+            .with_context(|| format!("download {key}"))?;
+        let mut choice = TimeChoice {
+            generation: g.generation(),
+            revision: name.prev(),
+            observed_ms: None,
+            uncertain_after_ms: None,
+        };
+        let mut before_ms: Option<i64> = None;
+        for_each_record(&key, &bytes, &name, &mut |record| {
+            if let Record::Revision(r) = record {
+                if r.observed_ms <= time_ms {
+                    choice.revision = r.revision;
+                    choice.observed_ms = Some(r.observed_ms);
+                    if !r.catching_up {
+                        before_ms = Some(r.observed_ms);
+                    }
+                } else if choice.uncertain_after_ms.is_none()
+                    && r.catching_up
+                    && r.revision == choice.revision + 1
+                {
+                    choice.uncertain_after_ms = Some(before_ms.unwrap_or(started_ms));
+                }
+            }
+            Ok(())
+        })?;
+        return Ok(choice);
+    }
+    Err(not_covered("is before the first archived moment".into()).into())
+}

@@ -1,0 +1,38 @@
+# etcd-pitr tasks. `just demo` and `just test` are the README's quick start.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List recipes.
+default:
+    @just --list
+
+# Install protoc, etcd 3.5/3.4, moto and just if missing.
+setup:
+    bash scripts/setup.sh
+
+# Archive a throw-away local etcd into a local directory and show the result.
+demo: setup
+    cargo build --release --bins
+    bash scripts/demo.sh
+
+# Run every test: unit, and end-to-end against real etcd and S3 servers.
+test: setup
+    cargo test --workspace --all-targets
+
+# Formatting and lints.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# What CI runs.
+ci: lint test
+
+# Archiver throughput benchmark against a local etcd (see docs/benchmarks.md).
+bench-archiver: setup
+    cargo build --release --bins
+    bash scripts/bench-archiver.sh
+
+# Build and run with fresh formatting, for day-to-day work.
+dev:
+    cargo fmt --all
+    cargo build --workspace
