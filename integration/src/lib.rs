@@ -795,3 +795,192 @@ pub async fn wait_archived(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `etcd-restorer` with `args`, returning (exit code, stdout, stderr).
+///
+/// # Errors
+/// If it cannot be spawned.
+pub fn run_restorer(
+    args: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<(i32, String, String)> {
+    let mut cmd = Command::new(binary("etcd-restorer"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().context("run etcd-restorer")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The source's live keys at `revision`, in `export`'s JSON-lines form.
+///
+/// # Errors
+/// etcd failures.
+pub async fn oracle_export(
+    client: &etcd_client::Client,
+    revision: i64,
+) -> anyhow::Result<Vec<String>> {
+    use etcd_client::GetOptions;
+    let resp = client
+        .kv_client()
+        .max_decoding_message_size(512 << 20)
+        .get(
+            vec![0u8],
+            Some(GetOptions::new().with_all_keys().with_revision(revision)),
+        )
+        .await?;
+    Ok(resp.kvs().iter().map(export_line).collect())
+}
+
+/// One key as `etcd-restorer export` prints it.
+pub fn export_line(kv: &etcd_client::KeyValue) -> String {
+    format!(
+        "{{\"key\":\"{}\",\"create_revision\":{},\"mod_revision\":{},\"version\":{},\"value\":\"{}\",\"lease\":{}}}",
+        base64(kv.key()),
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        base64(kv.value()),
+        kv.lease()
+    )
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// An etcd started from a restored snapshot file.
+pub struct RestoredEtcd {
+    child: Child,
+    /// Client URL.
+    pub client_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RestoredEtcd {
+    /// Restores `snapshot` with the release's own tool (`etcdutl` for 3.5,
+    /// `etcdctl` for 3.4), starts etcd on it and waits until it serves.
+    ///
+    /// # Errors
+    /// If the tool rejects the file or etcd does not start.
+    pub async fn start(version: EtcdVersion, snapshot: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        let (client_port, peer_port) = (free_port(), free_port());
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let tool = match version {
+            EtcdVersion::V35 => "etcdutl",
+            EtcdVersion::V34 => "etcdctl",
+        };
+        let out = Command::new(version.bin_dir().join(tool))
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore", &snapshot.display().to_string()])
+            .args(["--data-dir", &data.display().to_string()])
+            .args([
+                "--name",
+                "default",
+                "--initial-cluster",
+                &format!("default={peer}"),
+            ])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{tool} snapshot restore failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
+        let child = Command::new(version.bin_dir().join("etcd"))
+            .args([
+                "--name",
+                "default",
+                "--data-dir",
+                &data.display().to_string(),
+            ])
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let restored = Self {
+            child,
+            client_url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = restored.client().await {
+                if c.kv_client().get("x", None).await.is_ok() {
+                    return Ok(restored);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("restored etcd did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A client for it.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect([self.client_url.as_str()], None).await?)
+    }
+
+    /// Runs `snapshot status` with the release's tool on a file.
+    ///
+    /// # Errors
+    /// If the tool rejects the file.
+    pub fn status(version: EtcdVersion, snapshot: &Path) -> anyhow::Result<String> {
+        let tool = match version {
+            EtcdVersion::V35 => "etcdutl",
+            EtcdVersion::V34 => "etcdctl",
+        };
+        let out = Command::new(version.bin_dir().join(tool))
+            .env("ETCDCTL_API", "3")
+            .args([
+                "snapshot",
+                "status",
+                &snapshot.display().to_string(),
+                "-w",
+                "json",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{tool} snapshot status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for RestoredEtcd {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}

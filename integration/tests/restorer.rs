@@ -1,0 +1,276 @@
+//! End-to-end tests of `etcd-restorer`: archives made by the real archiver
+//! from real etcd, restored and compared with the source's own reads.
+
+use std::time::Duration;
+
+use integration::{
+    current_revision, mixed_workload, oracle_export, read_archive, run_restorer, wait_archived,
+    ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd, Rng,
+};
+
+/// A (moment, revision) pair: the revision was the newest one at the moment.
+struct Checkpoint {
+    time: String,
+    revision: i64,
+}
+
+fn rfc3339_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(version, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let data = tmp.path().join("data").display().to_string();
+    let endpoints = cluster.endpoints();
+    let args: Vec<String> = [
+        "--endpoints",
+        &endpoints,
+        "--archive",
+        &url,
+        "--data-dir",
+        &data,
+        "--segment-max-age",
+        "200ms",
+        "--segment-max-bytes",
+        "128KiB",
+        "--snapshot-interval",
+        "2s",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let mut rng = Rng::new(42);
+    mixed_workload(&mut client, &mut rng, 60).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
+    let mut checkpoints = Vec::new();
+    for _ in 0..6 {
+        mixed_workload(&mut client, &mut rng, 60).await?;
+        let revision = current_revision(&mut client).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        checkpoints.push(Checkpoint {
+            time: rfc3339_now(),
+            revision,
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    let last = current_revision(&mut client).await?;
+    wait_archived(&url, 1, last, Duration::from_secs(30)).await?;
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success());
+
+    let generation = &read_archive(&url).await?[0];
+    let snapshots = generation.snapshots.clone();
+    assert!(snapshots.len() >= 3, "snapshots: {snapshots:?}");
+    let archived_last = generation.revisions.last().unwrap().revision;
+    let first = snapshots[0];
+
+    // At least 20 targets: the first restorable revision, every snapshot
+    // boundary and its neighbours, the last one, and revisions between.
+    let mut targets = vec![first, first + 1, archived_last, archived_last - 1];
+    for &s in &snapshots[1..] {
+        targets.extend([s - 1, s, s + 1]);
+    }
+    let mut rng = Rng::new(9);
+    while targets.len() < 24 {
+        targets.push(first + rng.below((archived_last - first) as u64) as i64);
+    }
+    targets.retain(|&t| t >= first && t <= archived_last);
+    targets.sort_unstable();
+    targets.dedup();
+    assert!(targets.len() >= 20);
+    for &target in &targets {
+        let (code, out, err) = run_restorer(
+            &[
+                "export",
+                "--archive",
+                &url,
+                "--revision",
+                &target.to_string(),
+            ],
+            &[],
+        )?;
+        assert_eq!(code, 0, "export {target}: {err}");
+        let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+        assert_eq!(
+            lines,
+            oracle_export(&client, target).await?,
+            "export at revision {target}"
+        );
+    }
+
+    // Several full restores through the release's own tools and a started etcd.
+    for &target in &[
+        first,
+        snapshots[1] + 1,
+        targets[targets.len() / 2],
+        archived_last,
+    ] {
+        let file = tmp.path().join(format!("restore-{target}.db"));
+        let (code, out, err) = run_restorer(
+            &[
+                "restore",
+                "--archive",
+                &url,
+                "--revision",
+                &target.to_string(),
+                "--output",
+                &file.display().to_string(),
+            ],
+            &[],
+        )?;
+        assert_eq!(code, 0, "restore {target}: {err}");
+        assert!(
+            out.contains(&format!("restored revision {target}")),
+            "{out}"
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(&RestoredEtcd::status(version, &file)?)?;
+        assert_eq!(status["revision"], target);
+        let restored = RestoredEtcd::start(version, &file).await?;
+        let restored_client = restored.client().await?;
+        let resp = restored_client.kv_client().get("nothing", None).await?;
+        assert_eq!(
+            resp.header().unwrap().revision(),
+            target,
+            "current revision after restore"
+        );
+        let got = oracle_export(&restored_client, target).await?;
+        assert_eq!(
+            got,
+            oracle_export(&client, target).await?,
+            "restored cluster at {target}"
+        );
+        // Every lease a live key references exists in the restored cluster.
+        let mut lease_client = restored.client().await?;
+        let leases: Vec<i64> = lease_client
+            .leases()
+            .await?
+            .leases()
+            .iter()
+            .map(etcd_client::LeaseStatus::id)
+            .collect();
+        let kvs = restored_client
+            .kv_client()
+            .max_decoding_message_size(512 << 20)
+            .get(
+                vec![0u8],
+                Some(etcd_client::GetOptions::new().with_all_keys()),
+            )
+            .await?;
+        for kv in kvs.kvs() {
+            if kv.lease() != 0 {
+                assert!(
+                    leases.contains(&kv.lease()),
+                    "lease {:x} missing",
+                    kv.lease()
+                );
+            }
+        }
+    }
+
+    // --time picks the last revision observed at or before the moment.
+    for c in &checkpoints {
+        let (code, out, err) =
+            run_restorer(&["export", "--archive", &url, "--time", &c.time], &[])?;
+        assert_eq!(code, 0, "export --time {}: {err}", c.time);
+        assert!(
+            err.contains(&format!("-> revision {}", c.revision)),
+            "{}: {err}",
+            c.time
+        );
+        let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+        assert_eq!(lines, oracle_export(&client, c.revision).await?);
+    }
+    let c = &checkpoints[2];
+    let file = tmp.path().join("by-time.db");
+    let (code, out, err) = run_restorer(
+        &[
+            "restore",
+            "--archive",
+            &url,
+            "--time",
+            &c.time,
+            "--output",
+            &file.display().to_string(),
+        ],
+        &[],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("-> revision {}", c.revision)),
+        "{out}"
+    );
+
+    // --dry-run prints the plan and writes nothing.
+    let dry = tmp.path().join("dry.db");
+    let (code, out, _) = run_restorer(
+        &[
+            "restore",
+            "--archive",
+            &url,
+            "--revision",
+            &archived_last.to_string(),
+            "--output",
+            &dry.display().to_string(),
+            "--dry-run",
+        ],
+        &[],
+    )?;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("plan: generation 1, base snapshot at revision"),
+        "{out}"
+    );
+    assert!(!dry.exists());
+
+    // --bump-revision/--mark-compacted: revisions continue above, old ones are compacted.
+    let bumped = tmp.path().join("bumped.db");
+    let (code, _, err) = run_restorer(
+        &[
+            "restore",
+            "--archive",
+            &url,
+            "--revision",
+            &first.to_string(),
+            "--output",
+            &bumped.display().to_string(),
+            "--bump-revision",
+            "1000",
+            "--mark-compacted",
+        ],
+        &[],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let restored = RestoredEtcd::start(version, &bumped).await?;
+    let mut bc = restored.client().await?;
+    assert_eq!(current_revision(&mut bc).await?, first + 1000);
+    let old = bc
+        .get(
+            "x",
+            Some(etcd_client::GetOptions::new().with_revision(first)),
+        )
+        .await;
+    assert!(old.is_err_and(|e| e.to_string().contains("compacted")));
+    let put = bc.put("/after-bump", "v", None).await?;
+    assert_eq!(put.header().unwrap().revision(), first + 1001);
+    let exported_after_bump = oracle_export(&bc, first + 1000).await?;
+    assert_eq!(exported_after_bump, oracle_export(&client, first).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_match_the_source_etcd_3_5() -> anyhow::Result<()> {
+    restore_round_trip(EtcdVersion::V35).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_match_the_source_etcd_3_4() -> anyhow::Result<()> {
+    restore_round_trip(EtcdVersion::V34).await
+}
