@@ -17,6 +17,7 @@ demo: setup
 
 # Run every test: unit, and end-to-end against real etcd and S3 servers.
 test: setup
+    cargo build --workspace --bins
     cargo test --workspace --all-targets
 
 # Formatting and lints.

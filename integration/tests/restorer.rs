@@ -274,3 +274,145 @@ async fn restores_match_the_source_etcd_3_5() -> anyhow::Result<()> {
 async fn restores_match_the_source_etcd_3_4() -> anyhow::Result<()> {
     restore_round_trip(EtcdVersion::V34).await
 }
+
+/// Every refusal has its own message and exit code, and leaves no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let endpoints = cluster.endpoints();
+    let data = tmp.path().join("data").display().to_string();
+    let args: Vec<String> = [
+        "--endpoints",
+        &endpoints,
+        "--archive",
+        &url,
+        "--data-dir",
+        &data,
+        "--segment-max-age",
+        "200ms",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let log = tmp.path().join("archiver.log");
+    let mut rng = Rng::new(1);
+    mixed_workload(&mut client, &mut rng, 30).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 30).await?;
+    let gen1_last = current_revision(&mut client).await?;
+    wait_archived(&url, 1, gen1_last, Duration::from_secs(30)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+    // A compaction overtakes the stopped archiver: generation 2 after a gap.
+    mixed_workload(&mut client, &mut rng, 30).await?;
+    let compacted = current_revision(&mut client).await?;
+    client.compact(compacted, None).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    mixed_workload(&mut client, &mut rng, 30).await?;
+    let last = current_revision(&mut client).await?;
+    wait_archived(&url, 2, last, Duration::from_secs(30)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+    let generations = read_archive(&url).await?;
+    let first = generations[0].snapshots[0];
+    let gen2_first = generations[1].snapshots[0];
+
+    let out_file = tmp.path().join("out.db");
+    let out = out_file.display().to_string();
+    let restore = |rev: i64| {
+        run_restorer(
+            &[
+                "restore",
+                "--archive",
+                &url,
+                "--revision",
+                &rev.to_string(),
+                "--output",
+                &out,
+            ],
+            &[],
+        )
+    };
+    let (code, _, err) = restore(first - 1)?;
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("before the first restorable revision")
+            && err.contains(&format!("generation 1: {first}..=")),
+        "{err}"
+    );
+    let (code, _, err) = restore(last + 100)?;
+    assert_eq!(code, 3);
+    assert!(err.contains("beyond the last archived revision"), "{err}");
+    let (code, _, err) = restore(gen1_last + 2)?;
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("falls in a gap") && err.contains("generation 2:"),
+        "{err}"
+    );
+    assert!(!out_file.exists());
+
+    // Both sides of the gap restore.
+    assert_eq!(restore(gen1_last)?.0, 0);
+    std::fs::remove_file(&out_file)?;
+    assert_eq!(restore(gen2_first)?.0, 0);
+    std::fs::remove_file(&out_file)?;
+    let (code, listed, _) = run_restorer(&["list", "--archive", &url, "--json"], &[])?;
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&listed)?;
+    assert_eq!(listed["gaps"][0]["reason"], "compacted");
+    assert_eq!(listed["gaps"][0]["generation"], 1);
+    assert_eq!(
+        listed["generations"][1]["restorable"][0]["first_revision"],
+        gen2_first
+    );
+
+    // A corrupted segment is an integrity error naming the object.
+    let seg_dir = tmp.path().join("archive/gen-0000000000000002/segments");
+    let victim = std::fs::read_dir(&seg_dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 200)
+        .min()
+        .expect("a segment");
+    let mut bytes = std::fs::read(&victim)?;
+    bytes[100] ^= 0xff;
+    std::fs::write(&victim, bytes)?;
+    let (code, _, err) = restore(last)?;
+    assert_eq!(code, 4, "{err}");
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        err.contains(&name) && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert!(!out_file.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".out.db"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left behind");
+
+    // Usage errors and an unreachable store.
+    let (code, _, err) = run_restorer(
+        &[
+            "restore",
+            "--archive",
+            &url,
+            "--time",
+            "yesterday",
+            "--output",
+            &out,
+        ],
+        &[],
+    )?;
+    assert_eq!(code, 2);
+    assert!(err.contains("--time"), "{err}");
+    let (code, _, err) = run_restorer(&["list", "--archive", "ftp://nowhere/x"], &[])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("unsupported scheme"), "{err}");
+    let dead = integration::free_port();
+    let env = integration::S3Server::env(dead);
+    let (code, _, err) = run_restorer(&["list", "--archive", "s3://bucket/prefix"], &env)?;
+    assert_eq!(code, 5, "{err}");
+    Ok(())
+}

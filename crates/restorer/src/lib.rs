@@ -34,9 +34,13 @@ pub enum ExitKind {
 
 /// Classifies an error chain into an exit code.
 pub fn classify(error: &anyhow::Error) -> ExitKind {
+    use etcdpitr_common::listing::ListingError;
     for cause in error.chain() {
         if cause.is::<plan::PlanError>() {
             return ExitKind::NotRestorable;
+        }
+        if cause.is::<UsageError>() {
+            return ExitKind::Usage;
         }
         if cause.is::<etcdpitr_common::segment::SegmentError>()
             || cause.is::<etcdpitr_common::snapshot::SnapshotError>()
@@ -46,21 +50,28 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
             return ExitKind::Integrity;
         }
         if let Some(e) = cause.downcast_ref::<StoreError>() {
+            return store_kind(e);
+        }
+        // `ListingError` is transparent: its source skips the store error.
+        if let Some(e) = cause.downcast_ref::<ListingError>() {
             return match e {
-                StoreError::InvalidUrl { .. } => ExitKind::Usage,
-                StoreError::NotFound(_) | StoreError::Conflict(_) => ExitKind::Integrity,
-                StoreError::Backend(_) => ExitKind::StoreUnreachable,
-                StoreError::Io(_) => ExitKind::Other,
+                ListingError::Store(e) => store_kind(e),
+                ListingError::Manifest(_) | ListingError::UnexpectedObject(_) => {
+                    ExitKind::Integrity
+                }
             };
-        }
-        if cause.is::<etcdpitr_common::listing::ListingError>() {
-            continue;
-        }
-        if cause.is::<UsageError>() {
-            return ExitKind::Usage;
         }
     }
     ExitKind::Other
+}
+
+fn store_kind(e: &StoreError) -> ExitKind {
+    match e {
+        StoreError::InvalidUrl { .. } => ExitKind::Usage,
+        StoreError::NotFound(_) | StoreError::Conflict(_) => ExitKind::Integrity,
+        StoreError::Backend(_) => ExitKind::StoreUnreachable,
+        StoreError::Io(_) => ExitKind::Other,
+    }
 }
 
 /// A usage error detected after flag parsing (e.g. a bad time).
