@@ -267,12 +267,12 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_match_the_source_etcd_3_5() -> anyhow::Result<()> {
-    restore_round_trip(EtcdVersion::V35).await
+    Box::pin(restore_round_trip(EtcdVersion::V35)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_match_the_source_etcd_3_4() -> anyhow::Result<()> {
-    restore_round_trip(EtcdVersion::V34).await
+    Box::pin(restore_round_trip(EtcdVersion::V34)).await
 }
 
 /// Every refusal has its own message and exit code, and leaves no file.
@@ -372,7 +372,7 @@ async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
     let victim = std::fs::read_dir(&seg_dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 200)
+        .filter(|p| std::fs::metadata(p).map_or(0, |m| m.len()) > 200)
         .min()
         .expect("a segment");
     let mut bytes = std::fs::read(&victim)?;
