@@ -28,24 +28,48 @@ echo "== starting etcd-archiver -> $archive"
 archiver=$!
 pids+=($archiver)
 
-echo "== writing sample data: a config, 200 app keys, a leased key, deletes"
+echo "== writing the good state: config, 200 app keys, a leased leader key"
 etcdctl put /demo/config/replicas 3 >/dev/null
-for i in $(seq 1 200); do echo "put /demo/app/key-$i value-$i"; done | etcdctl txn >/dev/null 2>&1 || \
-  for i in $(seq 1 200); do etcdctl put "/demo/app/key-$i" "value-$i" >/dev/null; done
-lease=$(etcdctl lease grant 60 | awk '{print $2}')
+etcdctl put /demo/config/image app:v1 >/dev/null
+for i in $(seq 1 200); do etcdctl put "/demo/app/key-$i" "value-$i" >/dev/null; done
+lease=$(etcdctl lease grant 600 | awk '{print $2}')
 etcdctl put /demo/leader me --lease="$lease" >/dev/null
-etcdctl del /demo/app/key-1 >/dev/null
-etcdctl put /demo/config/replicas 5 >/dev/null
-rev=$(etcdctl get /demo/config/replicas -w json | python3 -c 'import json,sys;print(json.load(sys.stdin)["header"]["revision"])')
-echo "   cluster is at revision $rev"
-sleep 3
+sleep 1.5
+good_time=$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)
+echo "   good state at $good_time"
+sleep 1.5
 
-echo "== stopping the archiver (SIGTERM: seals and uploads the open segment)"
+echo "== a bad deploy: wrong image, replicas 0, the app keys key-1* deleted"
+etcdctl put /demo/config/image app:broken >/dev/null
+etcdctl put /demo/config/replicas 0 >/dev/null
+etcdctl del /demo/app/key-1 --prefix >/dev/null
+sleep 2
+
+echo "== stopping the archiver (SIGTERM seals and uploads the open segment)"
 kill -TERM "$archiver"; wait "$archiver" || true
 
 echo "== what was archived"
 "$bin/etcd-restorer" list --archive "$archive"
-echo
-echo "== objects in $work/archive"
-(cd "$work/archive" && find . -type f | sort)
-echo "(demo files stay in $work)"
+
+echo "== restoring to the moment before the bad deploy ($good_time)"
+"$bin/etcd-restorer" restore --archive "$archive" --time "$good_time" --output "$work/restored.db"
+"$etcd_dir/etcdutl" snapshot restore "$work/restored.db" --data-dir "$work/restored" \
+  --name restored --initial-cluster "restored=http://127.0.0.1:$((peer_port))" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$((peer_port))" > "$work/etcdutl.log" 2>&1
+restored_port=$(port); restored_peer=$(port)
+restored="http://127.0.0.1:$restored_port"
+"$etcd_dir/etcd" --name restored --data-dir "$work/restored" --listen-client-urls "$restored" --advertise-client-urls "$restored" \
+  --listen-peer-urls "http://127.0.0.1:$restored_peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-cluster "restored=http://127.0.0.1:$peer_port" > "$work/restored-etcd.log" 2>&1 &
+pids+=($!)
+until "$etcd_dir/etcdctl" --endpoints "$restored" endpoint health >/dev/null 2>&1; do sleep 0.2; done
+
+echo "== source cluster (after the bad deploy):"
+etcdctl get /demo/config/ --prefix
+echo "   app keys: $(etcdctl get /demo/app/ --prefix --keys-only | grep -c . || true)"
+echo "== restored cluster (just before it):"
+"$etcd_dir/etcdctl" --endpoints "$restored" get /demo/config/ --prefix
+echo "   app keys: $("$etcd_dir/etcdctl" --endpoints "$restored" get /demo/app/ --prefix --keys-only | grep -c . || true)"
+image=$("$etcd_dir/etcdctl" --endpoints "$restored" get /demo/config/image --print-value-only)
+[ "$image" = "app:v1" ] || { echo "demo failed: restored image is $image"; exit 1; }
+echo "== the good values are back (demo files stay in $work)"

@@ -455,9 +455,9 @@ impl BoltReader {
 }
 
 /// The revision an etcd backend file is at: the main revision of the last key
-/// in the `key` bucket, raised to the compaction revisions recorded in `meta`
-/// (a compaction can remove the newest revision's keys only if it deleted them,
-/// but the compaction marks then still carry the revision).
+/// in the `key` bucket (1 when it is empty), raised to the compaction
+/// revisions recorded in `meta` (a compaction can remove the newest
+/// revision's keys when they were deletions; the marks still carry it).
 ///
 /// # Errors
 /// Structural errors, or a file without a `key` bucket.
@@ -465,7 +465,8 @@ pub fn etcd_revision(reader: &BoltReader) -> Result<i64, BoltError> {
     if reader.find_bucket(b"key")?.is_none() {
         return Err(invalid("no `key` bucket: not an etcd backend"));
     }
-    let mut rev = 0i64;
+    // A new cluster's `key` bucket is empty and its revision is 1.
+    let mut rev = 1i64;
     if let Some((k, _)) = reader.last_in_bucket(b"key")? {
         rev = revision_main(&k)?;
     }

@@ -737,7 +737,7 @@ mod tests {
             .contains("unsupported segment format version 9"));
     }
 
-    /// The stored sample keeps the byte layout in `docs/segment-format.md`
+    /// The stored sample keeps the byte layout in `docs/archive-format.md`
     /// and the code in step: a format change must add a new version.
     #[test]
     fn stored_sample_decodes() {
