@@ -28,10 +28,15 @@ lint:
 # What CI runs.
 ci: lint test
 
-# Archiver throughput benchmark against a local etcd (see docs/benchmarks.md).
-bench-archiver: setup
-    cargo build --release --bins
-    bash scripts/bench-archiver.sh
+# Archiver benchmark against a local etcd (see docs/benchmarks.md).
+bench-archiver seconds="30": setup
+    cargo build --release --workspace --bins
+    target/release/bench-archiver {{seconds}}
+
+# Restorer benchmark: native synthesis against replay into etcd (see docs/benchmarks.md).
+bench-restorer revisions="1000000": setup
+    cargo build --release --workspace --bins
+    target/release/bench-restorer {{revisions}}
 
 # Build and run with fresh formatting, for day-to-day work.
 dev:

@@ -69,6 +69,7 @@ pub struct Member {
     version: EtcdVersion,
     initial_cluster: String,
     cluster_state: &'static str,
+    fsync: bool,
 }
 
 impl Member {
@@ -92,8 +93,8 @@ impl Member {
                 &self.initial_cluster,
                 "--initial-cluster-state",
                 self.cluster_state,
-                "--unsafe-no-fsync",
             ])
+            .args(if self.fsync { &[][..] } else { &["--unsafe-no-fsync"][..] })
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(Stdio::null())
             .stderr(log)
@@ -101,6 +102,11 @@ impl Member {
             .context("start etcd")?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the member with SIGKILL.
@@ -128,11 +134,19 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members and waits until they serve.
+    /// Starts `size` members without fsync (tests) and waits until they serve.
     ///
     /// # Errors
     /// If etcd does not start.
     pub async fn start(version: EtcdVersion, size: usize) -> anyhow::Result<Self> {
+        Self::start_with(version, size, false).await
+    }
+
+    /// Starts `size` members, with fsync as in production if `fsync`.
+    ///
+    /// # Errors
+    /// If etcd does not start.
+    pub async fn start_with(version: EtcdVersion, size: usize, fsync: bool) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -152,6 +166,7 @@ impl EtcdCluster {
                 version,
                 initial_cluster: initial_cluster.clone(),
                 cluster_state: "new",
+                fsync,
             };
             m.start()?;
             members.push(m);
@@ -218,19 +233,21 @@ impl EtcdCluster {
     }
 }
 
-/// Path of a workspace binary built next to the test executable.
+/// Path of a workspace binary built next to the running test or bench.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let exe = std::env::current_exe().expect("executable path");
+    let mut dir = exe.parent().expect("target/<profile>");
+    // Test executables live in target/<profile>/deps.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     dir.join(name)
 }
 
 /// A running `etcd-archiver run`.
 pub struct ArchiverProcess {
-    child: Option<Child>,
+    /// The process.
+    pub child: Option<Child>,
     /// Log file.
     pub log: PathBuf,
 }
