@@ -94,7 +94,11 @@ impl Member {
                 "--initial-cluster-state",
                 self.cluster_state,
             ])
-            .args(if self.fsync { &[][..] } else { &["--unsafe-no-fsync"][..] })
+            .args(if self.fsync {
+                &[][..]
+            } else {
+                &["--unsafe-no-fsync"][..]
+            })
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(Stdio::null())
             .stderr(log)
@@ -146,7 +150,11 @@ impl EtcdCluster {
     ///
     /// # Errors
     /// If etcd does not start.
-    pub async fn start_with(version: EtcdVersion, size: usize, fsync: bool) -> anyhow::Result<Self> {
+    pub async fn start_with(
+        version: EtcdVersion,
+        size: usize,
+        fsync: bool,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -242,6 +250,23 @@ pub fn binary(name: &str) -> PathBuf {
         dir = dir.parent().expect("target/<profile>");
     }
     dir.join(name)
+}
+
+/// Flags for `etcd-archiver run` against `endpoints`, archiving to `archive`
+/// with `data_dir`, plus `extra` flags.
+pub fn archiver_args(
+    endpoints: &str,
+    archive: &str,
+    data_dir: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = ["--endpoints", endpoints, "--archive", archive, "--data-dir"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    args.push(data_dir.display().to_string());
+    args.extend(extra.iter().map(ToString::to_string));
+    args
 }
 
 /// A running `etcd-archiver run`.
@@ -659,8 +684,7 @@ pub async fn source_history(
     from: i64,
     to: i64,
 ) -> anyhow::Result<Vec<RevisionRecord>> {
-    use etcd_client::{EventType, WatchOptions};
-    use etcdpitr_common::segment::{Event, EventKind};
+    use etcd_client::WatchOptions;
     let mut out: Vec<RevisionRecord> = Vec::new();
     if from > to {
         return Ok(out);
@@ -687,26 +711,7 @@ pub async fn source_history(
             if kv.mod_revision() > to {
                 continue;
             }
-            let event = match e.event_type() {
-                EventType::Put => Event {
-                    kind: EventKind::Put,
-                    key: kv.key().to_vec(),
-                    value: kv.value().to_vec(),
-                    create_revision: kv.create_revision(),
-                    mod_revision: kv.mod_revision(),
-                    version: kv.version(),
-                    lease: kv.lease(),
-                },
-                EventType::Delete => Event {
-                    kind: EventKind::Delete,
-                    key: kv.key().to_vec(),
-                    value: Vec::new(),
-                    create_revision: 0,
-                    mod_revision: kv.mod_revision(),
-                    version: 0,
-                    lease: 0,
-                },
-            };
+            let event = etcd_archiver::watch::convert(e.event_type(), kv);
             match out.last_mut() {
                 Some(r) if r.revision == kv.mod_revision() => r.events.push(event),
                 _ => out.push(RevisionRecord {

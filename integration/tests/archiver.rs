@@ -8,24 +8,18 @@ use integration::{
     ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server,
 };
 
+/// Small segments and frequent snapshots, so the tests cross many boundaries.
+const FAST: &[&str] = &[
+    "--segment-max-age",
+    "300ms",
+    "--segment-max-bytes",
+    "256KiB",
+    "--snapshot-interval",
+    "3s",
+];
+
 fn archiver_args(endpoints: &str, archive: &str, data_dir: &std::path::Path) -> Vec<String> {
-    [
-        "--endpoints",
-        endpoints,
-        "--archive",
-        archive,
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--segment-max-age",
-        "300ms",
-        "--segment-max-bytes",
-        "256KiB",
-        "--snapshot-interval",
-        "3s",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect()
+    integration::archiver_args(endpoints, archive, data_dir, FAST)
 }
 
 /// Mixed workload across a `kill -9`, a clean restart and a restart with an

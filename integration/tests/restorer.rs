@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use integration::{
-    current_revision, mixed_workload, oracle_export, read_archive, run_restorer, wait_archived,
-    ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd, Rng,
+    archiver_args, current_revision, mixed_workload, oracle_export, read_archive, run_restorer,
+    wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd, Rng,
 };
 
 /// A (moment, revision) pair: the revision was the newest one at the moment.
@@ -27,25 +27,19 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
     let mut client = cluster.client().await?;
     let tmp = tempfile::tempdir()?;
     let url = format!("file://{}/archive", tmp.path().display());
-    let data = tmp.path().join("data").display().to_string();
-    let endpoints = cluster.endpoints();
-    let args: Vec<String> = [
-        "--endpoints",
-        &endpoints,
-        "--archive",
+    let args = archiver_args(
+        &cluster.endpoints(),
         &url,
-        "--data-dir",
-        &data,
-        "--segment-max-age",
-        "200ms",
-        "--segment-max-bytes",
-        "128KiB",
-        "--snapshot-interval",
-        "2s",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+        &tmp.path().join("data"),
+        &[
+            "--segment-max-age",
+            "200ms",
+            "--segment-max-bytes",
+            "128KiB",
+            "--snapshot-interval",
+            "2s",
+        ],
+    );
     let mut rng = Rng::new(42);
     mixed_workload(&mut client, &mut rng, 60).await?;
     let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
@@ -282,21 +276,12 @@ async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
     let mut client = cluster.client().await?;
     let tmp = tempfile::tempdir()?;
     let url = format!("file://{}/archive", tmp.path().display());
-    let endpoints = cluster.endpoints();
-    let data = tmp.path().join("data").display().to_string();
-    let args: Vec<String> = [
-        "--endpoints",
-        &endpoints,
-        "--archive",
+    let args = archiver_args(
+        &cluster.endpoints(),
         &url,
-        "--data-dir",
-        &data,
-        "--segment-max-age",
-        "200ms",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+        &tmp.path().join("data"),
+        &["--segment-max-age", "200ms"],
+    );
     let log = tmp.path().join("archiver.log");
     let mut rng = Rng::new(1);
     mixed_workload(&mut client, &mut rng, 30).await?;

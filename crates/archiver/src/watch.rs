@@ -167,7 +167,8 @@ pub async fn run(
     }
 }
 
-fn convert(kind: EventType, kv: &etcd_client::KeyValue) -> Event {
+/// Converts a watch event into the archived form.
+pub fn convert(kind: EventType, kv: &etcd_client::KeyValue) -> Event {
     match kind {
         EventType::Put => Event {
             kind: EventKind::Put,

@@ -8,9 +8,11 @@
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
+//! - [`cli`]: logging, runtime and exit codes shared by the binaries.
 
 pub mod bbolt;
 pub mod catalog;
+pub mod cli;
 pub mod layout;
 pub mod listing;
 pub mod manifest;

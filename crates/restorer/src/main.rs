@@ -85,24 +85,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ETCD_RESTORER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    let command = async {
         let mut stdout = std::io::stdout().lock();
         match cli.command {
             Command::List { archive, json } => commands::list(&archive, json, &mut stdout).await,
@@ -138,12 +121,8 @@ fn main() -> ExitCode {
                 .await
             }
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(etcd_restorer::classify(&e) as u8)
-        }
-    }
+    };
+    etcdpitr_common::cli::run_main("ETCD_RESTORER_LOG", "warn", command, |e| {
+        etcd_restorer::classify(e) as u8
+    })
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::store::Archive;
-use integration::{ArchiverProcess, EtcdCluster, EtcdVersion};
+use integration::{archiver_args, ArchiverProcess, EtcdCluster, EtcdVersion};
 
 const WRITERS: usize = 64;
 const VALUE_BYTES: usize = 1024;
@@ -24,8 +24,14 @@ fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -46,19 +52,12 @@ async fn main() -> anyhow::Result<()> {
     let etcd_pid = cluster.members[0].pid().expect("running");
     let tmp = tempfile::tempdir()?;
     let url = format!("file://{}/archive", tmp.path().display());
-    let args: Vec<String> = [
-        "--endpoints",
+    let args = archiver_args(
         &cluster.endpoints(),
-        "--archive",
         &url,
-        "--data-dir",
-        &tmp.path().join("data").display().to_string(),
-        "--segment-max-age",
-        SEGMENT_MAX_AGE,
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+        &tmp.path().join("data"),
+        &["--segment-max-age", SEGMENT_MAX_AGE],
+    );
     let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
     let archiver_pid = archiver.child.as_ref().expect("running").id();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -75,7 +74,11 @@ async fn main() -> anyhow::Result<()> {
             let value = vec![b'x'; VALUE_BYTES];
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if client.put(format!("/bench/{w}/{}", i % 1000), value.clone(), None).await.is_ok() {
+                if client
+                    .put(format!("/bench/{w}/{}", i % 1000), value.clone(), None)
+                    .await
+                    .is_ok()
+                {
                     puts.fetch_add(1, Ordering::Relaxed);
                 }
                 i += 1;
@@ -95,11 +98,19 @@ async fn main() -> anyhow::Result<()> {
         }
         if !stop.load(Ordering::Relaxed) && Instant::now() >= next_probe {
             let resp = probe.put("/bench/probe", "p", None).await?;
-            pending.push((resp.header().map_or(0, etcd_client::ResponseHeader::revision), Instant::now()));
+            pending.push((
+                resp.header()
+                    .map_or(0, etcd_client::ResponseHeader::revision),
+                Instant::now(),
+            ));
             next_probe += Duration::from_millis(500);
         }
         if let Ok(listing) = ArchiveListing::load(&archive).await {
-            let archived = listing.generations.last().and_then(|g| g.last_revision()).unwrap_or(0);
+            let archived = listing
+                .generations
+                .last()
+                .and_then(etcdpitr_common::listing::GenerationListing::last_revision)
+                .unwrap_or(0);
             pending.retain(|(rev, at)| {
                 if *rev <= archived {
                     lags.push(at.elapsed().as_secs_f64());
@@ -118,7 +129,10 @@ async fn main() -> anyhow::Result<()> {
     for w in writers {
         w.await?;
     }
-    let (etcd_cpu, arch_cpu) = (cpu_seconds(etcd_pid) - etcd_cpu0, cpu_seconds(archiver_pid) - arch_cpu0);
+    let (etcd_cpu, arch_cpu) = (
+        cpu_seconds(etcd_pid) - etcd_cpu0,
+        cpu_seconds(archiver_pid) - arch_cpu0,
+    );
     let rss = peak_rss_mib(archiver_pid);
     archiver.terminate(Duration::from_secs(30))?;
     lags.sort_by(f64::total_cmp);

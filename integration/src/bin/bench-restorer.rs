@@ -18,7 +18,10 @@ use etcdpitr_common::layout;
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{self, EventKind, Record};
 use etcdpitr_common::store::Archive;
-use integration::{binary, current_revision, wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, Rng};
+use integration::{
+    archiver_args, binary, current_revision, wait_archived, ArchiverProcess, EtcdCluster,
+    EtcdVersion, Rng,
+};
 
 const BASE_KEYS: usize = 100_000;
 const WRITERS: u64 = 64;
@@ -42,20 +45,15 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         client.txn(Txn::new().and_then(ops)).await?;
     }
-    let args: Vec<String> = [
-        "--endpoints",
-        &source.endpoints(),
-        "--archive",
-        &url,
-        "--data-dir",
-        &tmp.path().join("data").display().to_string(),
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    let args = archiver_args(&source.endpoints(), &url, &tmp.path().join("data"), &[]);
     let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
     let archive = Archive::open(&url)?;
-    while ArchiveListing::load(&archive).await?.generations.first().is_none_or(|g| g.snapshots.is_empty()) {
+    while ArchiveListing::load(&archive)
+        .await?
+        .generations
+        .first()
+        .is_none_or(|g| g.snapshots.is_empty())
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -82,8 +80,8 @@ async fn main() -> anyhow::Result<()> {
         t.await?;
     }
     let last = current_revision(&mut client).await?;
-    wait_archived(&url, 1, last, Duration::from_secs(300)).await?;
-    archiver.terminate(Duration::from_secs(60))?;
+    wait_archived(&url, 1, last, Duration::from_mins(5)).await?;
+    archiver.terminate(Duration::from_mins(1))?;
     let listing = ArchiveListing::load(&archive).await?;
     let generation = &listing.generations[0];
     let base = generation.snapshots[0];
@@ -94,7 +92,15 @@ async fn main() -> anyhow::Result<()> {
     let status = Command::new("/usr/bin/time")
         .args(["-v", "-o", &timing.display().to_string()])
         .arg(binary("etcd-restorer"))
-        .args(["restore", "--archive", &url, "--revision", &last.to_string(), "--output", &out.display().to_string()])
+        .args([
+            "restore",
+            "--archive",
+            &url,
+            "--revision",
+            &last.to_string(),
+            "--output",
+            &out.display().to_string(),
+        ])
         .status()
         .context("run /usr/bin/time (Debian package `time`)")?;
     anyhow::ensure!(status.success(), "restore failed");
@@ -107,8 +113,15 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     let wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss):");
-    let wall_secs: f64 = wall.rsplit(':').enumerate().map(|(i, p)| p.parse::<f64>().unwrap_or(0.0) * 60f64.powi(i as i32)).sum();
-    let rss_mib = field("Maximum resident set size (kbytes):").parse::<f64>().unwrap_or(0.0) / 1024.0;
+    let wall_secs: f64 = wall
+        .rsplit(':')
+        .enumerate()
+        .map(|(i, p)| p.parse::<f64>().unwrap_or(0.0) * 60f64.powi(i as i32))
+        .sum();
+    let rss_mib = field("Maximum resident set size (kbytes):")
+        .parse::<f64>()
+        .unwrap_or(0.0)
+        / 1024.0;
     let replayed = (last - base) as f64;
 
     eprintln!("baseline: replaying {baseline_revisions} revisions one transaction at a time");
@@ -121,7 +134,9 @@ async fn main() -> anyhow::Result<()> {
         let bytes = archive.get(&key).await?;
         let (_, records) = segment::decode_all(&key, &bytes)?;
         for record in records {
-            let Record::Revision(r) = record else { continue };
+            let Record::Revision(r) = record else {
+                continue;
+            };
             if r.revision <= base {
                 continue;
             }
