@@ -264,6 +264,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         rx,
         abort_uploads.clone(),
     ));
+    let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let spooler = tokio::spawn(uploader::run_spooler(
+        spool.clone(),
+        catalog.clone(),
+        sealed_rx,
+        uploads,
+        abort_uploads.clone(),
+    ));
     // The head is read from the store, so the spool must be empty first.
     while spool.bytes() > 0 {
         tokio::select! {
@@ -273,8 +281,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let sink = Sink {
         spool: spool.clone(),
-        uploads,
-        catalog: catalog.clone(),
+        sealed,
     };
     let policy = SealPolicy {
         max_age: config.segment_max_age,
@@ -431,7 +438,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     drop(sink);
-    if tokio::time::timeout(config.shutdown_timeout, uploader)
+    let drained = async {
+        spooler.await.ok();
+        uploader.await.ok();
+    };
+    if tokio::time::timeout(config.shutdown_timeout, drained)
         .await
         .is_ok()
     {

@@ -2,17 +2,16 @@
 //! segments go to the spool and the uploader.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use etcdpitr_common::catalog::{Catalog, ObjectState};
 use etcdpitr_common::layout::GenerationId;
 use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord, SegmentBuilder};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
-use crate::uploader::{Spool, SpoolItem};
+use crate::uploader::{Sealed, Spool};
 
 /// Limits that decide when a segment is sealed.
 #[derive(Clone, Copy, Debug)]
@@ -28,12 +27,10 @@ pub struct SealPolicy {
 /// Where sealed segments go.
 #[derive(Clone)]
 pub struct Sink {
-    /// The spool.
+    /// The spool (for its byte budget).
     pub spool: Arc<Spool>,
-    /// The uploader's queue.
-    pub uploads: mpsc::UnboundedSender<SpoolItem>,
-    /// The catalog.
-    pub catalog: Arc<Mutex<Catalog>>,
+    /// The spooler's queue.
+    pub sealed: mpsc::UnboundedSender<Sealed>,
 }
 
 struct OpenSegment {
@@ -182,11 +179,11 @@ impl SegmentWriter {
         Ok(())
     }
 
-    /// Seals the open segment (adding the latest progress), spools it and
-    /// queues it for upload. Does nothing if no segment is open.
+    /// Seals the open segment (adding the latest progress) and hands it to
+    /// the spooler. Does nothing if no segment is open.
     ///
     /// # Errors
-    /// Spool failures.
+    /// Compression failures, or a stopped spooler.
     pub fn seal(&mut self) -> anyhow::Result<()> {
         let Some(mut open) = self.open.take() else {
             return Ok(());
@@ -200,28 +197,22 @@ impl SegmentWriter {
                 self.last_revision_ms = ms;
             }
         }
-        let (name, bytes) = open.builder.finish().context("seal segment")?;
-        let item =
-            tokio::task::block_in_place(|| self.sink.spool.write(self.generation, name, &bytes))
-                .context("spool sealed segment")?;
-        if let Err(e) = self.sink.catalog.lock().expect("catalog lock").put_segment(
-            self.generation,
-            &name,
-            item.bytes,
-            ObjectState::Spooled,
-        ) {
-            tracing::warn!(error = %e, "catalog update failed (the store remains the truth)");
-        }
+        let (name, data) = open.builder.finish().context("seal segment")?;
         tracing::debug!(
             first = name.first,
             last = name.last,
-            bytes = item.bytes,
+            bytes = data.len(),
             "segment sealed"
         );
+        self.sink.spool.reserve(data.len() as u64);
         self.sink
-            .uploads
-            .send(item)
-            .map_err(|_| anyhow::anyhow!("uploader stopped"))?;
+            .sealed
+            .send(Sealed {
+                generation: self.generation,
+                name,
+                data,
+            })
+            .map_err(|_| anyhow::anyhow!("spooler stopped"))?;
         Ok(())
     }
 }

@@ -1,8 +1,9 @@
 //! The spool and the uploader.
 //!
-//! A sealed segment is first made durable in `data-dir/spool` (temp file,
-//! fsync, rename), then uploaded write-once, strictly in order, then removed
-//! from the spool. So a `kill -9` loses nothing that was sealed, a store
+//! A sealed segment leaves the watch path at once (so a slow disk never
+//! stalls reading the watch); the spooler makes it durable in
+//! `data-dir/spool` (temp file, fsync, rename), then the uploader uploads it
+//! write-once, strictly in order, and removes it from the spool. So a `kill -9` loses nothing that was sealed, a store
 //! outage only grows the spool, and "archived through revision N" advances
 //! only when every earlier segment is in the store. When the spool holds
 //! more than its limit, [`Spool::wait_for_room`] makes the watch reader wait:
@@ -86,7 +87,13 @@ impl Spool {
         ))
     }
 
-    /// Makes a sealed segment durable in the spool.
+    /// Counts a sealed segment against the spool limit from the moment it
+    /// is sealed (it is released once uploaded).
+    pub fn reserve(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// Makes a sealed segment durable in the spool (already reserved).
     ///
     /// # Errors
     /// I/O errors (disk full, …).
@@ -106,7 +113,6 @@ impl Spool {
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
-        self.bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
         Ok(SpoolItem {
             generation,
             name,
@@ -133,6 +139,63 @@ impl Spool {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// A sealed segment on its way to the spool.
+pub struct Sealed {
+    /// Its generation.
+    pub generation: GenerationId,
+    /// Its name.
+    pub name: SegmentName,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+/// Writes sealed segments to the spool in order and queues them for upload,
+/// until the channel closes. A failing disk is retried, never skipped: the
+/// spool limit keeps the watch reader waiting meanwhile.
+pub async fn run_spooler(
+    spool: Arc<Spool>,
+    catalog: Arc<Mutex<Catalog>>,
+    mut rx: mpsc::UnboundedReceiver<Sealed>,
+    uploads: mpsc::UnboundedSender<SpoolItem>,
+    abort: CancellationToken,
+) {
+    while let Some(sealed) = rx.recv().await {
+        let sealed = Arc::new(sealed);
+        let mut delay = BACKOFF_MIN;
+        let item = loop {
+            let (spool2, sealed2) = (spool.clone(), sealed.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                spool2.write(sealed2.generation, sealed2.name, &sealed2.data)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+            match written {
+                Ok(item) => break item,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), retry_in = ?delay, "cannot write the spool");
+                    tokio::select! {
+                        () = abort.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+        if let Err(e) = catalog.lock().expect("catalog lock").put_segment(
+            item.generation,
+            &item.name,
+            item.bytes,
+            ObjectState::Spooled,
+        ) {
+            tracing::warn!(error = %e, "catalog update failed (the store remains the truth)");
+        }
+        if uploads.send(item).is_err() {
+            return;
         }
     }
 }

@@ -8,9 +8,12 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use etcd_client::{Client, EventType, WatchOptions};
+use std::sync::Arc;
+
+use etcd_client::{Client, EventType, WatchOptions, WatchResponse, WatchResponseStream};
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
 use etcdpitr_common::{now_ms, Revision};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::etcd::MAX_MESSAGE_BYTES;
@@ -66,10 +69,11 @@ pub async fn run(
     let mut watch_client = client
         .watch_client()
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let mut stream = match watch_client.watch(vec![0u8], Some(options)).await {
-        Ok(s) => s,
+    let (mut requests, responses) = match watch_client.watch(vec![0u8], Some(options)).await {
+        Ok(s) => s.split(),
         Err(e) => return SessionEnd::Disconnected(anyhow::Error::from(e).context("open watch")),
     };
+    let (mut received, _receiver) = receive(responses);
     tracing::info!(generation = %writer.generation(), from_revision = start, "watching the whole keyspace");
     let mut pending: Option<Pending> = None;
     let mut progress_tick = tokio::time::interval(PROGRESS_INTERVAL);
@@ -94,17 +98,18 @@ pub async fn run(
             }
             _ = progress_tick.tick() => {
                 if !std::mem::take(&mut events_since_tick) {
-                    if let Err(e) = stream.request_progress().await {
+                    if let Err(e) = requests.request_progress().await {
                         return SessionEnd::Disconnected(anyhow::Error::from(e).context("request progress"));
                     }
                 }
                 snapshots.start_if_due(client);
             }
-            message = stream.message() => {
+            message = received.recv() => {
                 let response = match message {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return SessionEnd::Disconnected(anyhow::anyhow!("watch stream closed by etcd")),
-                    Err(e) => return SessionEnd::Disconnected(anyhow::Error::from(e).context("watch stream")),
+                    Some((Ok(Some(r)), _permit)) => r,
+                    None => return SessionEnd::Disconnected(anyhow::anyhow!("watch receiver stopped")),
+                    Some((Ok(None), _)) => return SessionEnd::Disconnected(anyhow::anyhow!("watch stream closed by etcd")),
+                    Some((Err(e), _)) => return SessionEnd::Disconnected(anyhow::Error::from(e).context("watch stream")),
                 };
                 if response.canceled() {
                     if response.compact_revision() > 0 {
@@ -165,6 +170,55 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Bytes of received but unprocessed watch responses held at most. Reading
+/// the stream never waits for sealing or a lease lookup: a watcher whose
+/// server-side buffer fills is demoted by etcd to catch-up mode, which
+/// delivers at most 1000 revisions per 100 ms and may never catch up.
+const RECEIVE_BUFFER_BYTES: u32 = 64 << 20;
+
+type Received = (
+    Result<Option<WatchResponse>, etcd_client::Error>,
+    Option<OwnedSemaphorePermit>,
+);
+
+/// Aborts the receiver task when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the watch stream in its own task into a queue bounded by bytes.
+fn receive(mut responses: WatchResponseStream) -> (mpsc::UnboundedReceiver<Received>, AbortOnDrop) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let budget = Arc::new(Semaphore::new(RECEIVE_BUFFER_BYTES as usize));
+    let task = tokio::spawn(async move {
+        loop {
+            let message = responses.message().await;
+            let size = match &message {
+                Ok(Some(r)) => r
+                    .events()
+                    .iter()
+                    .filter_map(etcd_client::Event::kv)
+                    .map(|kv| kv.key().len() + kv.value().len() + 64)
+                    .sum::<usize>(),
+                _ => 0,
+            };
+            let last = !matches!(message, Ok(Some(_)));
+            let permits = u32::try_from(size)
+                .unwrap_or(u32::MAX)
+                .min(RECEIVE_BUFFER_BYTES);
+            let permit = budget.clone().acquire_many_owned(permits).await.ok();
+            if tx.send((message, permit)).is_err() || last {
+                return;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
 }
 
 /// Converts a watch event into the archived form.

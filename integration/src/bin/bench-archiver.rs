@@ -4,8 +4,8 @@
 //! time against etcd's, its peak RSS, and how long after a write it was
 //! durable in the store.
 //!
-//! Usage: `bench-archiver [SECONDS]` (default 30), after
-//! `cargo build --release --bins`.
+//! Usage: `bench-archiver [SECONDS] [--no-fsync]` (default 30 s, etcd with
+//! fsync), after `cargo build --release --bins`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,7 +48,8 @@ fn peak_rss_mib(pid: u32) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
-    let cluster = EtcdCluster::start_with(EtcdVersion::V35, 1, true).await?;
+    let fsync = std::env::args().nth(2).as_deref() != Some("--no-fsync");
+    let cluster = EtcdCluster::start_with(EtcdVersion::V35, 1, fsync).await?;
     let etcd_pid = cluster.members[0].pid().expect("running");
     let tmp = tempfile::tempdir()?;
     let url = format!("file://{}/archive", tmp.path().display());
@@ -92,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let mut pending: Vec<(i64, Instant)> = Vec::new();
     let mut lags: Vec<f64> = Vec::new();
     let mut next_probe = Instant::now();
+    let mut last_report = Instant::now();
     while started.elapsed() < Duration::from_secs(seconds) || !pending.is_empty() {
         if started.elapsed() >= Duration::from_secs(seconds) {
             stop.store(true, Ordering::Relaxed);
@@ -120,6 +122,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             });
         }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            eprintln!(
+                "{:.0} s: {} puts, {} probes waiting for the archive",
+                started.elapsed().as_secs_f64(),
+                puts.load(Ordering::Relaxed),
+                pending.len()
+            );
+        }
         if started.elapsed() > Duration::from_secs(seconds + 60) {
             anyhow::bail!("{} probe writes never reached the archive", pending.len());
         }
@@ -138,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
     lags.sort_by(f64::total_cmp);
     let total = puts.load(Ordering::Relaxed);
     let p99 = lags[(lags.len() * 99 / 100).min(lags.len() - 1)];
+    println!("etcd fsync: {fsync}");
     println!("| writers | puts/s | etcd CPU s | archiver CPU s | archiver/etcd CPU | archiver peak RSS MiB | durable lag p50 / p99 / max s (segment-max-age {SEGMENT_MAX_AGE}) |");
     println!("|---|---|---|---|---|---|---|");
     println!(
