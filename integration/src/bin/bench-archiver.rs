@@ -99,7 +99,9 @@ async fn main() -> anyhow::Result<()> {
             stop.store(true, Ordering::Relaxed);
         }
         if !stop.load(Ordering::Relaxed) && Instant::now() >= next_probe {
-            let resp = probe.put("/bench/probe", "p", None).await?;
+            let resp = tokio::time::timeout(Duration::from_secs(10), probe.put("/bench/probe", "p", None))
+                .await
+                .map_err(|_| anyhow::anyhow!("probe write timed out"))??;
             pending.push((
                 resp.header()
                     .map_or(0, etcd_client::ResponseHeader::revision),
@@ -107,7 +109,10 @@ async fn main() -> anyhow::Result<()> {
             ));
             next_probe += Duration::from_millis(500);
         }
-        if let Ok(listing) = ArchiveListing::load(&archive).await {
+        let listing = tokio::time::timeout(Duration::from_secs(10), ArchiveListing::load(&archive))
+            .await
+            .map_err(|_| anyhow::anyhow!("archive listing timed out"))?;
+        if let Ok(listing) = listing {
             let archived = listing
                 .generations
                 .last()
@@ -137,8 +142,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let write_secs = seconds as f64;
+    // Writers stopped at `stop`; one may still wait on an in-flight write.
     for w in writers {
-        w.await?;
+        w.abort();
     }
     let (etcd_cpu, arch_cpu) = (
         cpu_seconds(etcd_pid) - etcd_cpu0,
