@@ -231,6 +231,71 @@ impl EtcdCluster {
         }
     }
 
+    /// Saves a snapshot of the cluster with etcdctl.
+    ///
+    /// # Errors
+    /// If etcdctl fails.
+    pub fn save_snapshot(&self, file: &Path) -> anyhow::Result<()> {
+        let out = Command::new(self.version.bin_dir().join("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.members[0].client_url,
+                "snapshot",
+                "save",
+            ])
+            .arg(file)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl snapshot save: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Puts an older snapshot back underneath member `i` (single-member
+    /// clusters): kill, restore into its data directory, start again. The
+    /// cluster ID stays the same, the history goes back.
+    ///
+    /// # Errors
+    /// If the restore tool or etcd fails.
+    pub async fn restore_underneath(&mut self, i: usize, snapshot: &Path) -> anyhow::Result<()> {
+        self.members[i].kill();
+        let m = &mut self.members[i];
+        std::fs::remove_dir_all(&m.data_dir)?;
+        let tool = match self.version {
+            EtcdVersion::V35 => "etcdutl",
+            EtcdVersion::V34 => "etcdctl",
+        };
+        let out = Command::new(self.version.bin_dir().join(tool))
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .args([
+                "--data-dir",
+                &m.data_dir.display().to_string(),
+                "--name",
+                &m.name,
+            ])
+            .args([
+                "--initial-cluster",
+                &m.initial_cluster,
+                "--initial-advertise-peer-urls",
+                &m.peer_url,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{tool} snapshot restore: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        m.start()?;
+        self.wait_ready().await
+    }
+
     /// Restarts a killed member.
     ///
     /// # Errors

@@ -97,21 +97,9 @@ struct Opened {
 }
 
 /// Opens the archive (creating its manifest if new, refusing unknown
-/// versions) and the data directory.
+/// versions before anything else is written) and then the data directory.
 async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<Opened>> {
     let archive = Archive::open(&config.archive)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let lock = std::fs::File::create(config.data_dir.join("lock"))
-        .with_context(|| format!("open {}", config.data_dir.join("lock").display()))?;
-    if lock.try_lock().is_err() {
-        bail!(
-            "data directory {} is in use by another etcd-archiver",
-            config.data_dir.display()
-        );
-    }
-    snapshot::clean_scratch(&config.data_dir);
-    let catalog = Catalog::open(&config.data_dir.join("catalog.db")).context("open catalog")?;
     let checked = retry(
         "read the archive manifest",
         shutdown,
@@ -131,7 +119,22 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
         },
     )
     .await?;
-    Ok(checked.map(|()| Opened {
+    if checked.is_none() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let lock = std::fs::File::create(config.data_dir.join("lock"))
+        .with_context(|| format!("open {}", config.data_dir.join("lock").display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "data directory {} is in use by another etcd-archiver",
+            config.data_dir.display()
+        );
+    }
+    snapshot::clean_scratch(&config.data_dir);
+    let catalog = Catalog::open(&config.data_dir.join("catalog.db")).context("open catalog")?;
+    Ok(Some(Opened {
         archive,
         catalog: Arc::new(Mutex::new(catalog)),
         _lock: lock,

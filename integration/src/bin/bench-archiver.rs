@@ -99,9 +99,12 @@ async fn main() -> anyhow::Result<()> {
             stop.store(true, Ordering::Relaxed);
         }
         if !stop.load(Ordering::Relaxed) && Instant::now() >= next_probe {
-            let resp = tokio::time::timeout(Duration::from_secs(10), probe.put("/bench/probe", "p", None))
-                .await
-                .map_err(|_| anyhow::anyhow!("probe write timed out"))??;
+            let resp = tokio::time::timeout(
+                Duration::from_secs(10),
+                probe.put("/bench/probe", "p", None),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("probe write timed out"))??;
             pending.push((
                 resp.header()
                     .map_or(0, etcd_client::ResponseHeader::revision),

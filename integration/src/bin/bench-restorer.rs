@@ -8,7 +8,7 @@
 //! 1000000 and 30000), after `cargo build --release --bins`.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,21 +58,26 @@ async fn main() -> anyhow::Result<()> {
     }
 
     eprintln!("writing {revisions} revisions with {WRITERS} writers");
-    let written = Arc::new(AtomicU64::new(0));
+    let goal = current_revision(&mut client).await? + revisions as i64;
+    let reached = Arc::new(AtomicI64::new(0));
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
         let mut c = source.client().await?;
-        let written = written.clone();
+        let reached = reached.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(w + 1);
-            while written.fetch_add(1, Ordering::Relaxed) < revisions {
+            while reached.load(Ordering::Relaxed) < goal {
                 let key = format!("/base/{:06}", rng.below(BASE_KEYS as u64));
-                let r = if rng.below(20) == 0 {
-                    c.delete(key, None).await.map(|_| ())
+                let header = if rng.below(20) == 0 {
+                    c.delete(key, None)
+                        .await
+                        .map(|r| r.header().map(etcd_client::ResponseHeader::revision))
                 } else {
-                    c.put(key, rng.bytes(100), None).await.map(|_| ())
+                    c.put(key, rng.bytes(100), None)
+                        .await
+                        .map(|r| r.header().map(etcd_client::ResponseHeader::revision))
                 };
-                r.expect("write");
+                reached.fetch_max(header.expect("write").unwrap_or(0), Ordering::Relaxed);
             }
         }));
     }
