@@ -260,3 +260,125 @@ async fn source_restored_underneath_starts_new_generations() -> anyhow::Result<(
     verify_generation(&mut client, &generations[2], rev).await?;
     Ok(())
 }
+
+/// `etcd-archiver snapshot` takes one snapshot and exits; bad input is
+/// refused with a message naming the problem before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_snapshot_and_input_errors() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(EtcdVersion::V34, 1).await?;
+    let mut client = cluster.client().await?;
+    let mut rng = Rng::new(2);
+    mixed_workload(&mut client, &mut rng, 20).await?;
+    let rev = current_revision(&mut client).await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let run = |args: &[&str]| -> anyhow::Result<(i32, String, String)> {
+        let out = std::process::Command::new(integration::binary("etcd-archiver"))
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let data = tmp.path().join("data").display().to_string();
+    let endpoints = cluster.endpoints();
+    let (code, out, err) = run(&[
+        "snapshot",
+        "--endpoints",
+        &endpoints,
+        "--archive",
+        &url,
+        "--data-dir",
+        &data,
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("snapshot archived at revision {rev}")),
+        "{out}"
+    );
+    let generations = read_archive(&url).await?;
+    assert_eq!(generations[0].snapshots, vec![rev]);
+
+    // Bad input: each names the problem, exits non-zero, writes nothing.
+    let fresh = tmp.path().join("fresh").display().to_string();
+    for (args, needle) in [
+        (
+            vec!["run", "--archive", "ftp://x/y", "--data-dir", &fresh],
+            "unsupported scheme",
+        ),
+        (
+            vec![
+                "run",
+                "--archive",
+                &url,
+                "--endpoints",
+                "127.0.0.1:2379",
+                "--data-dir",
+                &fresh,
+            ],
+            "--endpoints",
+        ),
+        (
+            vec![
+                "run",
+                "--archive",
+                &url,
+                "--segment-max-age",
+                "soon",
+                "--data-dir",
+                &fresh,
+            ],
+            "--segment-max-age",
+        ),
+        (
+            vec![
+                "run",
+                "--archive",
+                &url,
+                "--cacert",
+                "/nonexistent.pem",
+                "--endpoints",
+                "https://127.0.0.1:1",
+                "--data-dir",
+                &fresh,
+            ],
+            "--cacert",
+        ),
+        (
+            vec!["run", "--archive", &url, "--no-such-flag"],
+            "--no-such-flag",
+        ),
+    ] {
+        let (code, _, err) = run(&args)?;
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let unknown = tmp.path().join("future");
+    std::fs::create_dir_all(&unknown)?;
+    std::fs::write(
+        unknown.join("etcd-pitr.json"),
+        r#"{"format":"etcd-pitr","version":99,"created_ms":0}"#,
+    )?;
+    let future_url = format!("file://{}", unknown.display());
+    let (code, _, err) = run(&[
+        "run",
+        "--archive",
+        &future_url,
+        "--endpoints",
+        &endpoints,
+        "--data-dir",
+        &fresh,
+    ])?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("archive format version 99 is not supported"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&fresh).exists(),
+        "nothing written for bad input"
+    );
+    Ok(())
+}
