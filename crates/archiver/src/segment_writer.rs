@@ -120,12 +120,8 @@ impl SegmentWriter {
         for lease in leases {
             segment.builder.push(&Record::Lease(*lease))?;
         }
-        let record = Record::Revision(record);
-        segment.builder.push(&record)?;
+        segment.builder.push_revision(&record)?;
         let full = segment.builder.raw_bytes() >= self.policy.max_bytes;
-        let Record::Revision(record) = record else {
-            unreachable!("constructed above")
-        };
         self.known_leases.extend(leases.iter().map(|l| l.id));
         self.last_revision = record.revision;
         self.last_revision_ms = record.observed_ms;

@@ -60,7 +60,6 @@ pub struct BoltReader {
     page_size: u64,
     root: u64,
     high_water: u64,
-    txid: u64,
 }
 
 /// A decoded page (possibly with overflow pages).
@@ -143,7 +142,7 @@ impl BoltReader {
                 best = Some((u64::from(le32(8)), root, high_water, txid));
             }
         }
-        let (page_size, root, high_water, txid) =
+        let (page_size, root, high_water, _txid) =
             best.ok_or_else(|| invalid("no valid meta page"))?;
         if high_water * page_size > len {
             return Err(invalid(format!(
@@ -155,23 +154,7 @@ impl BoltReader {
             page_size,
             root,
             high_water,
-            txid,
         })
-    }
-
-    /// Page size in bytes.
-    pub fn page_size(&self) -> u64 {
-        self.page_size
-    }
-
-    /// The high-water mark: number of pages in use.
-    pub fn high_water(&self) -> u64 {
-        self.high_water
-    }
-
-    /// Transaction id of the selected meta page.
-    pub fn txid(&self) -> u64 {
-        self.txid
     }
 
     fn read_page(&self, pgid: u64) -> Result<Page, BoltError> {
@@ -394,21 +377,6 @@ impl BoltReader {
             }
             other => Err(invalid(format!("unexpected page flags {other:#x}"))),
         }
-    }
-
-    /// Names of the top-level buckets, in order.
-    ///
-    /// # Errors
-    /// I/O or structural errors.
-    pub fn bucket_names(&self) -> Result<Vec<Vec<u8>>, BoltError> {
-        let mut names = Vec::new();
-        self.walk(&BucketRoot::Page(self.root), &mut |k, _, is_bucket| {
-            if is_bucket {
-                names.push(k.to_vec());
-            }
-            Ok(())
-        })?;
-        Ok(names)
     }
 
     /// Visits every entry of a top-level bucket in key order; a missing bucket

@@ -26,9 +26,6 @@ pub enum CatalogError {
     /// The catalog was written by a newer build.
     #[error("catalog schema version {0} is not supported (this build uses {SCHEMA_VERSION}); move the data directory aside to rebuild it from the store")]
     UnsupportedVersion(i64),
-    /// A stored manifest does not parse.
-    #[error("catalog: corrupted generation row: {0}")]
-    Corrupted(String),
 }
 
 /// State of an object the archiver writes.
@@ -106,23 +103,6 @@ impl Catalog {
         Ok(())
     }
 
-    /// The newest generation's manifest.
-    ///
-    /// # Errors
-    /// SQLite errors or a corrupted row.
-    pub fn last_generation(&self) -> Result<Option<GenerationManifest>, CatalogError> {
-        let json: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT manifest FROM generations ORDER BY id DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        json.map(|j| serde_json::from_str(&j).map_err(|e| CatalogError::Corrupted(e.to_string())))
-            .transpose()
-    }
-
     /// Records a segment in `state` (insert or update).
     ///
     /// # Errors
@@ -193,18 +173,6 @@ impl Catalog {
                 },
             )
             .optional()?)
-    }
-
-    /// Snapshot revisions of a generation, ascending.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn snapshots(&self, generation: GenerationId) -> Result<Vec<Revision>, CatalogError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT revision FROM snapshots WHERE generation = ?1 ORDER BY revision")?;
-        let rows = stmt.query_map(params![generation.0 as i64], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Brings the catalog in line with a generation's listing from the store
@@ -282,7 +250,16 @@ mod tests {
             c.put_snapshot(GenerationId(3), 10, 100, 1).unwrap();
         }
         let c = Catalog::open(&path).unwrap();
-        assert_eq!(c.last_generation().unwrap(), Some(m));
+        let stored: String = c
+            .conn
+            .query_row("SELECT manifest FROM generations WHERE id = 3", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<GenerationManifest>(&stored).unwrap(),
+            m
+        );
         assert_eq!(
             c.last_uploaded_segment(GenerationId(3))
                 .unwrap()
@@ -290,6 +267,14 @@ mod tests {
                 .last,
             20
         );
-        assert_eq!(c.snapshots(GenerationId(3)).unwrap(), vec![10]);
+        let snapshots: i64 = c
+            .conn
+            .query_row(
+                "SELECT revision FROM snapshots WHERE generation = 3",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(snapshots, 10);
     }
 }

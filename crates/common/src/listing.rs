@@ -135,11 +135,6 @@ impl ArchiveListing {
         }
         Ok(listing)
     }
-
-    /// The newest generation.
-    pub fn last_generation(&self) -> Option<&GenerationListing> {
-        self.generations.last()
-    }
 }
 
 #[cfg(test)]

@@ -216,35 +216,54 @@ impl SegmentBuilder {
     /// `InvalidInput` if a revision does not directly follow the previous one,
     /// or a revision has no events: the chain must have no holes.
     pub fn push(&mut self, record: &Record) -> io::Result<()> {
-        let time_ms = match record {
-            Record::Revision(r) => {
-                if r.revision != self.last_revision + 1 || r.events.is_empty() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "revision {} ({} events) does not follow {}",
-                            r.revision,
-                            r.events.len(),
-                            self.last_revision
-                        ),
-                    ));
-                }
-                self.last_revision = r.revision;
-                self.revisions += 1;
-                Some(r.observed_ms)
-            }
+        match record {
+            Record::Revision(r) => self.push_revision(r),
             Record::Progress {
                 revision,
                 observed_ms,
-            } => (*revision == self.last_revision).then_some(*observed_ms),
-            Record::Lease(_) => None,
-        };
+            } => {
+                let time = (*revision == self.last_revision).then_some(*observed_ms);
+                self.scratch.clear();
+                encode_record(record, &mut self.scratch);
+                self.append_scratch(time)
+            }
+            Record::Lease(_) => {
+                self.scratch.clear();
+                encode_record(record, &mut self.scratch);
+                self.append_scratch(None)
+            }
+        }
+    }
+
+    /// Appends a revision record.
+    ///
+    /// # Errors
+    /// As for [`SegmentBuilder::push`].
+    pub fn push_revision(&mut self, r: &RevisionRecord) -> io::Result<()> {
+        if r.revision != self.last_revision + 1 || r.events.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "revision {} ({} events) does not follow {}",
+                    r.revision,
+                    r.events.len(),
+                    self.last_revision
+                ),
+            ));
+        }
+        self.last_revision = r.revision;
+        self.revisions += 1;
+        self.scratch.clear();
+        encode_revision(r, &mut self.scratch);
+        self.append_scratch(Some(r.observed_ms))
+    }
+
+    /// Compresses the encoded record in `scratch`, noting its time.
+    fn append_scratch(&mut self, time_ms: Option<i64>) -> io::Result<()> {
         if let Some(t) = time_ms {
             self.first_time_ms.get_or_insert(t);
             self.last_time_ms = self.last_time_ms.max(t);
         }
-        self.scratch.clear();
-        encode_record(record, &mut self.scratch);
         self.encoder.write_all(&self.scratch)?;
         self.record_count += 1;
         self.raw_bytes += self.scratch.len() as u64;
@@ -259,11 +278,6 @@ impl SegmentBuilder {
     /// Number of revisions held.
     pub fn revisions(&self) -> u64 {
         self.revisions
-    }
-
-    /// Number of records held.
-    pub fn record_count(&self) -> u64 {
-        self.record_count
     }
 
     /// Last revision held (or the previous segment's when empty).
@@ -425,28 +439,30 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+fn encode_revision(r: &RevisionRecord, out: &mut Vec<u8>) {
+    out.push(TAG_REVISION);
+    out.extend_from_slice(&r.revision.to_le_bytes());
+    out.extend_from_slice(&r.observed_ms.to_le_bytes());
+    out.push(if r.catching_up { FLAG_CATCHING_UP } else { 0 });
+    out.extend_from_slice(&(r.events.len() as u32).to_le_bytes());
+    for e in &r.events {
+        out.push(match e.kind {
+            EventKind::Put => 0,
+            EventKind::Delete => 1,
+        });
+        put_bytes(out, &e.key);
+        if e.kind == EventKind::Put {
+            for n in [e.create_revision, e.mod_revision, e.version, e.lease] {
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            put_bytes(out, &e.value);
+        }
+    }
+}
+
 fn encode_record(record: &Record, out: &mut Vec<u8>) {
     match record {
-        Record::Revision(r) => {
-            out.push(TAG_REVISION);
-            out.extend_from_slice(&r.revision.to_le_bytes());
-            out.extend_from_slice(&r.observed_ms.to_le_bytes());
-            out.push(if r.catching_up { FLAG_CATCHING_UP } else { 0 });
-            out.extend_from_slice(&(r.events.len() as u32).to_le_bytes());
-            for e in &r.events {
-                out.push(match e.kind {
-                    EventKind::Put => 0,
-                    EventKind::Delete => 1,
-                });
-                put_bytes(out, &e.key);
-                if e.kind == EventKind::Put {
-                    for n in [e.create_revision, e.mod_revision, e.version, e.lease] {
-                        out.extend_from_slice(&n.to_le_bytes());
-                    }
-                    put_bytes(out, &e.value);
-                }
-            }
-        }
+        Record::Revision(r) => encode_revision(r, out),
         Record::Lease(l) => {
             out.push(TAG_LEASE);
             for n in [l.id, l.ttl_secs, l.revision] {
