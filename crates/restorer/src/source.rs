@@ -201,6 +201,24 @@ pub async fn resolve_time(
             }
             Ok(())
         })?;
+        if choice.observed_ms.is_none() {
+            // The chosen revision ends an earlier segment: read its time there.
+            if let Some(earlier) = g.segments[..i].iter().rev().find(|s| !s.is_empty()) {
+                let key = layout::segment_key(g.generation(), earlier);
+                let bytes = archive
+                    .get(&key)
+                    .await
+                    .with_context(|| format!("download {key}"))?;
+                for_each_record(&key, &bytes, earlier, &mut |record| {
+                    if let Record::Revision(r) = record {
+                        if r.revision == choice.revision {
+                            choice.observed_ms = Some(r.observed_ms);
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
         return Ok(choice);
     }
     Err(not_covered("is before the first archived moment".into()).into())
