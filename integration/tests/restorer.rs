@@ -352,6 +352,10 @@ async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
         gen2_first
     );
 
+    let (code, out, _) = run_restorer(&["verify", "--archive", &url], &[])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": OK"), "{out}");
+
     // A corrupted segment is an integrity error naming the object.
     let seg_dir = tmp.path().join("archive/gen-0000000000000002/segments");
     let victim = std::fs::read_dir(&seg_dir)?
@@ -376,6 +380,12 @@ async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
         .filter(|e| e.file_name().to_string_lossy().starts_with(".out.db"))
         .collect();
     assert!(leftovers.is_empty(), "partial files left behind");
+    let (code, out, _) = run_restorer(&["verify", "--archive", &url], &[])?;
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains(&name) && out.contains("checksum mismatch") && out.contains("1 problems"),
+        "{out}"
+    );
 
     // Usage errors and an unreachable store.
     let (code, _, err) = run_restorer(

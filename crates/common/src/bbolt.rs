@@ -144,7 +144,10 @@ impl BoltReader {
         }
         let (page_size, root, high_water, _txid) =
             best.ok_or_else(|| invalid("no valid meta page"))?;
-        if high_water * page_size > len {
+        if high_water
+            .checked_mul(page_size)
+            .is_none_or(|bytes| bytes > len)
+        {
             return Err(invalid(format!(
                 "file is truncated: {len} bytes, meta claims {high_water} pages"
             )));

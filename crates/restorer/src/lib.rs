@@ -5,7 +5,7 @@
 //! - [`source`]: verified reads of snapshots and segments; `--time` placement.
 //! - [`bolt_writer`]: a streaming bbolt file writer.
 //! - [`synth`]: the restored etcd snapshot file, and its read-back check.
-//! - [`commands`]: `list`, `restore` and `export` as the binary runs them.
+//! - [`commands`]: `list`, `restore`, `export` and `verify` as the binary runs them.
 //!
 //! Exit codes are part of the interface; see [`ExitKind`].
 
@@ -42,6 +42,9 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
         if cause.is::<UsageError>() {
             return ExitKind::Usage;
         }
+        if cause.is::<VerifyFailed>() {
+            return ExitKind::Integrity;
+        }
         if cause.is::<etcdpitr_common::segment::SegmentError>()
             || cause.is::<etcdpitr_common::snapshot::SnapshotError>()
             || cause.is::<etcdpitr_common::manifest::ManifestError>()
@@ -73,6 +76,11 @@ fn store_kind(e: &StoreError) -> ExitKind {
         StoreError::Io(_) => ExitKind::Other,
     }
 }
+
+/// `verify` found problems (each already printed).
+#[derive(Debug, thiserror::Error)]
+#[error("the archive has {0} problems")]
+pub struct VerifyFailed(pub usize);
 
 /// A usage error detected after flag parsing (e.g. a bad time).
 #[derive(Debug, thiserror::Error)]

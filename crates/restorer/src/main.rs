@@ -73,6 +73,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Read every object of the archive and check it; exit 4 on any problem.
+    Verify {
+        /// Archive URL.
+        #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
+        archive: String,
+    },
     /// Print the live keys at the target as JSON lines, sorted by key.
     Export {
         #[command(flatten)]
@@ -111,6 +117,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::Verify { archive } => commands::verify(&archive, &mut stdout).await,
             Command::Export { target, prefix } => {
                 commands::export(
                     &target.archive,

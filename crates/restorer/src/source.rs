@@ -58,6 +58,48 @@ pub async fn fetch_snapshot(
     Ok(header)
 }
 
+/// Downloads a snapshot object and checks its content against its header
+/// (length and blake3) without keeping the file. Returns the file's length.
+///
+/// # Errors
+/// Store failures or an integrity error naming the object.
+pub async fn verify_snapshot(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+    scratch: &Path,
+) -> anyhow::Result<u64> {
+    let key = layout::snapshot_key(generation, revision);
+    let mut file = tokio::fs::File::create(scratch)
+        .await
+        .with_context(|| format!("create {}", scratch.display()))?;
+    let downloaded = archive.download(&key, &mut file).await;
+    drop(file);
+    let checked = match downloaded {
+        Ok(_) => {
+            let (src, key2) = (scratch.to_owned(), key.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
+                let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+                Ok(snapshot::read_object(
+                    &key2,
+                    &mut input,
+                    &mut std::io::sink(),
+                )?)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+        }
+        Err(e) => Err(anyhow::Error::from(e).context(format!("download {key}"))),
+    };
+    tokio::fs::remove_file(scratch).await.ok();
+    let header = checked?;
+    if header.revision != revision || header.generation != generation.0 {
+        anyhow::bail!("{key}: header does not match the object name (object is corrupted)");
+    }
+    Ok(header.db_bytes)
+}
+
 /// Number of segments fetched ahead of the one being replayed.
 const PREFETCH: usize = 4;
 
