@@ -39,10 +39,17 @@ pub struct SpoolItem {
 /// The spool directory and its byte budget.
 pub struct Spool {
     dir: PathBuf,
+    /// Sealed bytes not yet uploaded (in memory or on disk).
     bytes: AtomicU64,
+    /// Sealed bytes not yet written to disk (in memory).
+    unwritten: AtomicU64,
     max_bytes: u64,
     room: Notify,
 }
+
+/// Sealed bytes allowed in memory on their way to the spool directory; keeps
+/// memory bounded when the local disk is slower than the watch.
+const MAX_UNWRITTEN_BYTES: u64 = 48 << 20;
 
 impl Spool {
     /// Opens the spool under `data_dir`, returning leftovers of an earlier run
@@ -80,6 +87,7 @@ impl Spool {
             Arc::new(Self {
                 dir,
                 bytes: AtomicU64::new(total),
+                unwritten: AtomicU64::new(0),
                 max_bytes,
                 room: Notify::new(),
             }),
@@ -91,6 +99,12 @@ impl Spool {
     /// is sealed (it is released once uploaded).
     pub fn reserve(&self, bytes: u64) {
         self.bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.unwritten.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn written(&self, bytes: u64) {
+        self.unwritten.fetch_sub(bytes, Ordering::SeqCst);
+        self.room.notify_waiters();
     }
 
     /// Makes a sealed segment durable in the spool (already reserved).
@@ -131,11 +145,14 @@ impl Spool {
         self.room.notify_waiters();
     }
 
-    /// Waits until the spool is below its limit. Safe to drop.
+    /// Waits until the spool is below its limit and the segments on their
+    /// way to disk fit in memory. Safe to drop.
     pub async fn wait_for_room(&self) {
         loop {
             let notified = self.room.notified();
-            if self.bytes() < self.max_bytes {
+            if self.bytes() < self.max_bytes
+                && self.unwritten.load(Ordering::SeqCst) < MAX_UNWRITTEN_BYTES
+            {
                 return;
             }
             notified.await;
@@ -175,7 +192,10 @@ pub async fn run_spooler(
             .map_err(anyhow::Error::from)
             .and_then(|r| r);
             match written {
-                Ok(item) => break item,
+                Ok(item) => {
+                    spool.written(item.bytes);
+                    break item;
+                }
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), retry_in = ?delay, "cannot write the spool");
                     tokio::select! {
