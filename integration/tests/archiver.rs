@@ -382,3 +382,39 @@ async fn one_shot_snapshot_and_input_errors() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An idle cluster's archive still counts as current: progress
+/// notifications move the archived "current until" time without writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_cluster_archive_stays_current() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("file://{}/archive", tmp.path().display());
+    let args = integration::archiver_args(
+        &cluster.endpoints(),
+        &url,
+        &tmp.path().join("data"),
+        &["--segment-max-age", "300ms", "--idle-interval", "1s"],
+    );
+    let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
+    client.put("/idle/k", "v", None).await?;
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&url, 1, rev, Duration::from_secs(30)).await?;
+    let written_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let archive = etcdpitr_common::store::Archive::open(&url)?;
+    let listing = etcdpitr_common::listing::ArchiveListing::load(&archive).await?;
+    let g = &listing.generations[0];
+    let end_ms = g.segments.iter().map(|s| s.end_ms).max().unwrap();
+    assert!(
+        end_ms >= written_ms + 2000,
+        "archive current until {end_ms}, last write {written_ms}"
+    );
+    assert_eq!(g.last_revision(), Some(rev), "no revision was invented");
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success());
+    Ok(())
+}

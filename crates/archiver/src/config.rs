@@ -53,6 +53,9 @@ pub struct Settings {
     /// Stop reading the watch while this many sealed bytes wait for upload.
     #[arg(long)]
     pub spool_max_bytes: Option<String>,
+    /// While the cluster is idle, record that it is still current this often.
+    #[arg(long)]
+    pub idle_interval: Option<String>,
     /// CA certificate (PEM) to verify etcd's server certificate.
     #[arg(long)]
     pub cacert: Option<PathBuf>,
@@ -84,6 +87,7 @@ struct FileSettings {
     segment_max_age: Option<String>,
     segment_max_bytes: Option<String>,
     spool_max_bytes: Option<String>,
+    idle_interval: Option<String>,
     cacert: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -327,7 +331,12 @@ impl Settings {
                 file.spool_max_bytes,
                 DEFAULT_SPOOL_MAX_BYTES,
             )?,
-            idle_seal_interval: DEFAULT_IDLE_SEAL_INTERVAL,
+            idle_seal_interval: duration(
+                "idle-interval",
+                self.idle_interval,
+                file.idle_interval,
+                DEFAULT_IDLE_SEAL_INTERVAL,
+            )?,
             shutdown_timeout: duration(
                 "shutdown-timeout",
                 self.shutdown_timeout,
