@@ -418,3 +418,231 @@ async fn idle_cluster_archive_stays_current() -> anyhow::Result<()> {
     assert!(status.success());
     Ok(())
 }
+
+fn openssl(args: &[&str], dir: &std::path::Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pitr-test-ca",
+        ],
+        dir,
+    )?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+        openssl(
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+            dir,
+        )?;
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                ext,
+            ],
+            dir,
+        )?;
+    }
+    Ok(())
+}
+
+/// etcd with client-certificate TLS, and etcd with user/password auth: the
+/// archiver archives both; a wrong password is a clear, final error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_password_auth() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    make_certs(&certs)?;
+    let cert = |f: &str| certs.join(f).display().to_string();
+
+    // TLS with client certificates.
+    let (client_port, peer_port) = (integration::free_port(), integration::free_port());
+    let url = format!("https://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let etcd_bin = EtcdVersion::V35.bin_dir();
+    let mut etcd = std::process::Command::new(etcd_bin.join("etcd"))
+        .args([
+            "--data-dir",
+            &tmp.path().join("tls-etcd").display().to_string(),
+        ])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("default={peer}"),
+            "--unsafe-no-fsync",
+        ])
+        .args([
+            "--cert-file",
+            &cert("server.pem"),
+            "--key-file",
+            &cert("server.key"),
+        ])
+        .args(["--trusted-ca-file", &cert("ca.pem"), "--client-cert-auth"])
+        .stderr(std::fs::File::create(tmp.path().join("tls-etcd.log"))?)
+        .spawn()?;
+    let etcdctl = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(etcd_bin.join("etcdctl"))
+            .args([
+                "--endpoints",
+                &url,
+                "--cacert",
+                &cert("ca.pem"),
+                "--cert",
+                &cert("client.pem"),
+                "--key",
+                &cert("client.key"),
+            ])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while etcdctl(&["put", "/tls/a", "1"]).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "TLS etcd did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let archive = format!("file://{}/tls-archive", tmp.path().display());
+    let tls_flags = [
+        "--cacert",
+        &cert("ca.pem"),
+        "--cert",
+        &cert("client.pem"),
+        "--key",
+        &cert("client.key"),
+    ];
+    let mut extra: Vec<&str> = FAST.to_vec();
+    extra.extend(tls_flags.iter().copied());
+    let args = integration::archiver_args(&url, &archive, &tmp.path().join("tls-data"), &extra);
+    let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("tls-archiver.log"))?;
+    for i in 0..20 {
+        etcdctl(&["put", &format!("/tls/k{i}"), "v"])?;
+    }
+    let rev: i64 = etcdctl(&["get", "/tls/k19", "-w", "json"])?
+        .split("\"revision\":")
+        .nth(1)
+        .and_then(|s| s.split([',', '}']).next())
+        .and_then(|s| s.trim().parse().ok())
+        .expect("revision in etcdctl output");
+    wait_archived(&archive, 1, rev, Duration::from_secs(30)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+    etcd.kill().ok();
+    etcd.wait().ok();
+
+    // User and password (from the environment, never a flag).
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut client = cluster.client().await?;
+    client.user_add("root", "s3cret", None).await?;
+    client.user_grant_role("root", "root").await?;
+    client.auth_enable().await?;
+    let opts = etcd_client::ConnectOptions::new().with_user("root", "s3cret");
+    let mut client =
+        etcd_client::Client::connect([cluster.members[0].client_url.as_str()], Some(opts)).await?;
+    let archive = format!("file://{}/auth-archive", tmp.path().display());
+    let mut extra: Vec<&str> = FAST.to_vec();
+    extra.extend(["--user", "root"]);
+    let args = integration::archiver_args(
+        &cluster.endpoints(),
+        &archive,
+        &tmp.path().join("auth-data"),
+        &extra,
+    );
+    let env = [("ETCD_ARCHIVER_PASSWORD".to_owned(), "s3cret".to_owned())];
+    let mut archiver = ArchiverProcess::start(&args, &env, &tmp.path().join("auth-archiver.log"))?;
+    let mut rng = Rng::new(8);
+    mixed_workload(&mut client, &mut rng, 40).await?;
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&archive, 1, rev, Duration::from_secs(30)).await?;
+    archiver.terminate(Duration::from_secs(20))?;
+    verify_generation(&mut client, &read_archive(&archive).await?[0], rev).await?;
+
+    let wrong = [("ETCD_ARCHIVER_PASSWORD".to_owned(), "wrong".to_owned())];
+    let out = std::process::Command::new(integration::binary("etcd-archiver"))
+        .arg("run")
+        .args(integration::archiver_args(
+            &cluster.endpoints(),
+            &archive,
+            &tmp.path().join("auth-data2"),
+            &["--user", "root"],
+        ))
+        .envs(wrong)
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the archiver's credentials"), "{err}");
+    assert!(
+        !err.contains("s3cret") && !err.contains("wrong\""),
+        "no password in the output"
+    );
+    Ok(())
+}

@@ -14,6 +14,20 @@ use crate::config::Config;
 /// with a huge value) may exceed tonic's 4 MiB default.
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
+/// Whether an etcd error is final (bad credentials or permissions), as
+/// opposed to a member or network failure worth retrying.
+pub fn is_denied(error: &anyhow::Error) -> bool {
+    error.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<etcd_client::Error>(),
+            Some(etcd_client::Error::GRpcStatus(s)) if matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || s.message().contains("authentication failed")
+        )
+    })
+}
+
 /// What the cluster says about itself in a response header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterInfo {

@@ -311,6 +311,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     let mut schedule: Option<SnapshotSchedule> = None;
     let mut forced: Option<(StartReason, String)> = None;
+    let mut fatal: Option<anyhow::Error> = None;
     let mut delay = RETRY_MIN;
     while !shutdown.is_cancelled() {
         let connected = tokio::select! {
@@ -319,6 +320,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         let (mut client, info) = match connected {
             Ok(c) => c,
+            Err(e) if etcd::is_denied(&e) => {
+                fatal = Some(e.context("etcd refused the archiver's credentials"));
+                break;
+            }
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "etcd unreachable; retrying");
                 tokio::select! {
@@ -457,7 +462,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "store did not take every segment in time; they stay in the spool and are uploaded on the next start"
         );
     }
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 /// Takes one full snapshot into the archive now (starting a generation if
