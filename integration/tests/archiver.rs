@@ -168,7 +168,7 @@ async fn survives_a_30s_store_outage_on_s3() -> anyhow::Result<()> {
     verify_generation(&mut client, &generations[0], rev).await?;
     let text = std::fs::read_to_string(&log)?;
     assert!(
-        text.contains("upload failed"),
+        text.contains("(it stays in the spool) failed; retrying"),
         "the outage was seen by the archiver"
     );
     // The restorer reads the same S3 archive: every object verifies and an

@@ -16,13 +16,13 @@
 pub mod config;
 pub mod etcd;
 pub mod head;
+mod retry;
 pub mod segment_writer;
 pub mod snapshot;
 pub mod snapshot_schedule;
 pub mod uploader;
 pub mod watch;
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,46 +39,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::etcd::{ClusterInfo, Lineage};
 use crate::head::ChainHead;
+use crate::retry::{retry, RETRY_MAX, RETRY_MIN};
 use crate::segment_writer::{SealPolicy, SegmentWriter, Sink};
 use crate::snapshot_schedule::SnapshotSchedule;
 use crate::uploader::Spool;
 use crate::watch::SessionEnd;
-
-const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(10);
-
-/// Retries `f` with backoff until it succeeds, fails for good (per
-/// `retryable`), or shutdown is requested (`Ok(None)`).
-async fn retry<T, F, Fut>(
-    what: &str,
-    shutdown: &CancellationToken,
-    retryable: impl Fn(&anyhow::Error) -> bool,
-    mut f: F,
-) -> anyhow::Result<Option<T>>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<T>>,
-{
-    let mut delay = RETRY_MIN;
-    loop {
-        let outcome = tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            r = f() => r,
-        };
-        match outcome {
-            Ok(v) => return Ok(Some(v)),
-            Err(e) if retryable(&e) => {
-                tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "{what} failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(None),
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(RETRY_MAX);
-            }
-            Err(e) => return Err(e.context(what.to_owned())),
-        }
-    }
-}
 
 /// Store errors worth retrying (network, throttling), as opposed to bad
 /// credentials, unknown formats or corrupted objects.

@@ -13,7 +13,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -22,6 +21,8 @@ use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::store::Archive;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+
+use crate::retry::retry;
 
 /// A sealed segment waiting in the spool.
 #[derive(Clone, Debug)]
@@ -160,6 +161,20 @@ impl Spool {
     }
 }
 
+/// Records a segment's state in the catalog; a failure is only logged, as
+/// the store and the spool directory remain the truth.
+fn note(catalog: &Mutex<Catalog>, item: &SpoolItem, state: ObjectState) {
+    let result = catalog.lock().expect("catalog lock").put_segment(
+        item.generation,
+        &item.name,
+        item.bytes,
+        state,
+    );
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "catalog update failed (the store remains the truth)");
+    }
+}
+
 /// A sealed segment on its way to the spool.
 pub struct Sealed {
     /// Its generation.
@@ -182,47 +197,31 @@ pub async fn run_spooler(
 ) {
     while let Some(sealed) = rx.recv().await {
         let sealed = Arc::new(sealed);
-        let mut delay = BACKOFF_MIN;
-        let item = loop {
-            let (spool2, sealed2) = (spool.clone(), sealed.clone());
-            let written = tokio::task::spawn_blocking(move || {
-                spool2.write(sealed2.generation, sealed2.name, &sealed2.data)
-            })
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r);
-            match written {
-                Ok(item) => {
-                    spool.written(item.bytes);
-                    break item;
+        let written = retry(
+            "write the spool",
+            &abort,
+            |_| true,
+            || {
+                let (spool, sealed) = (spool.clone(), sealed.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        spool.write(sealed.generation, sealed.name, &sealed.data)
+                    })
+                    .await?
                 }
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), retry_in = ?delay, "cannot write the spool");
-                    tokio::select! {
-                        () = abort.cancelled() => return,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(BACKOFF_MAX);
-                }
-            }
+            },
+        )
+        .await;
+        let Ok(Some(item)) = written else {
+            return;
         };
-        if let Err(e) = catalog.lock().expect("catalog lock").put_segment(
-            item.generation,
-            &item.name,
-            item.bytes,
-            ObjectState::Spooled,
-        ) {
-            tracing::warn!(error = %e, "catalog update failed (the store remains the truth)");
-        }
+        spool.written(item.bytes);
+        note(&catalog, &item, ObjectState::Spooled);
         if uploads.send(item).is_err() {
             return;
         }
     }
 }
-
-/// Initial and maximum delay between upload attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Uploads spooled segments in order until the channel closes (then drains
 /// what is queued) or `abort` fires. Returns the number uploaded.
@@ -239,41 +238,23 @@ pub async fn run_uploader(
     let mut uploaded = 0;
     while let Some(item) = rx.recv().await {
         let key = layout::segment_key(item.generation, &item.name);
-        let mut delay = BACKOFF_MIN;
-        loop {
-            let result = async {
+        let what = format!("upload segment {key} (it stays in the spool)");
+        let done = retry(
+            &what,
+            &abort,
+            |_| true,
+            || async {
                 let data = tokio::fs::read(&item.path)
                     .await
                     .with_context(|| format!("read spooled {}", item.path.display()))?;
-                archive
-                    .put_once(&key, Bytes::from(data))
-                    .await
-                    .with_context(|| format!("upload segment {key}"))
-            };
-            let outcome = tokio::select! {
-                () = abort.cancelled() => return uploaded,
-                r = result => r,
-            };
-            match outcome {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "upload failed; segment stays in the spool");
-                    tokio::select! {
-                        () = abort.cancelled() => return uploaded,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(BACKOFF_MAX);
-                }
-            }
+                Ok(archive.put_once(&key, Bytes::from(data)).await?)
+            },
+        )
+        .await;
+        if !matches!(done, Ok(Some(()))) {
+            return uploaded;
         }
-        if let Err(e) = catalog.lock().expect("catalog lock").put_segment(
-            item.generation,
-            &item.name,
-            item.bytes,
-            ObjectState::Uploaded,
-        ) {
-            tracing::warn!(error = %e, "catalog update failed (the store remains the truth)");
-        }
+        note(&catalog, &item, ObjectState::Uploaded);
         if let Err(e) = std::fs::remove_file(&item.path) {
             tracing::warn!(error = %e, path = %item.path.display(), "cannot remove uploaded spool file");
         }
