@@ -430,7 +430,7 @@ async fn idle_cluster_archive_stays_current() -> anyhow::Result<()> {
     let written_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let archive = etcdpitr_common::store::Archive::open(&url)?;
     let listing = etcdpitr_common::listing::ArchiveListing::load(&archive).await?;
     let g = &listing.generations[0];
