@@ -306,6 +306,42 @@ impl EtcdCluster {
     }
 }
 
+/// What most end-to-end tests start from: a cluster, a client for it, a
+/// temporary directory with a local archive URL in it, and a log path.
+pub struct TestBed {
+    /// The etcd cluster.
+    pub cluster: EtcdCluster,
+    /// A client for it.
+    pub client: etcd_client::Client,
+    /// Temporary directory (removed on drop).
+    pub tmp: tempfile::TempDir,
+    /// `file://` URL of an archive inside `tmp`.
+    pub url: String,
+    /// Archiver log file inside `tmp`.
+    pub log: PathBuf,
+}
+
+impl TestBed {
+    /// Starts `members` members of `version`.
+    ///
+    /// # Errors
+    /// If etcd does not start.
+    pub async fn start(version: EtcdVersion, members: usize) -> anyhow::Result<Self> {
+        let cluster = EtcdCluster::start(version, members).await?;
+        let client = cluster.client().await?;
+        let tmp = tempfile::tempdir()?;
+        let url = format!("file://{}/archive", tmp.path().display());
+        let log = tmp.path().join("archiver.log");
+        Ok(Self {
+            cluster,
+            client,
+            tmp,
+            url,
+            log,
+        })
+    }
+}
+
 /// Path of a workspace binary built next to the running test or bench.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use integration::{
     big_revision, current_revision, mixed_workload, read_archive, verify_generation, wait_archived,
-    ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server,
+    ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server, TestBed,
 };
 
 /// Small segments and frequent snapshots, so the tests cross many boundaries.
@@ -26,11 +26,13 @@ fn archiver_args(endpoints: &str, archive: &str, data_dir: &std::path::Path) -> 
 /// empty data directory: one generation, every revision exactly once, equal
 /// to the source's own history.
 async fn lossless_across_restarts(version: EtcdVersion) -> anyhow::Result<()> {
-    let cluster = EtcdCluster::start(version, 1).await?;
-    let mut client = cluster.client().await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
-    let log = tmp.path().join("archiver.log");
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(version, 1).await?;
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let mut rng = Rng::new(7);
 
@@ -103,10 +105,13 @@ async fn lossless_across_restarts_etcd_3_4() -> anyhow::Result<()> {
 /// archiver continues through the others without a gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continues_through_member_failures() -> anyhow::Result<()> {
-    let mut cluster = EtcdCluster::start(EtcdVersion::V35, 3).await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
-    let log = tmp.path().join("archiver.log");
+    let TestBed {
+        mut cluster,
+        client: _,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(EtcdVersion::V35, 3).await?;
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
     let mut rng = Rng::new(11);
@@ -190,11 +195,13 @@ async fn survives_a_30s_store_outage_on_s3() -> anyhow::Result<()> {
 /// archiver records the gap and starts a new generation with a snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_past_resume_point_starts_a_new_generation() -> anyhow::Result<()> {
-    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
-    let mut client = cluster.client().await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
-    let log = tmp.path().join("archiver.log");
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(EtcdVersion::V35, 1).await?;
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let mut rng = Rng::new(3);
     let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
@@ -235,11 +242,13 @@ async fn compaction_past_resume_point_starts_a_new_generation() -> anyhow::Resul
 /// content, and starts a new generation instead of splicing two histories.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_restored_underneath_starts_new_generations() -> anyhow::Result<()> {
-    let mut cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
-    let mut client = cluster.client().await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
-    let log = tmp.path().join("archiver.log");
+    let TestBed {
+        mut cluster,
+        mut client,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(EtcdVersion::V35, 1).await?;
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let mut rng = Rng::new(21);
     let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
@@ -413,10 +422,13 @@ async fn one_shot_snapshot_and_input_errors() -> anyhow::Result<()> {
 /// notifications move the archived "current until" time without writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_cluster_archive_stays_current() -> anyhow::Result<()> {
-    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
-    let mut client = cluster.client().await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log: _,
+    } = TestBed::start(EtcdVersion::V35, 1).await?;
     let args = integration::archiver_args(
         &cluster.endpoints(),
         &url,

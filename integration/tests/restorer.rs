@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use integration::{
     archiver_args, current_revision, mixed_workload, oracle_export, read_archive, run_restorer,
-    wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd, Rng,
+    wait_archived, ArchiverProcess, EtcdVersion, RestoredEtcd, Rng, TestBed,
 };
 
 /// A (moment, revision) pair: the revision was the newest one at the moment.
@@ -23,10 +23,13 @@ fn rfc3339_now() -> String {
 }
 
 async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
-    let cluster = EtcdCluster::start(version, 1).await?;
-    let mut client = cluster.client().await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log: _,
+    } = TestBed::start(version, 1).await?;
     let args = archiver_args(
         &cluster.endpoints(),
         &url,
@@ -278,10 +281,13 @@ async fn restores_match_the_source_etcd_3_4() -> anyhow::Result<()> {
 /// Every refusal has its own message and exit code, and leaves no file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
-    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
-    let mut client = cluster.client().await?;
-    let tmp = tempfile::tempdir()?;
-    let url = format!("file://{}/archive", tmp.path().display());
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log: _,
+    } = TestBed::start(EtcdVersion::V35, 1).await?;
     let args = archiver_args(
         &cluster.endpoints(),
         &url,

@@ -13,12 +13,22 @@ use std::path::Path;
 
 use thiserror::Error;
 
-const MAGIC: u32 = 0xED0C_DAED;
-const PAGE_HEADER_LEN: usize = 16;
-const ELEMENT_LEN: usize = 16;
-const BRANCH_PAGE: u16 = 0x01;
-const LEAF_PAGE: u16 = 0x02;
-const BUCKET_LEAF_FLAG: u32 = 0x01;
+/// Magic number in both meta pages.
+pub const MAGIC: u32 = 0xED0C_DAED;
+/// The only file format version bbolt writes.
+pub const VERSION: u32 = 2;
+/// Length of a page header.
+pub const PAGE_HEADER_LEN: usize = 16;
+/// Length of a leaf or branch element header.
+pub const ELEMENT_LEN: usize = 16;
+/// Page flag of a branch page.
+pub const BRANCH_PAGE: u16 = 0x01;
+/// Page flag of a leaf page.
+pub const LEAF_PAGE: u16 = 0x02;
+/// Page flag of a meta page.
+pub const META_PAGE: u16 = 0x04;
+/// Leaf element flag of a nested bucket.
+pub const BUCKET_LEAF_FLAG: u32 = 0x01;
 /// Guards against runaway recursion on a corrupted file.
 const MAX_DEPTH: usize = 64;
 
@@ -134,7 +144,7 @@ impl BoltReader {
             let meta = &m[PAGE_HEADER_LEN..];
             let le32 = |o: usize| u32::from_le_bytes(meta[o..o + 4].try_into().expect("4 bytes"));
             let le64 = |o: usize| u64::from_le_bytes(meta[o..o + 8].try_into().expect("8 bytes"));
-            if le32(0) != MAGIC || le32(4) != 2 || fnv1a64(&meta[..56]) != le64(56) {
+            if le32(0) != MAGIC || le32(4) != VERSION || fnv1a64(&meta[..56]) != le64(56) {
                 continue;
             }
             let (root, high_water, txid) = (le64(16), le64(40), le64(48));

@@ -11,18 +11,13 @@ use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use etcdpitr_common::bbolt::fnv1a64;
+use etcdpitr_common::bbolt::{
+    fnv1a64, BRANCH_PAGE, BUCKET_LEAF_FLAG, ELEMENT_LEN, LEAF_PAGE, MAGIC, META_PAGE,
+    PAGE_HEADER_LEN, VERSION,
+};
 
 /// Page size of the files written (the size etcd uses on common platforms).
 pub const PAGE_SIZE: usize = 4096;
-const PAGE_HEADER_LEN: usize = 16;
-const ELEMENT_LEN: usize = 16;
-const BRANCH_PAGE: u16 = 0x01;
-const LEAF_PAGE: u16 = 0x02;
-const META_PAGE: u16 = 0x04;
-const BUCKET_LEAF_FLAG: u32 = 0x01;
-const MAGIC: u32 = 0xED0C_DAED;
-const VERSION: u32 = 2;
 const NO_FREELIST: u64 = u64::MAX;
 /// bbolt keeps element counts in a u16.
 const MAX_ELEMENTS: usize = 0xFFFF - 1;
