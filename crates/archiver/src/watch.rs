@@ -42,11 +42,6 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often to check whether the open segment is due for sealing.
 const SEAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
-/// The revision being assembled from (possibly fragmented) responses.
-struct Pending {
-    record: RevisionRecord,
-}
-
 /// Runs one watch session until shutdown or failure.
 ///
 /// `caught_up_at` is the cluster's revision when the session started:
@@ -75,7 +70,8 @@ pub async fn run(
     };
     let (mut received, _receiver) = receive(responses);
     tracing::info!(generation = %writer.generation(), from_revision = start, "watching the whole keyspace");
-    let mut pending: Option<Pending> = None;
+    // The revision being assembled from (possibly fragmented) responses.
+    let mut pending: Option<RevisionRecord> = None;
     let mut progress_tick = tokio::time::interval(PROGRESS_INTERVAL);
     let mut seal_tick = tokio::time::interval(SEAL_CHECK_INTERVAL);
     let mut events_since_tick = true;
@@ -135,10 +131,10 @@ pub async fn run(
                     let revision = kv.mod_revision();
                     let converted = convert(event.event_type(), kv);
                     match &mut pending {
-                        Some(p) if p.record.revision == revision => p.record.events.push(converted),
+                        Some(p) if p.revision == revision => p.events.push(converted),
                         _ => {
                             if let Some(done) = pending.take() {
-                                if let Err(end) = complete(client, writer, done.record).await {
+                                if let Err(end) = complete(client, writer, done).await {
                                     return end;
                                 }
                             }
@@ -148,13 +144,11 @@ pub async fn run(
                                     writer.last_revision()
                                 ));
                             }
-                            pending = Some(Pending {
-                                record: RevisionRecord {
-                                    revision,
-                                    observed_ms,
-                                    catching_up: revision <= caught_up_at,
-                                    events: vec![converted],
-                                },
+                            pending = Some(RevisionRecord {
+                                revision,
+                                observed_ms,
+                                catching_up: revision <= caught_up_at,
+                                events: vec![converted],
                             });
                         }
                     }
@@ -162,7 +156,7 @@ pub async fn run(
                 // A response that is not a fragment ends at a revision boundary.
                 if !response.0.fragment {
                     if let Some(done) = pending.take() {
-                        if let Err(end) = complete(client, writer, done.record).await {
+                        if let Err(end) = complete(client, writer, done).await {
                             return end;
                         }
                     }
