@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::etcd::{ClusterInfo, Lineage};
 use crate::head::ChainHead;
-use crate::retry::{retry, RETRY_MAX, RETRY_MIN};
+use crate::retry::{pause, retry, RETRY_MIN};
 use crate::segment_writer::{SealPolicy, SegmentWriter, Sink};
 use crate::snapshot_schedule::SnapshotSchedule;
 use crate::uploader::Spool;
@@ -291,11 +291,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "etcd unreachable; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
+                if !pause(&mut delay, &shutdown).await {
+                    break;
                 }
-                delay = (delay * 2).min(RETRY_MAX);
                 continue;
             }
         };
@@ -309,8 +307,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             match must_start_generation(&mut client, info, manifest, last, record).await {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "lineage check failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "lineage check failed; retrying");
+                    if !pause(&mut delay, &shutdown).await {
+                        break;
+                    }
                     continue;
                 }
             }
@@ -332,9 +332,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Err(e) => {
                         tracing::warn!(
                             error = format!("{e:#}"),
+                            retry_in = ?delay,
                             "cannot start a new generation; retrying"
                         );
-                        tokio::time::sleep(delay).await;
+                        if !pause(&mut delay, &shutdown).await {
+                            break;
+                        }
                         continue;
                     }
                 };
@@ -392,11 +395,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             SessionEnd::Disconnected(e) => {
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "watch interrupted; reconnecting");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
+                if !pause(&mut delay, &shutdown).await {
+                    break;
                 }
-                delay = (delay * 2).min(RETRY_MAX);
                 continue;
             }
         }

@@ -32,13 +32,22 @@ where
             Ok(v) => return Ok(Some(v)),
             Err(e) if retryable(&e) => {
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "{what} failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(None),
-                    () = tokio::time::sleep(delay) => {}
+                if !pause(&mut delay, shutdown).await {
+                    return Ok(None);
                 }
-                delay = (delay * 2).min(RETRY_MAX);
             }
             Err(e) => return Err(e.context(what.to_owned())),
         }
     }
+}
+
+/// Sleeps for `delay`, then doubles it (up to [`RETRY_MAX`]) for the next
+/// time. Returns `false` if shutdown came first.
+pub async fn pause(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => return false,
+        () = tokio::time::sleep(*delay) => {}
+    }
+    *delay = (*delay * 2).min(RETRY_MAX);
+    true
 }
