@@ -1107,3 +1107,26 @@ impl Drop for RestoredEtcd {
         self.child.wait().ok();
     }
 }
+
+/// Writes `total` puts of small values with `writers` concurrent clients.
+///
+/// # Errors
+/// etcd failures.
+pub async fn bulk_puts(cluster: &EtcdCluster, writers: u64, total: u64) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut client = cluster.client().await?;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..total / writers {
+                client
+                    .put(format!("/bulk/{w}/{}", i % 100), format!("v{i}"), None)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

@@ -3,14 +3,20 @@
 //!
 //! Watch responses are requested fragmented, so no message grows past etcd's
 //! request limit however large a revision is; fragments are reassembled here.
-//! Only the revision being assembled is held in memory.
+//! Only the revision being assembled is held in memory. When the watcher
+//! falls far behind, revisions are fetched through several watchers over
+//! consecutive revision windows, then one watcher follows the head again.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use std::sync::Arc;
 
-use etcd_client::{Client, EventType, WatchOptions, WatchResponse, WatchResponseStream};
+use std::collections::VecDeque;
+
+use etcd_client::{
+    Client, EventType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
+};
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
 use etcdpitr_common::{now_ms, Revision};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -42,6 +48,218 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often to check whether the open segment is due for sealing.
 const SEAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// A lag, in revisions, beyond which the session switches to windowed
+/// catch-up. etcd serves a lagging watcher at most 1000 revisions per
+/// 100 ms; several watchers over consecutive revision windows are each
+/// served that much per pass, so catch-up runs several times faster.
+const CATCH_UP_LAG: i64 = 5000;
+/// Revisions per catch-up window: one etcd catch-up batch.
+const CATCH_UP_WINDOW: i64 = 1000;
+/// Catch-up windows in flight.
+const CATCH_UP_WINDOWS: usize = 8;
+
+/// Opens a watch of the whole keyspace from `start` and reads it in its own
+/// task with `budget` bytes of buffer.
+async fn open_watch(
+    client: &Client,
+    start: Revision,
+    budget: u32,
+) -> Result<
+    (
+        WatchRequestSender,
+        mpsc::UnboundedReceiver<Received>,
+        AbortOnDrop,
+    ),
+    SessionEnd,
+> {
+    let options = WatchOptions::new()
+        .with_all_keys()
+        .with_start_revision(start)
+        .with_fragment()
+        .with_progress_notify();
+    let mut watch_client = client
+        .watch_client()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let (requests, responses) = match watch_client.watch(vec![0u8], Some(options)).await {
+        Ok(s) => s.split(),
+        Err(e) => {
+            return Err(SessionEnd::Disconnected(
+                anyhow::Error::from(e).context("open watch"),
+            ))
+        }
+    };
+    let (received, receiver) = receive(responses, budget);
+    Ok((requests, received, receiver))
+}
+
+/// Takes the response out of a received message, or says how the stream ended.
+fn response_of(message: Option<Received>) -> Result<WatchResponse, SessionEnd> {
+    let response = match message {
+        Some((Ok(Some(r)), _permit)) => r,
+        None => {
+            return Err(SessionEnd::Disconnected(anyhow::anyhow!(
+                "watch receiver stopped"
+            )))
+        }
+        Some((Ok(None), _)) => {
+            return Err(SessionEnd::Disconnected(anyhow::anyhow!(
+                "watch stream closed by etcd"
+            )))
+        }
+        Some((Err(e), _)) => {
+            return Err(SessionEnd::Disconnected(
+                anyhow::Error::from(e).context("watch stream"),
+            ))
+        }
+    };
+    if response.canceled() {
+        if response.compact_revision() > 0 {
+            return Err(SessionEnd::Compacted {
+                compact_revision: response.compact_revision(),
+            });
+        }
+        return Err(SessionEnd::Disconnected(anyhow::anyhow!(
+            "watch canceled by etcd: {}",
+            response.cancel_reason()
+        )));
+    }
+    Ok(response)
+}
+
+/// Assembles complete revisions from (possibly fragmented) responses and
+/// hands them to the writer, refusing holes.
+struct Assembler {
+    /// The revision being assembled.
+    pending: Option<RevisionRecord>,
+    /// Revisions up to here were committed before they were observed.
+    caught_up_at: Revision,
+}
+
+impl Assembler {
+    /// Feeds one response's events up to revision `until`; returns whether
+    /// the response went past `until` (everything up to it is then complete).
+    async fn feed(
+        &mut self,
+        client: &mut Client,
+        writer: &mut SegmentWriter,
+        response: &WatchResponse,
+        until: Revision,
+    ) -> Result<bool, SessionEnd> {
+        let observed_ms = now_ms();
+        let mut passed = false;
+        for event in response.events() {
+            let Some(kv) = event.kv() else {
+                return Err(SessionEnd::Diverged("watch event without key-value".into()));
+            };
+            let revision = kv.mod_revision();
+            if revision > until {
+                passed = true;
+                break;
+            }
+            let converted = convert(event.event_type(), kv);
+            match &mut self.pending {
+                Some(p) if p.revision == revision => p.events.push(converted),
+                _ => {
+                    if let Some(done) = self.pending.take() {
+                        complete(client, writer, done).await?;
+                    }
+                    if revision != writer.last_revision() + 1 {
+                        return Err(SessionEnd::Diverged(format!(
+                            "watch delivered revision {revision} after {}",
+                            writer.last_revision()
+                        )));
+                    }
+                    self.pending = Some(RevisionRecord {
+                        revision,
+                        observed_ms,
+                        catching_up: revision <= self.caught_up_at,
+                        events: vec![converted],
+                    });
+                }
+            }
+        }
+        // A response that is not a fragment ends at a revision boundary.
+        if passed || !response.0.fragment {
+            if let Some(done) = self.pending.take() {
+                complete(client, writer, done).await?;
+            }
+        }
+        Ok(passed)
+    }
+}
+
+/// Seals what is due, then waits while the spool is full. Safe to drop.
+async fn make_room(
+    writer: &mut SegmentWriter,
+    spool: &Spool,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    writer.seal_if_due().map_err(SessionEnd::Disconnected)?;
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => Err(SessionEnd::Shutdown),
+        () = spool.wait_for_room() => Ok(()),
+    }
+}
+
+/// Fetches revisions up to `target` through consecutive revision windows,
+/// each with its own watcher, appending them in order.
+async fn catch_up(
+    client: &mut Client,
+    writer: &mut SegmentWriter,
+    spool: &Spool,
+    assembler: &mut Assembler,
+    target: Revision,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    struct Window {
+        last: Revision,
+        received: mpsc::UnboundedReceiver<Received>,
+        _requests: WatchRequestSender,
+        _receiver: AbortOnDrop,
+    }
+    let budget = RECEIVE_BUFFER_BYTES / CATCH_UP_WINDOWS as u32;
+    let mut next_first = writer.last_revision() + 1;
+    let mut windows: VecDeque<Window> = VecDeque::new();
+    tracing::info!(
+        from_revision = next_first,
+        to_revision = target,
+        "catching up through parallel windows"
+    );
+    loop {
+        while windows.len() < CATCH_UP_WINDOWS && next_first <= target {
+            let last = (next_first + CATCH_UP_WINDOW - 1).min(target);
+            let (requests, received, receiver) = open_watch(client, next_first, budget).await?;
+            windows.push_back(Window {
+                last,
+                received,
+                _requests: requests,
+                _receiver: receiver,
+            });
+            next_first = last + 1;
+        }
+        let Some(window) = windows.front_mut() else {
+            return Ok(());
+        };
+        while writer.last_revision() < window.last {
+            make_room(writer, spool, shutdown).await?;
+            let message = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                m = window.received.recv() => m,
+            };
+            let response = response_of(message)?;
+            if assembler
+                .feed(client, writer, &response, window.last)
+                .await?
+            {
+                break;
+            }
+        }
+        windows.pop_front();
+    }
+}
+
 /// Runs one watch session until shutdown or failure.
 ///
 /// `caught_up_at` is the cluster's revision when the session started:
@@ -55,39 +273,47 @@ pub async fn run(
     caught_up_at: Revision,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let start = writer.last_revision() + 1;
-    let options = WatchOptions::new()
-        .with_all_keys()
-        .with_start_revision(start)
-        .with_fragment()
-        .with_progress_notify();
-    let mut watch_client = client
-        .watch_client()
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let (mut requests, responses) = match watch_client.watch(vec![0u8], Some(options)).await {
-        Ok(s) => s.split(),
-        Err(e) => return SessionEnd::Disconnected(anyhow::Error::from(e).context("open watch")),
+    let mut assembler = Assembler {
+        pending: None,
+        caught_up_at,
     };
-    let (mut received, _receiver) = receive(responses);
+    loop {
+        let target = match follow(client, writer, spool, snapshots, &mut assembler, shutdown).await
+        {
+            Ok(target) => target,
+            Err(end) => return end,
+        };
+        // Everything up to `target` is already committed: observed late.
+        assembler.caught_up_at = assembler.caught_up_at.max(target);
+        if let Err(end) = catch_up(client, writer, spool, &mut assembler, target, shutdown).await {
+            return end;
+        }
+    }
+}
+
+/// Follows the head of the history with one watcher. Returns the cluster's
+/// revision when the watcher fell more than [`CATCH_UP_LAG`] behind.
+async fn follow(
+    client: &mut Client,
+    writer: &mut SegmentWriter,
+    spool: &Spool,
+    snapshots: &mut SnapshotSchedule,
+    assembler: &mut Assembler,
+    shutdown: &CancellationToken,
+) -> Result<Revision, SessionEnd> {
+    let start = writer.last_revision() + 1;
+    let (mut requests, mut received, _receiver) =
+        open_watch(client, start, RECEIVE_BUFFER_BYTES).await?;
     tracing::info!(generation = %writer.generation(), from_revision = start, "watching the whole keyspace");
-    // The revision being assembled from (possibly fragmented) responses.
-    let mut pending: Option<RevisionRecord> = None;
     let mut progress_tick = tokio::time::interval(PROGRESS_INTERVAL);
     let mut seal_tick = tokio::time::interval(SEAL_CHECK_INTERVAL);
     let mut events_since_tick = true;
     loop {
         // Backpressure: while the spool is full, stop reading the watch.
-        if let Err(e) = writer.seal_if_due() {
-            return SessionEnd::Disconnected(e);
-        }
+        make_room(writer, spool, shutdown).await?;
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => return SessionEnd::Shutdown,
-            () = spool.wait_for_room() => {}
-        }
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
             _ = seal_tick.tick() => {}
             result = snapshots.next_done() => {
                 snapshots.finished(result);
@@ -95,71 +321,24 @@ pub async fn run(
             _ = progress_tick.tick() => {
                 if !std::mem::take(&mut events_since_tick) {
                     if let Err(e) = requests.request_progress().await {
-                        return SessionEnd::Disconnected(anyhow::Error::from(e).context("request progress"));
+                        return Err(SessionEnd::Disconnected(anyhow::Error::from(e).context("request progress")));
                     }
                 }
                 snapshots.start_if_due(client);
             }
             message = received.recv() => {
-                let response = match message {
-                    Some((Ok(Some(r)), _permit)) => r,
-                    None => return SessionEnd::Disconnected(anyhow::anyhow!("watch receiver stopped")),
-                    Some((Ok(None), _)) => return SessionEnd::Disconnected(anyhow::anyhow!("watch stream closed by etcd")),
-                    Some((Err(e), _)) => return SessionEnd::Disconnected(anyhow::Error::from(e).context("watch stream")),
-                };
-                if response.canceled() {
-                    if response.compact_revision() > 0 {
-                        return SessionEnd::Compacted { compact_revision: response.compact_revision() };
-                    }
-                    return SessionEnd::Disconnected(anyhow::anyhow!(
-                        "watch canceled by etcd: {}", response.cancel_reason()
-                    ));
-                }
+                let response = response_of(message)?;
                 let header_revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
                 if response.events().is_empty() {
-                    if !response.created() && pending.is_none() {
+                    if !response.created() && assembler.pending.is_none() {
                         writer.note_progress(header_revision, now_ms());
                     }
                     continue;
                 }
                 events_since_tick = true;
-                let observed_ms = now_ms();
-                for event in response.events() {
-                    let Some(kv) = event.kv() else {
-                        return SessionEnd::Diverged("watch event without key-value".into());
-                    };
-                    let revision = kv.mod_revision();
-                    let converted = convert(event.event_type(), kv);
-                    match &mut pending {
-                        Some(p) if p.revision == revision => p.events.push(converted),
-                        _ => {
-                            if let Some(done) = pending.take() {
-                                if let Err(end) = complete(client, writer, done).await {
-                                    return end;
-                                }
-                            }
-                            if revision != writer.last_revision() + 1 {
-                                return SessionEnd::Diverged(format!(
-                                    "watch delivered revision {revision} after {}",
-                                    writer.last_revision()
-                                ));
-                            }
-                            pending = Some(RevisionRecord {
-                                revision,
-                                observed_ms,
-                                catching_up: revision <= caught_up_at,
-                                events: vec![converted],
-                            });
-                        }
-                    }
-                }
-                // A response that is not a fragment ends at a revision boundary.
-                if !response.0.fragment {
-                    if let Some(done) = pending.take() {
-                        if let Err(end) = complete(client, writer, done).await {
-                            return end;
-                        }
-                    }
+                assembler.feed(client, writer, &response, Revision::MAX).await?;
+                if assembler.pending.is_none() && header_revision - writer.last_revision() > CATCH_UP_LAG {
+                    return Ok(header_revision);
                 }
             }
         }
@@ -187,9 +366,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// Reads the watch stream in its own task into a queue bounded by bytes.
-fn receive(mut responses: WatchResponseStream) -> (mpsc::UnboundedReceiver<Received>, AbortOnDrop) {
+fn receive(
+    mut responses: WatchResponseStream,
+    budget_bytes: u32,
+) -> (mpsc::UnboundedReceiver<Received>, AbortOnDrop) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let budget = Arc::new(Semaphore::new(RECEIVE_BUFFER_BYTES as usize));
+    let budget = Arc::new(Semaphore::new(budget_bytes as usize));
     let task = tokio::spawn(async move {
         loop {
             let message = responses.message().await;
@@ -203,9 +385,7 @@ fn receive(mut responses: WatchResponseStream) -> (mpsc::UnboundedReceiver<Recei
                 _ => 0,
             };
             let last = !matches!(message, Ok(Some(_)));
-            let permits = u32::try_from(size)
-                .unwrap_or(u32::MAX)
-                .min(RECEIVE_BUFFER_BYTES);
+            let permits = u32::try_from(size).unwrap_or(u32::MAX).min(budget_bytes);
             let permit = budget.clone().acquire_many_owned(permits).await.ok();
             if tx.send((message, permit)).is_err() || last {
                 return;
