@@ -709,7 +709,7 @@ async fn catches_up_through_parallel_windows() -> anyhow::Result<()> {
     let behind = current_revision(&mut client).await?;
     let started = std::time::Instant::now();
     let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    wait_archived(&url, 1, behind, Duration::from_secs(60)).await?;
+    wait_archived(&url, 1, behind, Duration::from_mins(1)).await?;
     eprintln!(
         "caught up {} revisions in {:.2} s",
         behind - rev,
@@ -717,7 +717,7 @@ async fn catches_up_through_parallel_windows() -> anyhow::Result<()> {
     );
     mixed_workload(&mut client, &mut rng, 30).await?;
     let rev = current_revision(&mut client).await?;
-    wait_archived(&url, 1, rev, Duration::from_secs(60)).await?;
+    wait_archived(&url, 1, rev, Duration::from_mins(1)).await?;
     archiver.terminate(Duration::from_secs(20))?;
     let text = std::fs::read_to_string(&log)?;
     assert!(
