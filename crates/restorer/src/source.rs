@@ -15,6 +15,50 @@ use tokio::sync::mpsc;
 
 use crate::plan::{self, PlanError};
 
+/// Downloads snapshot object `(generation, revision)` to `scratch`, checks
+/// it (length and blake3 against its header, header against its name) and
+/// writes the etcd snapshot file it holds to `out`. The scratch file is
+/// always removed.
+async fn download_checked(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+    scratch: &Path,
+    out: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<SnapshotHeader> {
+    let key = layout::snapshot_key(generation, revision);
+    let checked = async {
+        let mut file = tokio::fs::File::create(scratch)
+            .await
+            .with_context(|| format!("create {}", scratch.display()))?;
+        archive
+            .download(&key, &mut file)
+            .await
+            .with_context(|| format!("download {key}"))?;
+        drop(file);
+        let (src, key) = (scratch.to_owned(), key.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
+            let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+            let mut out = std::io::BufWriter::new(out);
+            let header = snapshot::read_object(&key, &mut input, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(header)
+        })
+        .await?
+    }
+    .await;
+    tokio::fs::remove_file(scratch).await.ok();
+    let header = checked?;
+    if header.revision != revision || header.generation != generation.0 {
+        anyhow::bail!(
+            "{key}: header says generation {} revision {}, its name says generation {generation} revision {revision} (object is corrupted)",
+            header.generation,
+            header.revision
+        );
+    }
+    Ok(header)
+}
+
 /// Downloads a snapshot object and writes the etcd snapshot file it holds to
 /// `dest`, checking its length and blake3 hash.
 ///
@@ -26,36 +70,15 @@ pub async fn fetch_snapshot(
     revision: Revision,
     dest: &Path,
 ) -> anyhow::Result<SnapshotHeader> {
-    let key = layout::snapshot_key(generation, revision);
-    let compressed = dest.with_extension("download");
-    let mut file = tokio::fs::File::create(&compressed)
-        .await
-        .with_context(|| format!("create {}", compressed.display()))?;
-    archive
-        .download(&key, &mut file)
-        .await
-        .with_context(|| format!("download {key}"))?;
-    drop(file);
-    let (src, dst) = (compressed.clone(), dest.to_owned());
-    let header = tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
-        let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&dst)?);
-        let header = snapshot::read_object(&key, &mut input, &mut out)?;
-        std::io::Write::flush(&mut out)?;
-        Ok(header)
-    })
-    .await?;
-    tokio::fs::remove_file(&compressed).await.ok();
-    let header = header?;
-    if header.revision != revision || header.generation != generation.0 {
-        anyhow::bail!(
-            "{}: header says generation {} revision {}, its name says generation {generation} revision {revision}",
-            layout::snapshot_key(generation, revision),
-            header.generation,
-            header.revision
-        );
-    }
-    Ok(header)
+    let out = std::fs::File::create(dest).with_context(|| format!("create {}", dest.display()))?;
+    download_checked(
+        archive,
+        generation,
+        revision,
+        &dest.with_extension("download"),
+        Box::new(out),
+    )
+    .await
 }
 
 /// Downloads a snapshot object and checks its content against its header
@@ -69,34 +92,14 @@ pub async fn verify_snapshot(
     revision: Revision,
     scratch: &Path,
 ) -> anyhow::Result<u64> {
-    let key = layout::snapshot_key(generation, revision);
-    let mut file = tokio::fs::File::create(scratch)
-        .await
-        .with_context(|| format!("create {}", scratch.display()))?;
-    let downloaded = archive.download(&key, &mut file).await;
-    drop(file);
-    let checked = match downloaded {
-        Ok(_) => {
-            let (src, key2) = (scratch.to_owned(), key.clone());
-            tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
-                let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
-                Ok(snapshot::read_object(
-                    &key2,
-                    &mut input,
-                    &mut std::io::sink(),
-                )?)
-            })
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r)
-        }
-        Err(e) => Err(anyhow::Error::from(e).context(format!("download {key}"))),
-    };
-    tokio::fs::remove_file(scratch).await.ok();
-    let header = checked?;
-    if header.revision != revision || header.generation != generation.0 {
-        anyhow::bail!("{key}: header does not match the object name (object is corrupted)");
-    }
+    let header = download_checked(
+        archive,
+        generation,
+        revision,
+        scratch,
+        Box::new(std::io::sink()),
+    )
+    .await?;
     Ok(header.db_bytes)
 }
 
