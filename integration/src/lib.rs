@@ -1130,3 +1130,29 @@ pub async fn bulk_puts(cluster: &EtcdCluster, writers: u64, total: u64) -> anyho
     }
     Ok(())
 }
+
+/// Runs `etcd-archiver run` with `args` while `ops` mixed operations are
+/// written, waits until generation `generation` of the archive at `url`
+/// holds them all, then stops the archiver with SIGTERM (which must exit 0).
+/// Returns the revision reached.
+///
+/// # Errors
+/// etcd, archiver or timeout failures.
+#[allow(clippy::too_many_arguments)]
+pub async fn archive_while(
+    args: &[String],
+    log: &Path,
+    url: &str,
+    generation: u64,
+    client: &mut etcd_client::Client,
+    rng: &mut Rng,
+    ops: usize,
+) -> anyhow::Result<i64> {
+    let mut archiver = ArchiverProcess::start(args, &[], log)?;
+    mixed_workload(client, rng, ops).await?;
+    let rev = current_revision(client).await?;
+    wait_archived(url, generation, rev, Duration::from_secs(30)).await?;
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    anyhow::ensure!(status.success(), "etcd-archiver exited with {status}");
+    Ok(rev)
+}

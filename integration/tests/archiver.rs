@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use integration::{
-    big_revision, current_revision, mixed_workload, read_archive, verify_generation, wait_archived,
-    ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server, TestBed,
+    archive_while, big_revision, current_revision, mixed_workload, read_archive, verify_generation,
+    wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server, TestBed,
 };
 
 /// Small segments and frequent snapshots, so the tests cross many boundaries.
@@ -204,20 +204,12 @@ async fn compaction_past_resume_point_starts_a_new_generation() -> anyhow::Resul
     } = TestBed::start(EtcdVersion::V35, 1).await?;
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let mut rng = Rng::new(3);
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 50).await?;
-    let first_end = current_revision(&mut client).await?;
-    wait_archived(&url, 1, first_end, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    let first_end = archive_while(&args, &log, &url, 1, &mut client, &mut rng, 50).await?;
 
     mixed_workload(&mut client, &mut rng, 50).await?;
     let compact_at = current_revision(&mut client).await?;
     client.compact(compact_at, None).await?;
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 50).await?;
-    let rev = current_revision(&mut client).await?;
-    wait_archived(&url, 2, rev, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    let rev = archive_while(&args, &log, &url, 2, &mut client, &mut rng, 50).await?;
 
     let generations = read_archive(&url).await?;
     assert_eq!(generations.len(), 2);
@@ -265,11 +257,7 @@ async fn source_restored_underneath_starts_new_generations() -> anyhow::Result<(
     let mut client = cluster.client().await?;
     mixed_workload(&mut client, &mut rng, 10).await?;
     assert!(current_revision(&mut client).await? < gen1_last);
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 20).await?;
-    let rev = current_revision(&mut client).await?;
-    wait_archived(&url, 2, rev, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    archive_while(&args, &log, &url, 2, &mut client, &mut rng, 20).await?;
 
     // Past the archive with other content: the last archived revision reads differently.
     let gen2_last = read_archive(&url).await?[1]
@@ -282,11 +270,7 @@ async fn source_restored_underneath_starts_new_generations() -> anyhow::Result<(
     while current_revision(&mut client).await? <= gen2_last + 5 {
         mixed_workload(&mut client, &mut rng, 20).await?;
     }
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 20).await?;
-    let rev = current_revision(&mut client).await?;
-    wait_archived(&url, 3, rev, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    let rev = archive_while(&args, &log, &url, 3, &mut client, &mut rng, 20).await?;
 
     let generations = read_archive(&url).await?;
     assert_eq!(generations.len(), 3, "{}", std::fs::read_to_string(&log)?);
@@ -699,11 +683,7 @@ async fn catches_up_through_parallel_windows() -> anyhow::Result<()> {
     } = TestBed::start(EtcdVersion::V35, 1).await?;
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let mut rng = Rng::new(4);
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 30).await?;
-    let rev = current_revision(&mut client).await?;
-    wait_archived(&url, 1, rev, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    let rev = archive_while(&args, &log, &url, 1, &mut client, &mut rng, 30).await?;
 
     integration::bulk_puts(&cluster, 32, 30_000).await?;
     let behind = current_revision(&mut client).await?;

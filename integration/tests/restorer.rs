@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use integration::{
-    archiver_args, current_revision, mixed_workload, oracle_export, read_archive, run_restorer,
-    wait_archived, ArchiverProcess, EtcdVersion, RestoredEtcd, Rng, TestBed,
+    archive_while, archiver_args, current_revision, mixed_workload, oracle_export, read_archive,
+    run_restorer, wait_archived, ArchiverProcess, EtcdVersion, RestoredEtcd, Rng, TestBed,
 };
 
 /// A (moment, revision) pair: the revision was the newest one at the moment.
@@ -297,20 +297,12 @@ async fn refusals_are_clear_and_leave_nothing_behind() -> anyhow::Result<()> {
     let log = tmp.path().join("archiver.log");
     let mut rng = Rng::new(1);
     mixed_workload(&mut client, &mut rng, 30).await?;
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 30).await?;
-    let gen1_last = current_revision(&mut client).await?;
-    wait_archived(&url, 1, gen1_last, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    let gen1_last = archive_while(&args, &log, &url, 1, &mut client, &mut rng, 30).await?;
     // A compaction overtakes the stopped archiver: generation 2 after a gap.
     mixed_workload(&mut client, &mut rng, 30).await?;
     let compacted = current_revision(&mut client).await?;
     client.compact(compacted, None).await?;
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    mixed_workload(&mut client, &mut rng, 30).await?;
-    let last = current_revision(&mut client).await?;
-    wait_archived(&url, 2, last, Duration::from_secs(30)).await?;
-    archiver.terminate(Duration::from_secs(20))?;
+    let last = archive_while(&args, &log, &url, 2, &mut client, &mut rng, 30).await?;
     let generations = read_archive(&url).await?;
     let first = generations[0].snapshots[0];
     let gen2_first = generations[1].snapshots[0];
