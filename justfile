@@ -18,7 +18,9 @@ demo: setup
 # Run every test: unit, and end-to-end against real etcd and S3 servers.
 test: setup
     cargo build --workspace --bins
-    cargo test --workspace --all-targets
+    # Two end-to-end tests at a time: each runs etcd, servers and the real
+    # binaries, and the machine has two cores.
+    cargo test --workspace --all-targets -- --test-threads=2
 
 # Formatting and lints.
 lint:

@@ -165,7 +165,11 @@ async fn survives_a_30s_store_outage_on_s3() -> anyhow::Result<()> {
     for (k, v) in S3Server::env(s3.port) {
         std::env::set_var(k, v);
     }
-    wait_archived(&url, 1, rev, Duration::from_mins(1)).await?;
+    if let Err(e) = wait_archived(&url, 1, rev, Duration::from_mins(2)).await {
+        let text = std::fs::read_to_string(&log)?;
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        anyhow::bail!("{e:#}; archiver log (newest first):\n{}", tail.join("\n"));
+    }
     let (status, _) = archiver.terminate(Duration::from_secs(20))?;
     assert!(status.success());
     let generations = read_archive(&url).await?;
