@@ -1,0 +1,130 @@
+//! `etcd-restorer restore`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use etcdpitr_common::layout;
+
+use super::{
+    describe_time_choice, load, plan_target, progress_bar, ArchiveEvents, Cleanup, Target,
+};
+use crate::source;
+use crate::synth::{self, Bump};
+use crate::UsageError;
+
+/// `etcd-restorer restore`.
+///
+/// # Errors
+/// Plan refusals, integrity, store and I/O errors; no output file is left
+/// behind on error.
+pub async fn restore(
+    url: &str,
+    target: &Target,
+    output: &Path,
+    dry_run: bool,
+    bump: Bump,
+    force: bool,
+) -> anyhow::Result<()> {
+    if bump.mark_compacted && bump.revisions == 0 {
+        bail!(UsageError(
+            "--mark-compacted needs --bump-revision N".into()
+        ));
+    }
+    if bump.revisions < 0 {
+        bail!(UsageError("--bump-revision must not be negative".into()));
+    }
+    if !dry_run && output.exists() && !force {
+        bail!(UsageError(format!(
+            "--output: {} already exists (remove it or pass --force)",
+            output.display()
+        )));
+    }
+    let started = Instant::now();
+    let (archive, listing) = load(url).await?;
+    let (plan, choice) = plan_target(&archive, &listing, target).await?;
+    if let Some(choice) = &choice {
+        println!("{}", describe_time_choice(target, choice));
+    }
+    if dry_run {
+        println!(
+            "plan: generation {}, base snapshot at revision {} ({}), {} segments, target revision {}",
+            plan.generation,
+            plan.snapshot_revision,
+            layout::snapshot_key(plan.generation, plan.snapshot_revision),
+            plan.segments.len(),
+            plan.target
+        );
+        for s in &plan.segments {
+            println!("  {}", layout::segment_key(plan.generation, s));
+        }
+        if bump.revisions > 0 {
+            println!(
+                "then bump the revision by {} to {}{}",
+                bump.revisions,
+                plan.target + bump.revisions,
+                if bump.mark_compacted {
+                    " and mark it compacted"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(());
+    }
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = output
+        .file_name()
+        .context("--output must name a file")?
+        .to_string_lossy()
+        .into_owned();
+    let base_path = dir.join(format!(".{file_name}.base-{}", std::process::id()));
+    let partial = dir.join(format!(".{file_name}.partial-{}", std::process::id()));
+    let _base_guard = Cleanup(Some(base_path.clone()));
+    let mut partial_guard = Cleanup(Some(partial.clone()));
+    source::fetch_snapshot(
+        &archive,
+        plan.generation,
+        plan.snapshot_revision,
+        &base_path,
+    )
+    .await?;
+    let bar = progress_bar((plan.target - plan.snapshot_revision) as u64);
+    let mut events = ArchiveEvents::new(&archive, &plan, bar.clone());
+    let (base2, partial2, plan2) = (base_path.clone(), partial.clone(), plan.clone());
+    let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<synth::Summary> {
+        let summary = synth::synthesize(
+            &base2,
+            plan2.snapshot_revision,
+            plan2.target,
+            &mut events,
+            bump,
+            &partial2,
+        )?;
+        synth::verify_output(&partial2, &summary).context("verify the restored file")?;
+        Ok(summary)
+    })
+    .await??;
+    bar.finish_and_clear();
+    std::fs::rename(&partial, output)
+        .with_context(|| format!("move the restored file to {}", output.display()))?;
+    partial_guard.0 = None;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        d.sync_all().ok();
+    }
+    println!(
+        "restored revision {} (generation {}, base snapshot {}, {} revisions replayed): {} key entries, {} bytes, {:.2} s -> {}",
+        summary.revision,
+        plan.generation,
+        plan.snapshot_revision,
+        summary.replayed,
+        summary.key_entries,
+        summary.bytes,
+        started.elapsed().as_secs_f64(),
+        output.display()
+    );
+    Ok(())
+}
