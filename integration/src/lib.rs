@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use etcdpitr_common::chain;
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{self, Record, RevisionRecord};
@@ -591,36 +592,38 @@ pub async fn read_archive(url: &str) -> anyhow::Result<Vec<ArchivedGeneration>> 
     let mut out = Vec::new();
     for g in &listing.generations {
         let manifest = g.manifest.clone().context("generation without manifest")?;
-        let runs = g.runs();
-        if runs.len() > 1 {
-            bail!("generation {} has a hole: {runs:?}", g.generation());
-        }
-        if let Some(r) = runs.first() {
-            if r.after != manifest.start_revision {
-                bail!(
-                    "generation {} does not start at its start revision",
-                    g.generation()
-                );
-            }
+        let chain = g.chain();
+        if !chain.gaps().is_empty() {
+            bail!(
+                "generation {} has holes: {:?}",
+                g.generation(),
+                chain.gaps()
+            );
         }
         let mut revisions: Vec<RevisionRecord> = Vec::new();
         let mut leases = Vec::new();
-        for name in &g.segments {
+        let mut continuity = chain::Continuity::after(manifest.start_revision);
+        for name in &chain.links {
             let key = layout::segment_key(g.generation(), name);
             let bytes = archive.get(&key).await?;
             let (header, records) = segment::decode_all(&key, &bytes)?;
-            if header.prev_revision != name.prev() || header.last_revision != name.last {
-                bail!("{key}: header does not match its name");
-            }
+            chain::check_segment_header(&key, g.generation(), name, &header)?;
             for r in records {
                 match r {
                     Record::Revision(r) => {
-                        if let Some(prev) = revisions.last() {
-                            if r.revision != prev.revision + 1 {
-                                bail!("{key}: revision {} after {}", r.revision, prev.revision);
+                        if continuity.admit(&key, r.revision)? {
+                            revisions.push(r);
+                        } else {
+                            // An overlap (another writer): it must agree.
+                            let i = revisions
+                                .binary_search_by_key(&r.revision, |x| x.revision)
+                                .map_err(|_| {
+                                    anyhow::anyhow!("{key}: revision {} unmatched", r.revision)
+                                })?;
+                            if chain::revision_digest(&revisions[i]) != chain::revision_digest(&r) {
+                                bail!("{key}: revision {} differs from the chain's", r.revision);
                             }
                         }
-                        revisions.push(r);
                     }
                     Record::Lease(l) => leases.push(l.id),
                     Record::Progress { .. } => {}
@@ -907,7 +910,7 @@ pub async fn wait_archived(
                 .generations
                 .iter()
                 .find(|g| g.id == Some(GenerationId(generation)))
-                .and_then(etcdpitr_common::listing::GenerationListing::last_revision);
+                .map(|g| g.chain().last_revision());
             if last.is_some_and(|l| l >= rev) {
                 return Ok(started.elapsed());
             }

@@ -433,13 +433,13 @@ async fn idle_cluster_archive_stays_current() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let archive = etcdpitr_common::store::Archive::open(&url)?;
     let listing = etcdpitr_common::listing::ArchiveListing::load(&archive).await?;
-    let g = &listing.generations[0];
-    let end_ms = g.segments.iter().map(|s| s.end_ms).max().unwrap();
+    let chain = listing.generations[0].chain();
+    let end_ms = chain.end_ms();
     assert!(
         end_ms >= written_ms + 2000,
         "archive current until {end_ms}, last write {written_ms}"
     );
-    assert_eq!(g.last_revision(), Some(rev), "no revision was invented");
+    assert_eq!(chain.last_revision(), rev, "no revision was invented");
     let (status, _) = archiver.terminate(Duration::from_secs(20))?;
     assert!(status.success());
     Ok(())

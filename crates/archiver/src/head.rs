@@ -3,8 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use etcdpitr_common::catalog::Catalog;
+use etcdpitr_common::chain::{self, Chain};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::GenerationListing;
 use etcdpitr_common::manifest::GenerationManifest;
@@ -43,14 +44,16 @@ async fn list_segments(
         .list(&dir, offset.as_deref())
         .await
         .with_context(|| format!("list {dir}"))?;
-    keys.iter()
-        .map(|k| {
-            k.rsplit('/')
-                .next()
-                .and_then(SegmentName::parse)
-                .with_context(|| format!("unexpected object {k} in the archive"))
+    Ok(keys
+        .iter()
+        .filter_map(|k| {
+            let name = k.rsplit('/').next().and_then(SegmentName::parse);
+            if name.is_none() {
+                tracing::warn!(object = %k, "ignoring an object that is not a segment");
+            }
+            name
         })
-        .collect()
+        .collect())
 }
 
 /// Reads the last revision record of a segment.
@@ -64,7 +67,8 @@ async fn last_record_of(
         .get(&key)
         .await
         .with_context(|| format!("read {key}"))?;
-    let (_, records) = segment::decode_all(&key, &bytes)?;
+    let (header, records) = segment::decode_all(&key, &bytes)?;
+    chain::check_segment_header(&key, generation, name, &header)?;
     Ok(records.into_iter().rev().find_map(|r| match r {
         Record::Revision(r) => Some(r),
         _ => None,
@@ -93,10 +97,7 @@ pub async fn load(
         .get(&manifest_key)
         .await
         .with_context(|| format!("read {manifest_key}"))?;
-    let manifest = GenerationManifest::parse(&manifest_key, &manifest_bytes)?;
-    if manifest.generation != generation {
-        bail!("{manifest_key} names generation {}", manifest.generation);
-    }
+    let manifest = GenerationManifest::parse_in(&manifest_key, &manifest_bytes, generation)?;
 
     // The catalog's newest uploaded segment narrows the listing; if it is
     // unknown to the store (a stale or foreign catalog) list everything.
@@ -112,10 +113,10 @@ pub async fn load(
     if let Some(n) = known {
         segments.insert(0, n);
     }
-    let mut last_nonempty = segments.iter().rev().find(|s| !s.is_empty()).copied();
-    if last_nonempty.is_none() && known.is_some() {
+    if known.is_some() && !segments.iter().any(|s| !s.is_empty()) {
+        // Only progress after the catalog's hint: the last revision record
+        // lies further back.
         segments = list_segments(archive, generation, None).await?;
-        last_nonempty = segments.iter().rev().find(|s| !s.is_empty()).copied();
     }
     let listing = GenerationListing {
         id: Some(generation),
@@ -132,27 +133,21 @@ pub async fn load(
             .collect(),
         segments,
     };
-    let runs = listing.runs();
-    if runs.len() > 1 {
-        tracing::error!(
-            generation = %generation,
-            "segments are missing inside the generation: revisions {}..={} cannot be restored",
-            runs[0].last + 1,
-            runs[1].after
-        );
+    // A listing narrowed by the catalog starts at the hint, not at the
+    // generation's start.
+    let start = known.map_or(manifest.start_revision, |n| n.prev());
+    let chain = Chain::build(
+        generation,
+        Some(start),
+        &listing.segments,
+        &listing.snapshots,
+    );
+    for gap in chain.gaps() {
+        tracing::error!(generation = %generation, "{gap} from the archive and cannot be restored");
     }
-    if known.is_none() {
-        if let Some(first) = runs.first() {
-            if first.after != manifest.start_revision {
-                tracing::error!(generation = %generation, "the first segments of the generation are missing");
-            }
-        }
-    }
-    let last_revision = listing
-        .segments
-        .last()
-        .map_or(manifest.start_revision, |s| s.last);
-    let last_record = match &last_nonempty {
+    let last_revision = chain.last_revision();
+    let last_link = chain.links.iter().rev().find(|s| !s.is_empty()).copied();
+    let last_record = match &last_link {
         Some(n) => last_record_of(archive, generation, n).await?,
         None => None,
     };

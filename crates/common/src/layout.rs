@@ -160,6 +160,13 @@ pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
     Some((generation, object))
 }
 
+/// Whether an archive-relative key lies in the archive's own namespace (the
+/// manifest, or anything under a `gen-` directory). Other names (a
+/// `lost+found`, a README) are not the archive's and are ignored.
+pub fn in_namespace(relative: &str) -> bool {
+    relative == MANIFEST_NAME || relative.starts_with("gen-")
+}
+
 fn parse_hex16(s: &str) -> Option<u64> {
     if s.len() != 16
         || !s

@@ -4,7 +4,8 @@
 //! - [`segment`]: the segment byte format (records, zstd body, blake3 trailer).
 //! - [`snapshot`]: the snapshot object format (header + zstd of the bbolt file).
 //! - [`manifest`]: the archive and generation manifests.
-//! - [`listing`]: an archive's listing turned into generations and chains.
+//! - [`listing`]: an archive's listing turned into generations.
+//! - [`chain`]: the chain rules: links, gaps, overlaps, restorable ranges.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
@@ -12,6 +13,7 @@
 
 pub mod bbolt;
 pub mod catalog;
+pub mod chain;
 pub mod cli;
 pub mod layout;
 pub mod listing;

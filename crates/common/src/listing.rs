@@ -5,6 +5,7 @@
 
 use thiserror::Error;
 
+use crate::chain::Chain;
 use crate::layout::{self, GenerationId, GenerationObject, SegmentName};
 use crate::manifest::{ArchiveManifest, GenerationManifest, ManifestError};
 use crate::store::{Archive, StoreError};
@@ -19,9 +20,6 @@ pub enum ListingError {
     /// A manifest is unreadable or of an unknown version.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    /// An object that does not follow the archive layout.
-    #[error("unexpected object {0} in the archive (not part of the etcd-pitr layout)")]
-    UnexpectedObject(String),
 }
 
 /// The objects of one generation.
@@ -37,54 +35,15 @@ pub struct GenerationListing {
     pub segments: Vec<SegmentName>,
 }
 
-/// A contiguous run of segments inside a generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Run {
-    /// The run covers revisions after this one …
-    pub after: Revision,
-    /// … through this one.
-    pub last: Revision,
-    /// Index of its first segment in [`GenerationListing::segments`].
-    pub first_segment: usize,
-    /// Index one past its last segment.
-    pub end_segment: usize,
-    /// Latest time the run vouches for (Unix ms).
-    pub end_ms: i64,
-}
-
 impl GenerationListing {
     /// The generation id (always set for listings loaded from a store).
     pub fn generation(&self) -> GenerationId {
         self.id.expect("listing loaded from a store has an id")
     }
 
-    /// Splits the segments into contiguous runs. A well-formed generation
-    /// has exactly one; more mean segments are missing (a hole).
-    pub fn runs(&self) -> Vec<Run> {
-        let mut runs: Vec<Run> = Vec::new();
-        for (i, s) in self.segments.iter().enumerate() {
-            match runs.last_mut() {
-                Some(run) if s.prev() == run.last => {
-                    run.last = s.last;
-                    run.end_segment = i + 1;
-                    run.end_ms = run.end_ms.max(s.end_ms);
-                }
-                _ => runs.push(Run {
-                    after: s.prev(),
-                    last: s.last,
-                    first_segment: i,
-                    end_segment: i + 1,
-                    end_ms: s.end_ms,
-                }),
-            }
-        }
-        runs
-    }
-
-    /// The last archived revision of the generation's first run (its
-    /// unbroken chain), if any segment exists.
-    pub fn last_revision(&self) -> Option<Revision> {
-        self.runs().last().map(|r| r.last)
+    /// The generation's chain (see [`crate::chain`]).
+    pub fn chain(&self) -> Chain {
+        Chain::of(self)
     }
 }
 
@@ -95,6 +54,12 @@ pub struct ArchiveListing {
     pub manifest: Option<ArchiveManifest>,
     /// Generations in id order.
     pub generations: Vec<GenerationListing>,
+    /// Objects inside a generation's directory that do not follow the
+    /// layout (an integrity problem `verify` reports; restores ignore them).
+    pub strays: Vec<String>,
+    /// Objects outside the archive's namespace (a `lost+found`, a README):
+    /// ignored, and reported by `verify`.
+    pub foreign: Vec<String>,
 }
 
 impl ArchiveListing {
@@ -109,14 +74,20 @@ impl ArchiveListing {
         };
         let mut listing = Self {
             manifest,
-            generations: Vec::new(),
+            ..Self::default()
         };
         for key in archive.list("", None).await? {
             if key == layout::MANIFEST_NAME {
                 continue;
             }
-            let (generation, object) = layout::classify(&key)
-                .ok_or_else(|| ListingError::UnexpectedObject(key.clone()))?;
+            let Some((generation, object)) = layout::classify(&key) else {
+                if layout::in_namespace(&key) {
+                    listing.strays.push(key);
+                } else {
+                    listing.foreign.push(key);
+                }
+                continue;
+            };
             if listing.generations.last().and_then(|g| g.id) != Some(generation) {
                 listing.generations.push(GenerationListing {
                     id: Some(generation),
@@ -127,40 +98,13 @@ impl ArchiveListing {
             match object {
                 GenerationObject::Manifest => {
                     let bytes = archive.get(&key).await?;
-                    g.manifest = Some(GenerationManifest::parse(&key, &bytes)?);
+                    let manifest = GenerationManifest::parse_in(&key, &bytes, generation)?;
+                    g.manifest = Some(manifest);
                 }
                 GenerationObject::Snapshot(rev) => g.snapshots.push(rev),
                 GenerationObject::Segment(name) => g.segments.push(name),
             }
         }
         Ok(listing)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seg(first: Revision, last: Revision) -> SegmentName {
-        SegmentName {
-            first,
-            last,
-            end_ms: last,
-        }
-    }
-
-    #[test]
-    fn runs_detect_holes() {
-        let g = GenerationListing {
-            segments: vec![seg(5, 9), seg(10, 9), seg(10, 20), seg(25, 30)],
-            ..GenerationListing::default()
-        };
-        let runs = g.runs();
-        assert_eq!(runs.len(), 2);
-        assert_eq!(
-            (runs[0].after, runs[0].last, runs[0].end_segment),
-            (4, 20, 3)
-        );
-        assert_eq!((runs[1].after, runs[1].last), (24, 30));
     }
 }

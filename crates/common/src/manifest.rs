@@ -131,6 +131,31 @@ impl GenerationManifest {
     }
 }
 
+impl GenerationManifest {
+    /// Parses the manifest stored in `generation`'s directory, checking that
+    /// it names that generation.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse_in(
+        object: &str,
+        bytes: &[u8],
+        generation: GenerationId,
+    ) -> Result<Self, ManifestError> {
+        let manifest = Self::parse(object, bytes)?;
+        if manifest.generation != generation {
+            return Err(ManifestError::Malformed {
+                object: object.into(),
+                reason: format!(
+                    "names generation {}, the object lies in generation {generation}",
+                    manifest.generation
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+}
+
 impl Serialize for GenerationId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(self.0)

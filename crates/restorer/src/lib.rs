@@ -45,7 +45,8 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
         if cause.is::<VerifyFailed>() {
             return ExitKind::Integrity;
         }
-        if cause.is::<etcdpitr_common::segment::SegmentError>()
+        if cause.is::<etcdpitr_common::chain::IntegrityError>()
+            || cause.is::<etcdpitr_common::segment::SegmentError>()
             || cause.is::<etcdpitr_common::snapshot::SnapshotError>()
             || cause.is::<etcdpitr_common::manifest::ManifestError>()
             || cause.is::<etcdpitr_common::bbolt::BoltError>()
@@ -59,9 +60,7 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
         if let Some(e) = cause.downcast_ref::<ListingError>() {
             return match e {
                 ListingError::Store(e) => store_kind(e),
-                ListingError::Manifest(_) | ListingError::UnexpectedObject(_) => {
-                    ExitKind::Integrity
-                }
+                ListingError::Manifest(_) => ExitKind::Integrity,
             };
         }
     }

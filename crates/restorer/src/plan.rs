@@ -1,53 +1,18 @@
 //! Restore planning: a pure function of the archive listing and the target.
 //!
-//! A revision R is restorable from generation G when G has a base snapshot
-//! S <= R and an unbroken run of segments that starts at or before S and
-//! reaches R. The newest such snapshot is chosen (least replay). Revision
+//! What is restorable is decided by the chain rules in
+//! [`etcdpitr_common::chain`]; the newest usable base snapshot is chosen
+//! (least replay). Revision
 //! numbers can repeat across generations (the source was restored
 //! underneath the archiver), so the newest generation holding R wins unless
 //! a generation is named.
 
-use std::fmt;
-
+use etcdpitr_common::chain::describe;
+pub use etcdpitr_common::chain::RestorableRange;
 use etcdpitr_common::layout::{GenerationId, SegmentName};
 use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
 use etcdpitr_common::Revision;
 use thiserror::Error;
-
-/// A restorable stretch of revisions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestorableRange {
-    /// Generation.
-    pub generation: GenerationId,
-    /// First restorable revision (the oldest usable base snapshot).
-    pub first: Revision,
-    /// Last restorable revision.
-    pub last: Revision,
-    /// Latest time (Unix ms) the archive vouches for in this range.
-    pub end_ms: i64,
-}
-
-impl fmt::Display for RestorableRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "generation {}: {}..={}",
-            self.generation, self.first, self.last
-        )
-    }
-}
-
-/// Lists restorable ranges as text for error messages.
-pub fn describe(ranges: &[RestorableRange]) -> String {
-    if ranges.is_empty() {
-        return "none".into();
-    }
-    ranges
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
-}
 
 /// Why a target cannot be restored.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -107,44 +72,12 @@ pub struct RestorePlan {
     pub target: Revision,
 }
 
-/// Restorable ranges of one generation, one per usable run.
-pub fn generation_ranges(g: &GenerationListing) -> Vec<RestorableRange> {
-    let mut out = Vec::new();
-    let runs = g.runs();
-    for &snap in &g.snapshots {
-        let run = runs
-            .iter()
-            .find(|r| r.after <= snap && snap <= r.last.max(r.after));
-        let (last, end_ms) = match run {
-            Some(r) => (r.last.max(snap), r.end_ms),
-            // A snapshot newer than every segment: restorable by itself.
-            None if runs.last().is_none_or(|r| snap > r.last) => (snap, 0),
-            None => continue,
-        };
-        match out.last_mut() {
-            Some(RestorableRange {
-                last: l, end_ms: e, ..
-            }) if *l >= snap => {
-                *l = (*l).max(last);
-                *e = (*e).max(end_ms);
-            }
-            _ => out.push(RestorableRange {
-                generation: g.generation(),
-                first: snap,
-                last,
-                end_ms,
-            }),
-        }
-    }
-    out
-}
-
 /// All restorable ranges of the archive, oldest generation first.
 pub fn ranges(listing: &ArchiveListing) -> Vec<RestorableRange> {
     listing
         .generations
         .iter()
-        .flat_map(generation_ranges)
+        .flat_map(|g| g.chain().restorable())
         .collect()
 }
 
@@ -168,35 +101,15 @@ pub fn plan(
         None => listing.generations.iter().rev().collect(),
     };
     for g in &candidates {
-        let Some(range) = generation_ranges(g)
-            .into_iter()
-            .find(|r| r.first <= target && target <= r.last)
-        else {
-            continue;
-        };
-        let snapshot_revision = *g
-            .snapshots
-            .iter()
-            .filter(|&&s| s >= range.first && s <= target)
-            .max()
-            .expect("the range starts at a snapshot <= target");
-        let segments = g
-            .segments
-            .iter()
-            .filter(|s| {
-                !s.is_empty()
-                    && s.last > snapshot_revision
-                    && s.first <= target
-                    && snapshot_revision < target
-            })
-            .copied()
-            .collect();
-        return Ok(RestorePlan {
-            generation: g.generation(),
-            snapshot_revision,
-            segments,
-            target,
-        });
+        let chain = g.chain();
+        if let Some(snapshot_revision) = chain.base_for(target) {
+            return Ok(RestorePlan {
+                generation: g.generation(),
+                snapshot_revision,
+                segments: chain.links_between(snapshot_revision, target),
+                target,
+            });
+        }
     }
     let scope: Vec<RestorableRange> = match generation {
         Some(id) => all.iter().filter(|r| r.generation == id).copied().collect(),
@@ -242,6 +155,8 @@ mod tests {
     fn listing() -> ArchiveListing {
         ArchiveListing {
             manifest: None,
+            strays: Vec::new(),
+            foreign: Vec::new(),
             generations: vec![
                 // gen 1: chain 10..=100, snapshots at 12 and 50
                 gen(

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use bytes::Bytes;
+use etcdpitr_common::chain;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{self, Record, RecordReader};
@@ -138,13 +139,12 @@ pub fn prefetch_segments(
 pub fn for_each_record(
     key: &str,
     bytes: &[u8],
+    generation: GenerationId,
     expected: &SegmentName,
     f: &mut dyn FnMut(Record) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let (header, body) = segment::open(key, bytes)?;
-    if header.prev_revision != expected.prev() || header.last_revision != expected.last {
-        anyhow::bail!("{key}: header range does not match the object name (object is corrupted)");
-    }
+    chain::check_segment_header(key, generation, expected, &header)?;
     let mut reader = RecordReader::new(key, &header, body)?;
     while let Some(record) = reader.next_record()? {
         f(record)?;
@@ -195,13 +195,10 @@ pub async fn resolve_time(
         if time_ms < started_ms {
             continue;
         }
-        let Some(i) = g.segments.iter().position(|s| s.end_ms >= time_ms) else {
-            let latest = g
-                .segments
-                .iter()
-                .map(|s| s.end_ms)
-                .max()
-                .unwrap_or(started_ms);
+        let chain = g.chain();
+        let links = &chain.links;
+        let Some(i) = links.iter().position(|s| s.end_ms >= time_ms) else {
+            let latest = links.iter().map(|s| s.end_ms).max().unwrap_or(started_ms);
             return Err(not_covered(if newest {
                 format!(
                     "is after the last archived moment ({})",
@@ -216,7 +213,7 @@ pub async fn resolve_time(
             })
             .into());
         };
-        let name = g.segments[i];
+        let name = links[i];
         let key = layout::segment_key(g.generation(), &name);
         let bytes = archive
             .get(&key)
@@ -229,7 +226,7 @@ pub async fn resolve_time(
             uncertain_after_ms: None,
         };
         let mut before_ms: Option<i64> = None;
-        for_each_record(&key, &bytes, &name, &mut |record| {
+        for_each_record(&key, &bytes, g.generation(), &name, &mut |record| {
             if let Record::Revision(r) = record {
                 if r.observed_ms <= time_ms {
                     choice.revision = r.revision;
@@ -248,13 +245,13 @@ pub async fn resolve_time(
         })?;
         if choice.observed_ms.is_none() {
             // The chosen revision ends an earlier segment: read its time there.
-            if let Some(earlier) = g.segments[..i].iter().rev().find(|s| !s.is_empty()) {
+            if let Some(earlier) = links[..i].iter().rev().find(|s| !s.is_empty()) {
                 let key = layout::segment_key(g.generation(), earlier);
                 let bytes = archive
                     .get(&key)
                     .await
                     .with_context(|| format!("download {key}"))?;
-                for_each_record(&key, &bytes, earlier, &mut |record| {
+                for_each_record(&key, &bytes, g.generation(), earlier, &mut |record| {
                     if let Record::Revision(r) = record {
                         if r.revision == choice.revision {
                             choice.observed_ms = Some(r.observed_ms);

@@ -119,8 +119,7 @@ async fn main() -> anyhow::Result<()> {
             let archived = listing
                 .generations
                 .last()
-                .and_then(etcdpitr_common::listing::GenerationListing::last_revision)
-                .unwrap_or(0);
+                .map_or(0, |g| g.chain().last_revision());
             pending.retain(|(rev, at)| {
                 if *rev <= archived {
                     lags.push(at.elapsed().as_secs_f64());

@@ -7,7 +7,7 @@ use etcdpitr_common::Revision;
 use serde::Serialize;
 
 use super::load;
-use crate::{format_ms, plan};
+use crate::format_ms;
 
 /// `list --json` output (stable, documented in docs/restorer.md).
 #[derive(Serialize)]
@@ -88,13 +88,13 @@ pub fn list_view(url: &str, listing: &ArchiveListing) -> ListOutput {
     let mut gaps = Vec::new();
     for g in &listing.generations {
         let m = g.manifest.as_ref();
-        let runs = g.runs();
-        for pair in runs.windows(2) {
+        let chain = g.chain();
+        for gap in chain.gaps() {
             gaps.push(ListGap {
                 generation: g.generation().0,
-                after_revision: pair[0].last,
+                after_revision: gap.after,
                 next_generation: g.generation().0,
-                resumes_at_revision: pair[1].after + 1,
+                resumes_at_revision: gap.resumes_after + 1,
                 reason: "missing-segments".into(),
             });
         }
@@ -107,7 +107,7 @@ pub fn list_view(url: &str, listing: &ArchiveListing) -> ListOutput {
                 reason: m.map(|m| kebab(m.reason)).unwrap_or_default(),
             });
         }
-        let last_ms = g.segments.iter().map(|s| s.end_ms).max();
+        let last_ms = (chain.end_ms() > 0).then(|| chain.end_ms());
         generations.push(ListGeneration {
             generation: g.generation().0,
             cluster_id: m.map(|m| format!("{:x}", m.cluster_id)).unwrap_or_default(),
@@ -117,9 +117,10 @@ pub fn list_view(url: &str, listing: &ArchiveListing) -> ListOutput {
             start_revision: m.map_or(0, |m| m.start_revision),
             snapshots: g.snapshots.clone(),
             segments: g.segments.len(),
-            last_revision: runs.first().map(|r| r.last),
+            last_revision: (!chain.links.is_empty()).then(|| chain.last_revision()),
             last_time: last_ms.map(format_ms),
-            restorable: plan::generation_ranges(g)
+            restorable: chain
+                .restorable()
                 .iter()
                 .map(|r| ListRange {
                     first_revision: r.first,

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use etcdpitr_common::chain::{Continuity, IntegrityError};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord};
@@ -97,6 +98,7 @@ pub(super) fn describe_time_choice(target: &Target, choice: &TimeChoice) -> Stri
 /// The archive's events after a base snapshot, streamed from the store.
 pub(super) struct ArchiveEvents {
     rx: mpsc::Receiver<anyhow::Result<(String, Bytes)>>,
+    generation: GenerationId,
     segments: Vec<SegmentName>,
     base: Revision,
     target: Revision,
@@ -111,6 +113,7 @@ impl ArchiveEvents {
     ) -> Self {
         Self {
             rx: source::prefetch_segments(archive.clone(), plan.generation, plan.segments.clone()),
+            generation: plan.generation,
             segments: plan.segments.clone(),
             base: plan.snapshot_revision,
             target: plan.target,
@@ -125,15 +128,20 @@ impl EventSource for ArchiveEvents {
         on_revision: &mut dyn FnMut(&RevisionRecord) -> anyhow::Result<()>,
         on_lease: &mut dyn FnMut(LeaseRecord),
     ) -> anyhow::Result<()> {
-        let (base, target) = (self.base, self.target);
+        let target = self.target;
+        // Links may overlap (several writers): replay each revision once.
+        let mut continuity = Continuity::after(self.base);
+        let mut last_key = String::new();
         for name in &self.segments {
             let (key, bytes) = self
                 .rx
                 .blocking_recv()
                 .context("segment download stopped")??;
-            source::for_each_record(&key, &bytes, name, &mut |record| {
+            source::for_each_record(&key, &bytes, self.generation, name, &mut |record| {
                 match record {
-                    Record::Revision(r) if r.revision > base && r.revision <= target => {
+                    Record::Revision(r)
+                        if r.revision <= target && continuity.admit(&key, r.revision)? =>
+                    {
                         on_revision(&r)?;
                         self.progress.inc(1);
                     }
@@ -142,6 +150,17 @@ impl EventSource for ArchiveEvents {
                 }
                 Ok(())
             })?;
+            last_key = key;
+        }
+        if continuity.last() != target {
+            return Err(IntegrityError::new(
+                last_key,
+                format!(
+                    "the chain ends at revision {}, short of the target {target}",
+                    continuity.last()
+                ),
+            )
+            .into());
         }
         Ok(())
     }

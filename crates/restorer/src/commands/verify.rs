@@ -1,101 +1,227 @@
 //! `etcd-restorer verify`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::Instant;
 
 use anyhow::Context;
-use etcdpitr_common::layout;
+use etcdpitr_common::chain::{self, Chain, Continuity};
+use etcdpitr_common::layout::{self, GenerationId, SegmentName};
+use etcdpitr_common::listing::GenerationListing;
 use etcdpitr_common::segment::Record;
+use etcdpitr_common::store::Archive;
+use etcdpitr_common::Revision;
 
 use super::{load, tempfile_path};
 use crate::source;
 
+/// What `verify` counted and found.
+#[derive(Default)]
+struct Report {
+    problems: Vec<String>,
+    notes: Vec<String>,
+    segments: u64,
+    revisions: u64,
+    snapshots: u64,
+    snapshot_bytes: u64,
+}
+
+/// Revisions held by more than one segment: each must hold the same events
+/// everywhere (the chain rules make such overlaps benign only then).
+struct Overlaps {
+    ranges: Vec<(Revision, Revision)>,
+    seen: HashMap<Revision, ([u8; 32], String)>,
+}
+
+impl Overlaps {
+    fn of(chain: &Chain) -> Self {
+        let mut ranges: Vec<(Revision, Revision)> = chain
+            .superseded
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| (s.first, s.last))
+            .collect();
+        for pair in chain.links.windows(2) {
+            if !pair[1].is_empty() && pair[1].first <= pair[0].last {
+                ranges.push((pair[1].first, pair[0].last));
+            }
+        }
+        Self {
+            ranges,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Notes the digest of `revision` read from `object`; returns the other
+    /// object when it held different events.
+    fn check(
+        &mut self,
+        object: &str,
+        revision: Revision,
+        digest: [u8; 32],
+    ) -> Option<(Revision, String)> {
+        if !self
+            .ranges
+            .iter()
+            .any(|&(a, b)| a <= revision && revision <= b)
+        {
+            return None;
+        }
+        match self.seen.get(&revision) {
+            Some((d, _)) if *d == digest => None,
+            Some((_, other)) => Some((revision, other.clone())),
+            None => {
+                self.seen.insert(revision, (digest, object.to_owned()));
+                None
+            }
+        }
+    }
+}
+
+/// Reads every segment of a generation (chain links first, then superseded
+/// ones) and checks checksums, headers against names, continuity along the
+/// chain, and that overlapping segments agree.
+async fn verify_segments(
+    archive: &Archive,
+    id: GenerationId,
+    chain: &Chain,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let mut overlaps = Overlaps::of(chain);
+    let mut continuity = Continuity::after(chain.start);
+    let order: Vec<(SegmentName, bool)> = chain
+        .links
+        .iter()
+        .map(|s| (*s, true))
+        .chain(chain.superseded.iter().map(|s| (*s, false)))
+        .collect();
+    let names: Vec<SegmentName> = order.iter().map(|(s, _)| *s).collect();
+    let mut rx = source::prefetch_segments(archive.clone(), id, names.clone());
+    for (i, &(name, is_link)) in order.iter().enumerate() {
+        let fetched = rx.recv().await.context("segment download stopped")?;
+        let (key, bytes) = match fetched {
+            Ok(kb) => kb,
+            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) => {
+                report.problems.push(format!("{e:#}"));
+                rx = source::prefetch_segments(archive.clone(), id, names[i + 1..].to_vec());
+                continue;
+            }
+        };
+        if is_link && name.prev() > continuity.last() {
+            // A new run after a gap (already reported from the names).
+            continuity = Continuity::after(name.prev());
+        }
+        let mut count = 0u64;
+        let result = source::for_each_record(&key, &bytes, id, &name, &mut |r| {
+            if let Record::Revision(r) = r {
+                count += 1;
+                if is_link {
+                    continuity.admit(&key, r.revision)?;
+                }
+                if let Some((rev, other)) =
+                    overlaps.check(&key, r.revision, chain::revision_digest(&r))
+                {
+                    anyhow::bail!(chain::IntegrityError::new(
+                        key.clone(),
+                        format!("revision {rev} holds other events than in {other}")
+                    ));
+                }
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                report.segments += 1;
+                if is_link {
+                    report.revisions += count;
+                }
+            }
+            Err(e) => report.problems.push(format!("{e:#}")),
+        }
+    }
+    if !chain.superseded.is_empty() {
+        report.notes.push(format!(
+            "generation {id}: {} segments duplicate revisions the chain already holds (written by another archiver or a retried upload); their content agrees unless a problem says otherwise",
+            chain.superseded.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a generation's manifest, chain gaps, segments and snapshots.
+async fn verify_generation(
+    archive: &Archive,
+    g: &GenerationListing,
+    scratch: &std::path::Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let id = g.generation();
+    if g.manifest.is_none() {
+        report.problems.push(format!(
+            "generation {id}: no {}",
+            layout::GENERATION_MANIFEST_NAME
+        ));
+    }
+    let chain = g.chain();
+    for gap in chain.gaps() {
+        report.problems.push(format!("generation {id}: {gap}"));
+    }
+    verify_segments(archive, id, &chain, report).await?;
+    for &rev in &g.snapshots {
+        match source::verify_snapshot(archive, id, rev, scratch).await {
+            Ok(bytes) => {
+                report.snapshots += 1;
+                report.snapshot_bytes += bytes;
+            }
+            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) => report.problems.push(format!("{e:#}")),
+        }
+    }
+    Ok(())
+}
+
 /// `etcd-restorer verify`: reads every object of the archive and checks it
-/// (checksums, headers against names, revision continuity, manifests, and
-/// holes in chains). Prints each problem and a summary.
+/// (checksums, headers against names, revision continuity, manifests,
+/// holes in chains, agreement of overlapping segments). Prints each problem
+/// and a summary.
 ///
 /// # Errors
 /// [`crate::VerifyFailed`] if any problem was found; store errors.
 pub async fn verify(url: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let started = Instant::now();
     let (archive, listing) = load(url).await?;
-    let mut problems: Vec<String> = Vec::new();
-    let (mut segments, mut revisions, mut snapshots, mut snapshot_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut report = Report::default();
+    for key in &listing.strays {
+        report.problems.push(format!(
+            "{key}: not part of the etcd-pitr layout, inside the archive's namespace"
+        ));
+    }
+    if !listing.foreign.is_empty() {
+        report.notes.push(format!(
+            "ignored {} objects outside the archive's namespace: {}",
+            listing.foreign.len(),
+            listing.foreign.join(", ")
+        ));
+    }
     let scratch = tempfile_path("verify");
     for g in &listing.generations {
-        let id = g.generation();
-        match &g.manifest {
-            None => problems.push(format!(
-                "generation {id}: no {}",
-                layout::GENERATION_MANIFEST_NAME
-            )),
-            Some(m) => {
-                if g.runs()
-                    .first()
-                    .is_some_and(|r| r.after != m.start_revision)
-                {
-                    problems.push(format!(
-                        "generation {id}: segments after revision {} are missing",
-                        m.start_revision
-                    ));
-                }
-            }
-        }
-        for pair in g.runs().windows(2) {
-            problems.push(format!(
-                "generation {id}: revisions {}..={} are missing",
-                pair[0].last + 1,
-                pair[1].after
-            ));
-        }
-        let mut rx = source::prefetch_segments(archive.clone(), id, g.segments.clone());
-        for name in &g.segments {
-            let fetched = rx.recv().await.context("segment download stopped")?;
-            let (key, bytes) = match fetched {
-                Ok(kb) => kb,
-                Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => {
-                    return Err(e)
-                }
-                Err(e) => {
-                    problems.push(format!("{e:#}"));
-                    rx = source::prefetch_segments(
-                        archive.clone(),
-                        id,
-                        g.segments.iter().filter(|s| *s > name).copied().collect(),
-                    );
-                    continue;
-                }
-            };
-            let mut count = 0u64;
-            match source::for_each_record(&key, &bytes, name, &mut |r| {
-                if matches!(r, Record::Revision(_)) {
-                    count += 1;
-                }
-                Ok(())
-            }) {
-                Ok(()) => {
-                    segments += 1;
-                    revisions += count;
-                }
-                Err(e) => problems.push(format!("{e:#}")),
-            }
-        }
-        for &rev in &g.snapshots {
-            match source::verify_snapshot(&archive, id, rev, &scratch).await {
-                Ok(bytes) => {
-                    snapshots += 1;
-                    snapshot_bytes += bytes;
-                }
-                Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => {
-                    return Err(e)
-                }
-                Err(e) => problems.push(format!("{e:#}")),
-            }
-        }
+        verify_generation(&archive, g, &scratch, &mut report).await?;
     }
-    for p in &problems {
+    for n in &report.notes {
+        writeln!(out, "note: {n}")?;
+    }
+    for p in &report.problems {
         writeln!(out, "problem: {p}")?;
     }
+    let Report {
+        problems,
+        segments,
+        revisions,
+        snapshots,
+        snapshot_bytes,
+        ..
+    } = report;
     writeln!(
         out,
         "verified {segments} segments ({revisions} revisions) and {snapshots} snapshots ({snapshot_bytes} bytes) in {:.2} s: {}",

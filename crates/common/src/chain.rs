@@ -1,0 +1,568 @@
+//! The archive's chain rules: the one place that decides which segments of a
+//! generation form its history, where that history has holes, which objects
+//! are superseded duplicates, and which revisions are restorable.
+//!
+//! The archiver (where to resume), every restorer command (list, restore,
+//! export, verify), retention and the tests call this module; none of them
+//! re-derives "what is restorable".
+//!
+//! Rules, decided from object names alone:
+//! - A generation's chain starts after its manifest's `start_revision`.
+//! - A segment `first..=last` links onto the chain at revision `cur` when
+//!   `first <= cur + 1` and `last > cur`. Among the segments that can link at
+//!   `cur`, the one reaching furthest is taken (then the latest `end_ms`);
+//!   the others are *superseded*: every revision they hold is also held by
+//!   the chain. Several archivers, or a retried upload after a crash, leave
+//!   such overlaps; they are benign when the overlapping revisions hold the
+//!   same events (`verify` reads them and checks, see [`revision_digest`]),
+//!   and an integrity error naming both objects when they do not.
+//! - A progress-only segment (`first == last + 1`) at the chain's end links
+//!   when it vouches for a later time.
+//! - When no segment links at `cur` but later ones exist, revisions up to the
+//!   next segment's `first - 1` are a [`Gap`]; the chain resumes there as a
+//!   new [`Run`].
+//! - A restore point R needs a base snapshot S <= R inside the same run as R
+//!   (or R == S): see [`Chain::restorable`].
+
+use std::fmt;
+
+use thiserror::Error;
+
+use crate::layout::{GenerationId, SegmentName};
+use crate::listing::GenerationListing;
+use crate::segment::{EventKind, RevisionRecord, SegmentHeader};
+use crate::Revision;
+
+/// An archive object failed an integrity rule. Callers map this type (not
+/// its text) to "the archive is damaged" (the restorer's exit code 4).
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{object}: {reason} (object is corrupted or was altered)")]
+pub struct IntegrityError {
+    /// The object (archive-relative key) at fault.
+    pub object: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl IntegrityError {
+    /// An integrity error about `object`.
+    pub fn new(object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            object: object.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Revisions missing inside a generation: `after + 1 ..= resumes_after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// Last revision held before the gap.
+    pub after: Revision,
+    /// The chain resumes after this revision (the first missing revision
+    /// is `after + 1`, the first held again is `resumes_after + 1`).
+    pub resumes_after: Revision,
+}
+
+impl fmt::Display for Gap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "revisions {}..={} are missing",
+            self.after + 1,
+            self.resumes_after
+        )
+    }
+}
+
+/// A contiguous stretch of the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// The run holds every revision after this one …
+    pub after: Revision,
+    /// … through this one.
+    pub last: Revision,
+    /// Latest wall-clock time (Unix ms) the run vouches for (0 if none).
+    pub end_ms: i64,
+    /// Index of its first link in [`Chain::links`].
+    pub first_link: usize,
+    /// Index one past its last link.
+    pub end_link: usize,
+}
+
+/// A restorable stretch of revisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestorableRange {
+    /// Generation.
+    pub generation: GenerationId,
+    /// First restorable revision (the oldest usable base snapshot).
+    pub first: Revision,
+    /// Last restorable revision.
+    pub last: Revision,
+    /// Latest time (Unix ms) the archive vouches for in this range (0 if
+    /// no segment vouches for one).
+    pub end_ms: i64,
+}
+
+impl fmt::Display for RestorableRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "generation {}: {}..={}",
+            self.generation, self.first, self.last
+        )
+    }
+}
+
+/// Lists restorable ranges as text for messages.
+pub fn describe(ranges: &[RestorableRange]) -> String {
+    if ranges.is_empty() {
+        return "none".into();
+    }
+    ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One generation's chain, chosen from its segment names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    /// The generation.
+    pub generation: GenerationId,
+    /// The chain starts after this revision.
+    pub start: Revision,
+    /// The chosen segments, in chain order.
+    pub links: Vec<SegmentName>,
+    /// Contiguous runs of `links`; more than one means gaps.
+    pub runs: Vec<Run>,
+    /// Segments not on the chain: every revision they hold is also held by
+    /// a link (duplicates from another writer or a retried upload).
+    pub superseded: Vec<SegmentName>,
+    /// Base snapshot revisions, ascending.
+    pub snapshots: Vec<Revision>,
+}
+
+impl Chain {
+    /// Chooses the chain of a listed generation (see the module rules).
+    pub fn of(g: &GenerationListing) -> Self {
+        let start = g.manifest.as_ref().map(|m| m.start_revision);
+        Self::build(g.generation(), start, &g.segments, &g.snapshots)
+    }
+
+    /// Chooses the chain of `segments` (in any order) starting after
+    /// `start`; without a start, after the first segment's predecessor.
+    pub fn build(
+        generation: GenerationId,
+        start: Option<Revision>,
+        segments: &[SegmentName],
+        snapshots: &[Revision],
+    ) -> Self {
+        let mut segs = segments.to_vec();
+        segs.sort();
+        segs.dedup();
+        let mut snapshots = snapshots.to_vec();
+        snapshots.sort_unstable();
+        snapshots.dedup();
+        let start = start.or_else(|| segs.first().map(SegmentName::prev));
+        let mut chain = Self {
+            generation,
+            start: start.unwrap_or(0),
+            links: Vec::new(),
+            runs: Vec::new(),
+            superseded: Vec::new(),
+            snapshots,
+        };
+        let Some(mut cur) = start else {
+            return chain;
+        };
+        let mut run = Run {
+            after: cur,
+            last: cur,
+            end_ms: 0,
+            first_link: 0,
+            end_link: 0,
+        };
+        let mut i = 0;
+        while i < segs.len() {
+            let mut best: Option<SegmentName> = None;
+            while i < segs.len() && segs[i].prev() <= cur {
+                let s = segs[i];
+                i += 1;
+                if s.last > cur {
+                    match best {
+                        Some(b) if (b.last, b.end_ms) >= (s.last, s.end_ms) => {
+                            chain.superseded.push(s);
+                        }
+                        Some(b) => {
+                            chain.superseded.push(b);
+                            best = Some(s);
+                        }
+                        None => best = Some(s),
+                    }
+                } else if s.is_empty() && s.last == cur && s.end_ms > run.end_ms {
+                    chain.links.push(s);
+                    run.end_ms = s.end_ms;
+                } else {
+                    chain.superseded.push(s);
+                }
+            }
+            if let Some(b) = best {
+                chain.links.push(b);
+                cur = b.last;
+                run.last = cur;
+                run.end_ms = run.end_ms.max(b.end_ms);
+                continue;
+            }
+            if i < segs.len() {
+                // Nothing links at `cur`: a hole up to the next segment.
+                run.end_link = chain.links.len();
+                if run.end_link > run.first_link || chain.runs.is_empty() {
+                    chain.runs.push(run);
+                }
+                cur = segs[i].prev();
+                run = Run {
+                    after: cur,
+                    last: cur,
+                    end_ms: 0,
+                    first_link: chain.links.len(),
+                    end_link: chain.links.len(),
+                };
+            }
+        }
+        run.end_link = chain.links.len();
+        chain.runs.push(run);
+        chain.superseded.sort();
+        chain
+    }
+
+    /// The last revision the chain holds (the start if it holds none).
+    pub fn last_revision(&self) -> Revision {
+        self.runs.last().map_or(self.start, |r| r.last)
+    }
+
+    /// The latest time any link vouches for (0 if none).
+    pub fn end_ms(&self) -> i64 {
+        self.runs.iter().map(|r| r.end_ms).max().unwrap_or(0)
+    }
+
+    /// Holes inside the chain, oldest first, including missing first
+    /// segments (the first run starting after the generation's start).
+    pub fn gaps(&self) -> Vec<Gap> {
+        let mut gaps = Vec::new();
+        let mut before = self.start;
+        for run in &self.runs {
+            if run.after > before {
+                gaps.push(Gap {
+                    after: before,
+                    resumes_after: run.after,
+                });
+            }
+            before = before.max(run.last);
+        }
+        gaps
+    }
+
+    /// The run holding revision `revision` (or ending exactly at it).
+    fn run_holding(&self, revision: Revision) -> Option<&Run> {
+        self.runs
+            .iter()
+            .find(|r| r.after <= revision && revision <= r.last)
+    }
+
+    /// Restorable ranges, oldest first. A snapshot S inside a run makes
+    /// S..=run end restorable; a snapshot outside every run restores only S.
+    pub fn restorable(&self) -> Vec<RestorableRange> {
+        let mut out: Vec<RestorableRange> = Vec::new();
+        for &snap in &self.snapshots {
+            let (last, end_ms) = self
+                .run_holding(snap)
+                .map_or((snap, 0), |r| (r.last, r.end_ms));
+            match out.last_mut() {
+                Some(range) if range.last >= snap => {
+                    range.last = range.last.max(last);
+                    range.end_ms = range.end_ms.max(end_ms);
+                }
+                _ => out.push(RestorableRange {
+                    generation: self.generation,
+                    first: snap,
+                    last,
+                    end_ms,
+                }),
+            }
+        }
+        out
+    }
+
+    /// The newest base snapshot that can serve `target`, if any.
+    pub fn base_for(&self, target: Revision) -> Option<Revision> {
+        let range = self
+            .restorable()
+            .into_iter()
+            .find(|r| r.first <= target && target <= r.last)?;
+        self.snapshots
+            .iter()
+            .copied()
+            .filter(|&s| s >= range.first && s <= target)
+            .max()
+    }
+
+    /// The links holding revisions `base + 1 ..= target`, in order (empty
+    /// when `target == base`). Only meaningful when both lie in one run.
+    pub fn links_between(&self, base: Revision, target: Revision) -> Vec<SegmentName> {
+        if target <= base {
+            return Vec::new();
+        }
+        self.links
+            .iter()
+            .filter(|s| !s.is_empty() && s.last > base && s.first <= target)
+            .copied()
+            .collect()
+    }
+}
+
+/// Checks a segment's header against its name and generation.
+///
+/// # Errors
+/// [`IntegrityError`] naming `object` when the header claims another
+/// generation or another revision range than the name.
+pub fn check_segment_header(
+    object: &str,
+    generation: GenerationId,
+    name: &SegmentName,
+    header: &SegmentHeader,
+) -> Result<(), IntegrityError> {
+    if header.generation != generation.0 {
+        return Err(IntegrityError::new(
+            object,
+            format!(
+                "header names generation {}, the object lies in generation {generation}",
+                header.generation
+            ),
+        ));
+    }
+    if header.prev_revision != name.prev() || header.last_revision != name.last {
+        return Err(IntegrityError::new(
+            object,
+            format!(
+                "header holds revisions {}..={}, the name says {}..={}",
+                header.prev_revision + 1,
+                header.last_revision,
+                name.first,
+                name.last
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A digest of a revision's events (not of when they were observed): two
+/// segments holding the same revision must agree on it.
+pub fn revision_digest(record: &RevisionRecord) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&record.revision.to_le_bytes());
+    for e in &record.events {
+        h.update(&[u8::from(e.kind == EventKind::Delete)]);
+        for field in [e.create_revision, e.mod_revision, e.version, e.lease] {
+            h.update(&field.to_le_bytes());
+        }
+        h.update(&(e.key.len() as u64).to_le_bytes());
+        h.update(&e.key);
+        h.update(&(e.value.len() as u64).to_le_bytes());
+        h.update(&e.value);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Checks that the revisions replayed from a chain follow each other; used
+/// when replaying links that may overlap (revisions at or below `last` are
+/// duplicates to skip).
+#[derive(Clone, Copy, Debug)]
+pub struct Continuity {
+    last: Revision,
+}
+
+impl Continuity {
+    /// Replay starts after `base`.
+    pub fn after(base: Revision) -> Self {
+        Self { last: base }
+    }
+
+    /// Whether `revision` (read from `object`) is new and should be applied.
+    ///
+    /// # Errors
+    /// [`IntegrityError`] when a revision is skipped.
+    pub fn admit(&mut self, object: &str, revision: Revision) -> Result<bool, IntegrityError> {
+        if revision <= self.last {
+            return Ok(false);
+        }
+        if revision != self.last + 1 {
+            return Err(IntegrityError::new(
+                object,
+                format!("revision {revision} follows {} without a gap", self.last),
+            ));
+        }
+        self.last = revision;
+        Ok(true)
+    }
+
+    /// The last admitted revision.
+    pub fn last(&self) -> Revision {
+        self.last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(first: Revision, last: Revision, end_ms: i64) -> SegmentName {
+        SegmentName {
+            first,
+            last,
+            end_ms,
+        }
+    }
+
+    fn chain(start: Revision, segs: &[SegmentName], snaps: &[Revision]) -> Chain {
+        Chain::build(GenerationId(1), Some(start), segs, snaps)
+    }
+
+    #[test]
+    fn a_clean_chain_is_one_run() {
+        let c = chain(
+            10,
+            &[seg(11, 20, 1), seg(21, 20, 2), seg(21, 30, 3)],
+            &[10, 25],
+        );
+        assert_eq!(c.links.len(), 3);
+        assert!(c.superseded.is_empty());
+        assert_eq!(c.runs.len(), 1);
+        assert!(c.gaps().is_empty());
+        assert_eq!(c.last_revision(), 30);
+        assert_eq!(c.end_ms(), 3);
+        assert_eq!(
+            c.restorable(),
+            vec![RestorableRange {
+                generation: GenerationId(1),
+                first: 10,
+                last: 30,
+                end_ms: 3
+            }]
+        );
+        assert_eq!(c.base_for(24), Some(10));
+        assert_eq!(c.base_for(25), Some(25));
+        assert_eq!(
+            c.links_between(10, 24),
+            vec![seg(11, 20, 1), seg(21, 30, 3)]
+        );
+        assert_eq!(c.links_between(25, 25), Vec::<SegmentName>::new());
+    }
+
+    #[test]
+    fn overlaps_from_two_writers_are_superseded_not_gaps() {
+        // The reported case: 18-36 next to 18-37, two 17-17 with other end_ms.
+        let segs = [
+            seg(17, 17, 5),
+            seg(17, 17, 6),
+            seg(18, 36, 7),
+            seg(18, 37, 8),
+            seg(38, 40, 9),
+            seg(37, 45, 10),
+        ];
+        let c = chain(16, &segs, &[16]);
+        assert_eq!(
+            c.links,
+            vec![seg(17, 17, 6), seg(18, 37, 8), seg(37, 45, 10)]
+        );
+        assert_eq!(
+            c.superseded,
+            vec![seg(17, 17, 5), seg(18, 36, 7), seg(38, 40, 9)]
+        );
+        assert!(c.gaps().is_empty(), "{:?}", c.gaps());
+        assert_eq!(c.last_revision(), 45);
+        assert_eq!(c.restorable()[0].last, 45);
+        // Replaying overlapping links skips what was already applied.
+        let mut k = Continuity::after(16);
+        let mut applied = Vec::new();
+        for s in c.links_between(16, 45) {
+            for r in s.first..=s.last {
+                if k.admit("x", r).unwrap() {
+                    applied.push(r);
+                }
+            }
+        }
+        assert_eq!(applied, (17..=45).collect::<Vec<_>>());
+        assert!(Continuity::after(5).admit("obj", 7).is_err());
+    }
+
+    #[test]
+    fn holes_make_runs_and_gaps() {
+        let c = chain(
+            4,
+            &[seg(5, 9, 1), seg(10, 9, 2), seg(10, 20, 3), seg(25, 30, 4)],
+            &[4, 27],
+        );
+        assert_eq!(c.runs.len(), 2);
+        assert_eq!(
+            c.gaps(),
+            vec![Gap {
+                after: 20,
+                resumes_after: 24
+            }]
+        );
+        assert_eq!(c.gaps()[0].to_string(), "revisions 21..=24 are missing");
+        let r = c.restorable();
+        assert_eq!((r[0].first, r[0].last), (4, 20));
+        assert_eq!((r[1].first, r[1].last), (27, 30));
+        assert_eq!(c.base_for(22), None);
+        assert_eq!(c.base_for(26), None);
+    }
+
+    #[test]
+    fn missing_first_segments_are_a_gap() {
+        let c = chain(10, &[seg(15, 20, 1)], &[10]);
+        assert_eq!(
+            c.gaps(),
+            vec![Gap {
+                after: 10,
+                resumes_after: 14
+            }]
+        );
+        // The snapshot alone is still a restore point.
+        let r = c.restorable();
+        assert_eq!((r[0].first, r[0].last), (10, 10));
+    }
+
+    #[test]
+    fn quiet_generation_and_empty_generation() {
+        let c = chain(11, &[seg(12, 11, 100), seg(12, 11, 90)], &[11]);
+        assert_eq!(c.links, vec![seg(12, 11, 90), seg(12, 11, 100)]);
+        assert_eq!(c.last_revision(), 11);
+        let r = c.restorable();
+        assert_eq!((r[0].first, r[0].last, r[0].end_ms), (11, 11, 100));
+        let empty = chain(7, &[], &[]);
+        assert_eq!(empty.last_revision(), 7);
+        assert!(empty.restorable().is_empty());
+        assert!(empty.gaps().is_empty());
+    }
+
+    #[test]
+    fn header_must_match_name_and_generation() {
+        let name = seg(5, 9, 1);
+        let header = SegmentHeader {
+            generation: 2,
+            prev_revision: 4,
+            last_revision: 9,
+            first_time_ms: 0,
+            last_time_ms: 1,
+            record_count: 1,
+        };
+        assert!(check_segment_header("o", GenerationId(2), &name, &header).is_ok());
+        let e = check_segment_header("o", GenerationId(3), &name, &header).unwrap_err();
+        assert!(e.to_string().contains("generation 2"), "{e}");
+        let e = check_segment_header("o", GenerationId(2), &seg(5, 10, 1), &header).unwrap_err();
+        assert!(e.to_string().starts_with("o: header holds"), "{e}");
+    }
+}
