@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use integration::{
-    archive_while, big_revision, current_revision, mixed_workload, read_archive, verify_generation,
-    wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, Proxy, Rng, S3Server, TestBed,
+    archive_while, big_revision, current_revision, mixed_workload, oracle_export, read_archive,
+    run_restorer, verify_generation, wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion,
+    Proxy, Rng, S3Server, TestBed,
 };
 
 /// Small segments and frequent snapshots, so the tests cross many boundaries.
@@ -281,6 +282,83 @@ async fn source_restored_underneath_starts_new_generations() -> anyhow::Result<(
     assert_eq!(generations[1].reason, "LineageBroken");
     assert_eq!(generations[2].reason, "LineageBroken");
     verify_generation(&mut client, &generations[2], rev).await?;
+    Ok(())
+}
+
+/// A generation holding a base snapshot but no revision yet (a quiet
+/// cluster) is not continued on a source restored underneath it with the
+/// same cluster ID: the HashKV fingerprint recorded with the snapshot no
+/// longer matches, so a new generation starts and exports at the new
+/// revisions equal etcd's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_generation_is_not_spliced() -> anyhow::Result<()> {
+    let TestBed {
+        mut cluster,
+        mut client,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(EtcdVersion::V35, 1).await?;
+    let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
+    let mut rng = Rng::new(33);
+    mixed_workload(&mut client, &mut rng, 5).await?;
+    let old = tmp.path().join("old.db");
+    cluster.save_snapshot(&old)?;
+    mixed_workload(&mut client, &mut rng, 10).await?;
+    let quiet = current_revision(&mut client).await?;
+    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
+    let started = std::time::Instant::now();
+    while read_archive(&url)
+        .await
+        .ok()
+        .and_then(|g| g.first().map(|g| g.snapshots.clone()))
+        != Some(vec![quiet])
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no snapshot");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    archiver.terminate(Duration::from_secs(20))?;
+    let generations = read_archive(&url).await?;
+    assert!(
+        generations[0].revisions.is_empty(),
+        "the generation is quiet"
+    );
+
+    cluster.restore_underneath(0, &old).await?;
+    let mut client = cluster.client().await?;
+    while current_revision(&mut client).await? <= quiet + 3 {
+        mixed_workload(&mut client, &mut rng, 3).await?;
+    }
+    let rev = archive_while(&args, &log, &url, 2, &mut client, &mut rng, 10).await?;
+    let generations = read_archive(&url).await?;
+    assert_eq!(generations.len(), 2, "{}", std::fs::read_to_string(&log)?);
+    assert_eq!(generations[1].reason, "LineageBroken");
+    verify_generation(&mut client, &generations[1], rev).await?;
+    let mut targets = vec![generations[1].snapshots[0], rev];
+    targets.extend(quiet + 1..=quiet + 3);
+    for target in targets {
+        let (code, out, err) = run_restorer(
+            &[
+                "export",
+                "--archive",
+                &url,
+                "--revision",
+                &target.to_string(),
+            ],
+            &[],
+        )?;
+        if target < generations[1].snapshots[0] {
+            assert_eq!(code, 3, "revision {target} precedes generation 2: {err}");
+            continue;
+        }
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+        assert_eq!(
+            lines,
+            oracle_export(&client, target).await?,
+            "export at {target}"
+        );
+    }
     Ok(())
 }
 

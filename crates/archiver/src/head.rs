@@ -8,7 +8,7 @@ use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::chain::{self, Chain};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::GenerationListing;
-use etcdpitr_common::manifest::GenerationManifest;
+use etcdpitr_common::manifest::{GenerationManifest, LineageFingerprint};
 use etcdpitr_common::segment::{self, Record, RevisionRecord};
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
@@ -24,6 +24,8 @@ pub struct ChainHead {
     pub last_record: Option<RevisionRecord>,
     /// Snapshot revisions of the generation.
     pub snapshots: Vec<Revision>,
+    /// The newest lineage fingerprint at or below `last_revision`.
+    pub fingerprint: Option<LineageFingerprint>,
 }
 
 impl ChainHead {
@@ -132,6 +134,7 @@ pub async fn load(
             })
             .collect(),
         segments,
+        lineage: Vec::new(),
     };
     // A listing narrowed by the catalog starts at the hint, not at the
     // generation's start.
@@ -155,10 +158,12 @@ pub async fn load(
         .lock()
         .expect("catalog lock")
         .sync_generation(&listing)?;
+    let fingerprint = crate::lineage::newest(archive, generation, last_revision).await?;
     Ok(Some(ChainHead {
         manifest,
         last_revision,
         last_record,
+        fingerprint,
         snapshots: listing.snapshots,
     }))
 }

@@ -4,6 +4,7 @@
 //! - [`config`]: flags, environment and TOML file into one validated [`config::Config`].
 //! - [`etcd`]: connecting, cluster identity, lineage checks.
 //! - [`head`]: where the archive's newest chain ends (read from the store).
+//! - [`lineage`]: HashKV fingerprints that prove the source's history.
 //! - [`watch`]: one watch session, assembling complete revisions.
 //! - [`segment_writer`]: the open segment; sealing by size and age.
 //! - [`uploader`]: the durable spool and the in-order, write-once uploader.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod etcd;
 pub mod head;
+pub mod lineage;
 mod retry;
 pub mod segment_writer;
 pub mod snapshot;
@@ -31,7 +33,9 @@ use bytes::Bytes;
 use etcd_client::Client;
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::{self, GenerationId};
-use etcdpitr_common::manifest::{ArchiveManifest, GapStart, GenerationManifest, StartReason};
+use etcdpitr_common::manifest::{
+    ArchiveManifest, GapStart, GenerationManifest, LineageFingerprint, StartReason,
+};
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::{now_ms, Revision};
 use tokio_util::sync::CancellationToken;
@@ -106,24 +110,33 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
     }))
 }
 
+/// What the archive knows about the end of the generation being continued,
+/// to check the cluster's history against.
+#[derive(Clone, Copy)]
+struct Resume<'a> {
+    manifest: &'a GenerationManifest,
+    last_revision: Revision,
+    last_record: Option<&'a etcdpitr_common::segment::RevisionRecord>,
+    fingerprint: Option<LineageFingerprint>,
+}
+
 /// Decides whether the newest generation can be continued on this cluster.
 /// Returns the reason for a new generation, or `None` to resume.
 async fn must_start_generation(
     client: &mut Client,
     info: ClusterInfo,
-    manifest: Option<&GenerationManifest>,
-    last_revision: Revision,
-    last_record: Option<&etcdpitr_common::segment::RevisionRecord>,
+    resume: Option<Resume<'_>>,
 ) -> anyhow::Result<Option<(StartReason, String)>> {
-    let Some(manifest) = manifest else {
+    let Some(resume) = resume else {
         return Ok(Some((StartReason::NewArchive, "first generation".into())));
     };
-    if manifest.cluster_id != info.cluster_id {
+    let last_revision = resume.last_revision;
+    if resume.manifest.cluster_id != info.cluster_id {
         return Ok(Some((
             StartReason::ClusterChanged,
             format!(
                 "cluster ID changed from {:x} to {:x}",
-                manifest.cluster_id, info.cluster_id
+                resume.manifest.cluster_id, info.cluster_id
             ),
         )));
     }
@@ -136,9 +149,10 @@ async fn must_start_generation(
             ),
         )));
     }
-    if let Some(record) = last_record {
+    let mut record_checked = false;
+    if let Some(record) = resume.last_record {
         match etcd::check_lineage(client, record).await? {
-            Lineage::Same => {}
+            Lineage::Same => record_checked = true,
             Lineage::Diverged(detail) => return Ok(Some((StartReason::LineageBroken, detail))),
             Lineage::Compacted => {
                 return Ok(Some((
@@ -147,6 +161,32 @@ async fn must_start_generation(
                 )))
             }
         }
+    }
+    match resume.fingerprint {
+        Some(fingerprint) => match lineage::check(client, &fingerprint).await? {
+            lineage::Verdict::Same => {}
+            lineage::Verdict::Differs(detail) => {
+                return Ok(Some((StartReason::LineageBroken, detail)))
+            }
+            lineage::Verdict::Unverifiable(detail) if !record_checked => {
+                return Ok(Some((
+                    StartReason::LineageBroken,
+                    format!("cannot prove the cluster's history is the archived one: {detail}"),
+                )))
+            }
+            lineage::Verdict::Unverifiable(detail) => {
+                tracing::info!(%detail, "lineage fingerprint not comparable; the last revision's events matched");
+            }
+        },
+        None if !record_checked && last_revision > resume.manifest.start_revision => {
+            // Revisions were archived but neither a record nor a fingerprint
+            // can be read back: never continue blind.
+            return Ok(Some((
+                StartReason::LineageBroken,
+                format!("cannot prove the cluster's history matches the archive at revision {last_revision}"),
+            )));
+        }
+        None => {}
     }
     Ok(None)
 }
@@ -272,7 +312,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             policy,
             sink.clone(),
         );
-        (h.manifest, writer, has_snapshot)
+        (h.manifest, writer, has_snapshot, h.fingerprint)
     });
     let mut schedule: Option<SnapshotSchedule> = None;
     let mut forced: Option<(StartReason, String)> = None;
@@ -300,11 +340,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let verdict = if let Some(reason) = forced.take() {
             Some(reason)
         } else {
-            let (manifest, last, record) = match &state {
-                Some((m, w, _)) => (Some(m), w.last_revision(), w.last_record()),
-                None => (None, 0, None),
-            };
-            match must_start_generation(&mut client, info, manifest, last, record).await {
+            let resume = state.as_ref().map(|(m, w, _, f)| Resume {
+                manifest: m,
+                last_revision: w.last_revision(),
+                last_record: w.last_record(),
+                fingerprint: schedule
+                    .as_ref()
+                    .and_then(SnapshotSchedule::fingerprint)
+                    .or(*f),
+            });
+            match must_start_generation(&mut client, info, resume).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "lineage check failed; retrying");
@@ -317,7 +362,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         if let Some((reason, detail)) = verdict {
             let previous = match &mut state {
-                Some((m, w, _)) => {
+                Some((m, w, _, _)) => {
                     w.seal()?;
                     Some(GapStart {
                         generation: m.generation,
@@ -348,10 +393,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 policy,
                 sink.clone(),
             );
-            state = Some((manifest, writer, false));
+            state = Some((manifest, writer, false, None));
             schedule = None;
         }
-        let (manifest, writer, has_snapshot) = state.as_mut().expect("a generation exists here");
+        let (manifest, writer, has_snapshot, fingerprint) =
+            state.as_mut().expect("a generation exists here");
         let schedule = schedule.get_or_insert_with(|| {
             SnapshotSchedule::new(
                 archive.clone(),
@@ -361,6 +407,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 manifest.start_revision,
                 config.snapshot_interval,
                 *has_snapshot,
+                *fingerprint,
             )
         });
         schedule.start_if_due(&client);
@@ -406,7 +453,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Shutdown: seal what is open, then give the uploader a bounded time.
     drop(schedule);
-    if let Some((_, mut writer, _)) = state {
+    if let Some((_, mut writer, _, _)) = state {
         if let Err(e) = writer.seal() {
             tracing::error!(error = format!("{e:#}"), "cannot seal the open segment");
         }
@@ -442,11 +489,13 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
     let opened = open(&config, &never).await?.expect("not cancelled");
     let head = head::load(&opened.archive, &opened.catalog).await?;
     let (mut client, info) = connect_and_probe(&config).await?;
-    let (manifest, last, record) = match &head {
-        Some(h) => (Some(&h.manifest), h.last_revision, h.last_record.as_ref()),
-        None => (None, 0, None),
-    };
-    let manifest = match must_start_generation(&mut client, info, manifest, last, record).await? {
+    let resume = head.as_ref().map(|h| Resume {
+        manifest: &h.manifest,
+        last_revision: h.last_revision,
+        last_record: h.last_record.as_ref(),
+        fingerprint: h.fingerprint,
+    });
+    let manifest = match must_start_generation(&mut client, info, resume).await? {
         None => head.expect("resuming needs a head").manifest,
         Some((reason, detail)) => {
             let previous = head.map(|h| GapStart {
@@ -473,4 +522,5 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
         manifest.start_revision,
     )
     .await
+    .map(|fingerprint| fingerprint.revision)
 }

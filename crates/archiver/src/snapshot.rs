@@ -10,6 +10,7 @@ use etcd_client::Client;
 use etcdpitr_common::bbolt::{self, BoltReader};
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::{self, GenerationId};
+use etcdpitr_common::manifest::LineageFingerprint;
 use etcdpitr_common::snapshot::{self as format, SnapshotHeader};
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::{now_ms, Revision};
@@ -17,7 +18,8 @@ use tokio::io::AsyncWriteExt;
 
 /// Takes one snapshot into `generation`, refusing it if its revision is
 /// below `min_revision` (the generation's start: such a file would belong
-/// to an older history). Returns its revision.
+/// to an older history). Returns its lineage fingerprint (which names its
+/// revision).
 ///
 /// Dropping it midway leaves at most scratch files, removed on the next run.
 ///
@@ -30,7 +32,7 @@ pub async fn take(
     data_dir: &Path,
     generation: GenerationId,
     min_revision: Revision,
-) -> anyhow::Result<Revision> {
+) -> anyhow::Result<LineageFingerprint> {
     let started = std::time::Instant::now();
     let taken_ms = now_ms();
     let db_path = data_dir.join("snapshot.db.tmp");
@@ -72,6 +74,11 @@ pub async fn take(
             header.revision
         );
     }
+    // The fingerprint goes first: without its snapshot it is still true,
+    // while a snapshot without one could not prove its lineage later.
+    let fingerprint = crate::lineage::record(client, archive, generation, header.revision)
+        .await
+        .context("record the snapshot's lineage fingerprint")?;
     let (src, dst) = (db_path.clone(), obj_path.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
@@ -110,7 +117,7 @@ pub async fn take(
         seconds = started.elapsed().as_secs_f64(),
         "snapshot archived"
     );
-    Ok(header.revision)
+    Ok(fingerprint)
 }
 
 /// Removes scratch files a killed run may have left.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use etcd_client::Client;
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::GenerationId;
+use etcdpitr_common::manifest::LineageFingerprint;
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
 use tokio::task::{JoinError, JoinSet};
@@ -27,12 +28,15 @@ pub struct SnapshotSchedule {
     min_revision: Revision,
     interval: Duration,
     next_due: Instant,
-    task: JoinSet<anyhow::Result<Revision>>,
+    task: JoinSet<anyhow::Result<LineageFingerprint>>,
+    fingerprint: Option<LineageFingerprint>,
 }
 
 impl SnapshotSchedule {
     /// A schedule for `generation`; the first snapshot is due now unless the
-    /// generation already has one.
+    /// generation already has one. `fingerprint` is the generation's newest
+    /// lineage fingerprint so far.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         archive: Archive,
         catalog: Arc<Mutex<Catalog>>,
@@ -41,6 +45,7 @@ impl SnapshotSchedule {
         min_revision: Revision,
         interval: Duration,
         has_snapshot: bool,
+        fingerprint: Option<LineageFingerprint>,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -52,7 +57,14 @@ impl SnapshotSchedule {
             interval,
             next_due: if has_snapshot { now + interval } else { now },
             task: JoinSet::new(),
+            fingerprint,
         }
+    }
+
+    /// The newest lineage fingerprint of the generation (from its newest
+    /// snapshot), to check the cluster against on reconnect.
+    pub fn fingerprint(&self) -> Option<LineageFingerprint> {
+        self.fingerprint
     }
 
     /// Starts a snapshot if one is due and none is running.
@@ -82,7 +94,7 @@ impl SnapshotSchedule {
 
     /// Waits for the running snapshot to finish; never returns if none runs.
     /// Safe to drop.
-    pub async fn next_done(&mut self) -> Result<anyhow::Result<Revision>, JoinError> {
+    pub async fn next_done(&mut self) -> Result<anyhow::Result<LineageFingerprint>, JoinError> {
         match self.task.join_next().await {
             Some(r) => r,
             None => std::future::pending().await,
@@ -90,10 +102,13 @@ impl SnapshotSchedule {
     }
 
     /// Records the outcome of a snapshot and schedules the next one.
-    pub fn finished(&mut self, result: Result<anyhow::Result<Revision>, JoinError>) {
+    pub fn finished(&mut self, result: Result<anyhow::Result<LineageFingerprint>, JoinError>) {
         let now = Instant::now();
         match result {
-            Ok(Ok(_)) => self.next_due = now + self.interval,
+            Ok(Ok(fingerprint)) => {
+                self.fingerprint = Some(fingerprint);
+                self.next_due = now + self.interval;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?RETRY_DELAY, "snapshot failed");
                 self.next_due = now + RETRY_DELAY.min(self.interval);

@@ -7,6 +7,7 @@
 //! {prefix}/gen-{gen:016x}/generation.json                   why and when the generation started
 //! {prefix}/gen-{gen:016x}/snapshots/{rev:016x}.snap         base snapshots (zstd bbolt + header)
 //! {prefix}/gen-{gen:016x}/segments/{first:016x}-{last:016x}-{end_ms:016x}.seg
+//! {prefix}/gen-{gen:016x}/lineage/{rev:016x}.json            the source's HashKV at a snapshot revision
 //! ```
 //!
 //! Fixed-width lower-case hex makes listing order equal revision order. A
@@ -126,6 +127,20 @@ pub fn snapshot_key(generation: GenerationId, revision: Revision) -> String {
     )
 }
 
+/// Object file name of a lineage fingerprint at `revision`.
+pub fn lineage_file_name(revision: Revision) -> String {
+    format!("{revision:016x}.json")
+}
+
+/// Relative object key of a lineage fingerprint inside the archive.
+pub fn lineage_key(generation: GenerationId, revision: Revision) -> String {
+    format!(
+        "{}/lineage/{}",
+        generation.dir_name(),
+        lineage_file_name(revision)
+    )
+}
+
 /// Relative object key of a generation's manifest.
 pub fn generation_manifest_key(generation: GenerationId) -> String {
     format!("{}/{GENERATION_MANIFEST_NAME}", generation.dir_name())
@@ -140,6 +155,8 @@ pub enum GenerationObject {
     Snapshot(Revision),
     /// A segment.
     Segment(SegmentName),
+    /// A lineage fingerprint at this revision.
+    Lineage(Revision),
 }
 
 /// Classifies a key relative to the archive root (`gen-…/…`).
@@ -154,6 +171,8 @@ pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
         GenerationObject::Snapshot(parse_snapshot_file_name(file)?)
     } else if let Some(file) = rest.strip_prefix("segments/") {
         GenerationObject::Segment(SegmentName::parse(file)?)
+    } else if let Some(file) = rest.strip_prefix("lineage/") {
+        GenerationObject::Lineage(parse_rev(file.strip_suffix(".json")?)?)
     } else {
         return None;
     };
@@ -236,5 +255,10 @@ mod tests {
             classify("gen-0000000000000002/snapshots/0000000000000010.snap"),
             Some((GenerationId(2), GenerationObject::Snapshot(16)))
         );
+        assert_eq!(
+            classify(&lineage_key(GenerationId(3), 17)),
+            Some((GenerationId(3), GenerationObject::Lineage(17)))
+        );
+        assert_eq!(classify("gen-0000000000000002/lineage/11.json"), None);
     }
 }

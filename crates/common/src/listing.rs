@@ -33,6 +33,8 @@ pub struct GenerationListing {
     pub snapshots: Vec<Revision>,
     /// Segments in name (= revision) order.
     pub segments: Vec<SegmentName>,
+    /// Revisions with a lineage fingerprint, ascending.
+    pub lineage: Vec<Revision>,
 }
 
 impl GenerationListing {
@@ -103,6 +105,7 @@ impl ArchiveListing {
                 }
                 GenerationObject::Snapshot(rev) => g.snapshots.push(rev),
                 GenerationObject::Segment(name) => g.segments.push(name),
+                GenerationObject::Lineage(rev) => g.lineage.push(rev),
             }
         }
         Ok(listing)

@@ -156,6 +156,44 @@ impl GenerationManifest {
     }
 }
 
+/// `gen-…/lineage/{rev}.json`: etcd's `HashKV` of the source at a base
+/// snapshot's revision, asked right after the snapshot was taken. Asking
+/// again later tells whether the cluster still has the same history up to
+/// that revision (a restored source answers differently), even when the
+/// generation holds no revision record yet.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LineageFingerprint {
+    /// The snapshot revision the hash covers.
+    pub revision: Revision,
+    /// `HashKV(revision).hash`.
+    pub hash: u32,
+    /// The compaction revision the hash started from; hashes are only
+    /// comparable at equal compaction revisions.
+    pub compact_revision: Revision,
+    /// When it was asked (Unix ms).
+    pub taken_ms: i64,
+}
+
+impl LineageFingerprint {
+    /// Parses a fingerprint object, checking it covers `revision`.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse_at(object: &str, bytes: &[u8], revision: Revision) -> Result<Self, ManifestError> {
+        let f: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed {
+            object: object.into(),
+            reason: e.to_string(),
+        })?;
+        if f.revision != revision {
+            return Err(ManifestError::Malformed {
+                object: object.into(),
+                reason: format!("covers revision {}, its name says {revision}", f.revision),
+            });
+        }
+        Ok(f)
+    }
+}
+
 impl Serialize for GenerationId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(self.0)

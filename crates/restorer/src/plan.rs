@@ -149,6 +149,7 @@ mod tests {
             manifest: None,
             snapshots,
             segments,
+            lineage: Vec::new(),
         }
     }
 
