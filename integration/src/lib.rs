@@ -377,9 +377,31 @@ pub struct ArchiverProcess {
     pub child: Option<Child>,
     /// Log file.
     pub log: PathBuf,
+    /// Length of the log when this process started (it is appended to).
+    log_start: u64,
 }
 
 impl ArchiverProcess {
+    /// Waits until this process writes the archive (it was elected and
+    /// watches the source), so that its election key is already written.
+    ///
+    /// # Errors
+    /// On timeout, with the log's tail.
+    pub async fn wait_writing(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read(&self.log)?;
+            let own = String::from_utf8_lossy(&text[(self.log_start as usize).min(text.len())..]);
+            if own.contains("watching the whole keyspace") {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                bail!("etcd-archiver did not start writing within {limit:?}:\n{own}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts the archiver with `args` after `run`, and environment `env`.
     ///
     /// # Errors
@@ -389,6 +411,7 @@ impl ArchiverProcess {
             .create(true)
             .append(true)
             .open(log)?;
+        let file_len = file.metadata()?.len();
         let mut cmd = Command::new(binary("etcd-archiver"));
         cmd.arg("run").args(args).stdout(Stdio::null()).stderr(file);
         cmd.env("ETCD_ARCHIVER_LOG", "info,etcd_archiver=debug");
@@ -398,6 +421,7 @@ impl ArchiverProcess {
         Ok(Self {
             child: Some(cmd.spawn().context("spawn etcd-archiver")?),
             log: log.to_owned(),
+            log_start: file_len,
         })
     }
 
@@ -910,7 +934,9 @@ pub async fn wait_archived(
                 .generations
                 .iter()
                 .find(|g| g.id == Some(GenerationId(generation)))
-                .map(|g| g.chain().last_revision());
+                .map(|g| g.chain())
+                .filter(|c| !c.links.is_empty())
+                .map(|c| c.last_revision());
             if last.is_some_and(|l| l >= rev) {
                 return Ok(started.elapsed());
             }
@@ -1152,6 +1178,7 @@ pub async fn archive_while(
     ops: usize,
 ) -> anyhow::Result<i64> {
     let mut archiver = ArchiverProcess::start(args, &[], log)?;
+    archiver.wait_writing(Duration::from_secs(30)).await?;
     mixed_workload(client, rng, ops).await?;
     let rev = current_revision(client).await?;
     wait_archived(url, generation, rev, Duration::from_secs(30)).await?;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+
+use crate::election::ElectionConfig;
 use serde::Deserialize;
 
 /// Default etcd endpoint.
@@ -24,6 +26,12 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_IDLE_SEAL_INTERVAL: Duration = Duration::from_mins(1);
 /// Default time allowed for a clean shutdown (seal + upload).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default key prefix of the archivers' election in the source cluster.
+pub const DEFAULT_ELECTION_PREFIX: &str = "/etcd-pitr/election/";
+/// Default lease TTL of the election: a dead writer is replaced within it.
+pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(10);
+/// Shortest election TTL accepted (etcd raises shorter leases anyway).
+const MIN_ELECTION_TTL: Duration = Duration::from_secs(2);
 
 /// Flags shared by every subcommand. Every field is optional here so that
 /// the TOML file can supply it; [`Settings::resolve`] applies defaults.
@@ -74,6 +82,17 @@ pub struct Settings {
     /// Time allowed for sealing and uploading on SIGTERM/SIGINT.
     #[arg(long)]
     pub shutdown_timeout: Option<String>,
+    /// Key prefix in the source cluster under which archivers of the same
+    /// archive elect the one that writes.
+    #[arg(long)]
+    pub election_prefix: Option<String>,
+    /// Election lease TTL: how soon a standby replaces a dead writer (e.g. 10s).
+    #[arg(long)]
+    pub election_ttl: Option<String>,
+    /// Write without an election (only safe when no other archiver ever
+    /// writes this archive).
+    #[arg(long)]
+    pub no_election: bool,
 }
 
 /// The TOML file's shape.
@@ -94,6 +113,9 @@ struct FileSettings {
     user: Option<String>,
     password_file: Option<PathBuf>,
     shutdown_timeout: Option<String>,
+    election_prefix: Option<String>,
+    election_ttl: Option<String>,
+    election: Option<bool>,
 }
 
 /// TLS material for etcd, loaded and checked.
@@ -140,6 +162,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// User and password, if any.
     pub auth: Option<(String, Secret)>,
+    /// The election among archivers of this archive (`None`: write alone).
+    pub election: Option<ElectionConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -154,6 +178,7 @@ impl std::fmt::Debug for Config {
             .field("spool_max_bytes", &self.spool_max_bytes)
             .field("tls", &self.tls.is_some())
             .field("user", &self.auth.as_ref().map(|a| (&a.0, &a.1)))
+            .field("election", &self.election)
             .finish_non_exhaustive()
     }
 }
@@ -210,6 +235,13 @@ fn check_pem(field: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         bail!("--{field}: {} is not a PEM file", path.display());
     }
     Ok(())
+}
+
+/// The election name of an archive: archivers writing the same archive URL
+/// (spelled the same, trailing slashes aside) compete in one election.
+pub fn election_name(prefix: &str, archive: &str) -> String {
+    let hash = blake3::hash(archive.trim_end_matches('/').as_bytes());
+    format!("{prefix}{}", &hash.to_hex()[..16])
 }
 
 impl Settings {
@@ -300,7 +332,32 @@ impl Settings {
             }
             None => None,
         };
+        let election = if self.no_election || file.election == Some(false) {
+            None
+        } else {
+            let prefix = self
+                .election_prefix
+                .or(file.election_prefix)
+                .unwrap_or_else(|| DEFAULT_ELECTION_PREFIX.to_owned());
+            if prefix.is_empty() {
+                bail!("--election-prefix: must not be empty");
+            }
+            let ttl = duration(
+                "election-ttl",
+                self.election_ttl,
+                file.election_ttl,
+                DEFAULT_ELECTION_TTL,
+            )?;
+            if ttl < MIN_ELECTION_TTL {
+                bail!("--election-ttl: must be at least {MIN_ELECTION_TTL:?}");
+            }
+            Some(ElectionConfig {
+                name: election_name(&prefix, &archive),
+                ttl,
+            })
+        };
         Ok(Config {
+            election,
             endpoints,
             archive,
             data_dir: self
@@ -366,6 +423,24 @@ mod tests {
         assert_eq!(c.endpoints, vec![DEFAULT_ENDPOINT]);
         assert_eq!(c.segment_max_age, DEFAULT_SEGMENT_MAX_AGE);
         assert_eq!(c.segment_max_bytes, DEFAULT_SEGMENT_MAX_BYTES);
+    }
+
+    #[test]
+    fn election_is_on_by_default_and_named_by_the_archive() {
+        let c = base().resolve().unwrap();
+        let e = c.election.unwrap();
+        assert_eq!(e.ttl, DEFAULT_ELECTION_TTL);
+        assert_eq!(
+            e.name,
+            election_name(DEFAULT_ELECTION_PREFIX, "file:///tmp/x/")
+        );
+        assert!(e.name.starts_with(DEFAULT_ELECTION_PREFIX));
+        let mut s = base();
+        s.no_election = true;
+        assert!(s.resolve().unwrap().election.is_none());
+        let mut s = base();
+        s.election_ttl = Some("1s".into());
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--election-ttl"));
     }
 
     #[test]

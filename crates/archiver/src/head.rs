@@ -26,6 +26,9 @@ pub struct ChainHead {
     pub snapshots: Vec<Revision>,
     /// The newest lineage fingerprint at or below `last_revision`.
     pub fingerprint: Option<LineageFingerprint>,
+    /// The id a new generation takes (one past every generation directory,
+    /// void ones included).
+    pub next_generation: GenerationId,
 }
 
 impl ChainHead {
@@ -77,6 +80,72 @@ async fn last_record_of(
     }))
 }
 
+/// The newest generation that is not void, and the next free id.
+struct NewestGeneration {
+    generation: GenerationId,
+    manifest: GenerationManifest,
+    next_generation: GenerationId,
+}
+
+/// Reads every generation's manifest and term markers (one per gap, so
+/// few) and applies the chain rule for void generations.
+async fn newest_live_generation(archive: &Archive) -> anyhow::Result<Option<NewestGeneration>> {
+    let mut generations = Vec::new();
+    let mut next_generation = None;
+    for dir in archive.list_root_dirs().await.context("list the archive")? {
+        let Some(id) = GenerationId::parse_dir(&dir) else {
+            tracing::debug!(%dir, "ignoring a directory outside the archive's namespace");
+            continue;
+        };
+        next_generation = Some(id.next());
+        let key = layout::generation_manifest_key(id);
+        let Some(bytes) = archive
+            .get_opt(&key)
+            .await
+            .with_context(|| format!("read {key}"))?
+        else {
+            // Its manifest is the first object a generation gets: this one
+            // is being created right now (by a writer that lost the race).
+            tracing::warn!(generation = %id, "ignoring a generation without {key}");
+            continue;
+        };
+        let manifest = GenerationManifest::parse_in(&key, &bytes, id)?;
+        let terms_dir = format!("{}/terms", id.dir_name());
+        let terms = archive
+            .list(&terms_dir, None)
+            .await
+            .with_context(|| format!("list {terms_dir}"))?
+            .iter()
+            .filter_map(|k| match layout::classify(k) {
+                Some((g, layout::GenerationObject::Term(t))) if g == id => Some(t),
+                _ => None,
+            })
+            .collect();
+        generations.push(GenerationListing {
+            id: Some(id),
+            manifest: Some(manifest),
+            terms,
+            ..GenerationListing::default()
+        });
+    }
+    let Some(next_generation) = next_generation else {
+        return Ok(None);
+    };
+    let void = chain::void_generations(&generations);
+    for id in &void {
+        tracing::warn!(generation = %id, "ignoring a generation started by an archiver that had lost leadership");
+    }
+    Ok(generations
+        .into_iter()
+        .rev()
+        .find(|g| !void.contains(&g.generation()))
+        .map(|g| NewestGeneration {
+            generation: g.generation(),
+            manifest: g.manifest.expect("loaded above"),
+            next_generation,
+        }))
+}
+
 /// Loads the head of the newest generation, or `None` for an empty archive.
 ///
 /// # Errors
@@ -85,21 +154,14 @@ pub async fn load(
     archive: &Archive,
     catalog: &Arc<Mutex<Catalog>>,
 ) -> anyhow::Result<Option<ChainHead>> {
-    let mut generation = None;
-    for dir in archive.list_root_dirs().await.context("list the archive")? {
-        let id = GenerationId::parse_dir(&dir)
-            .with_context(|| format!("unexpected directory {dir} in the archive"))?;
-        generation = Some(id);
-    }
-    let Some(generation) = generation else {
+    let Some(newest) = newest_live_generation(archive).await? else {
         return Ok(None);
     };
-    let manifest_key = layout::generation_manifest_key(generation);
-    let manifest_bytes = archive
-        .get(&manifest_key)
-        .await
-        .with_context(|| format!("read {manifest_key}"))?;
-    let manifest = GenerationManifest::parse_in(&manifest_key, &manifest_bytes, generation)?;
+    let NewestGeneration {
+        generation,
+        manifest,
+        next_generation,
+    } = newest;
 
     // The catalog's newest uploaded segment narrows the listing; if it is
     // unknown to the store (a stale or foreign catalog) list everything.
@@ -134,7 +196,7 @@ pub async fn load(
             })
             .collect(),
         segments,
-        lineage: Vec::new(),
+        ..GenerationListing::default()
     };
     // A listing narrowed by the catalog starts at the hint, not at the
     // generation's start.
@@ -164,6 +226,7 @@ pub async fn load(
         last_revision,
         last_record,
         fingerprint,
+        next_generation,
         snapshots: listing.snapshots,
     }))
 }

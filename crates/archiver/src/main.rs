@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                 let config = settings.resolve()?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
-                etcd_archiver::run(config, shutdown).await
+                Box::pin(etcd_archiver::run(config, shutdown)).await
             }
             Command::Snapshot(settings) => {
                 let config = settings.resolve()?;

@@ -227,6 +227,7 @@ mod tests {
             reason: StartReason::NewArchive,
             previous: None,
             detail: String::new(),
+            term: 0,
         };
         {
             let c = Catalog::open(&path).unwrap();

@@ -322,6 +322,29 @@ impl Chain {
     }
 }
 
+/// Generations started by a writer that had already lost leadership, by
+/// id: a generation is void when a later writer term began writing the
+/// generation it follows (so that one was still being continued by the
+/// rightful writer), or when the generation it follows is void. Terms are
+/// claimed write-once in increasing order (see [`crate::manifest::TermRecord`]);
+/// archives written without an election carry term 0 and are never void.
+pub fn void_generations(generations: &[GenerationListing]) -> Vec<GenerationId> {
+    let mut void: Vec<GenerationId> = Vec::new();
+    for g in generations {
+        let Some(m) = &g.manifest else { continue };
+        let Some(previous) = m.previous else { continue };
+        let stale = void.contains(&previous.generation)
+            || generations
+                .iter()
+                .find(|p| p.id == Some(previous.generation))
+                .is_some_and(|p| p.terms.iter().any(|&t| t > m.term));
+        if stale {
+            void.push(g.generation());
+        }
+    }
+    void
+}
+
 /// Checks a segment's header against its name and generation.
 ///
 /// # Errors
@@ -546,6 +569,44 @@ mod tests {
         assert_eq!(empty.last_revision(), 7);
         assert!(empty.restorable().is_empty());
         assert!(empty.gaps().is_empty());
+    }
+
+    #[test]
+    fn generations_of_a_deposed_writer_are_void() {
+        use crate::manifest::{GapStart, GenerationManifest, StartReason};
+        let gen = |id: u64, term: u64, previous: Option<u64>, terms: Vec<u64>| GenerationListing {
+            id: Some(GenerationId(id)),
+            manifest: Some(GenerationManifest {
+                generation: GenerationId(id),
+                cluster_id: 1,
+                start_revision: 1,
+                started_ms: 0,
+                reason: StartReason::Compacted,
+                previous: previous.map(|p| GapStart {
+                    generation: GenerationId(p),
+                    last_revision: 1,
+                }),
+                detail: String::new(),
+                term,
+            }),
+            terms,
+            ..GenerationListing::default()
+        };
+        // Term 3 took over generation 1 after term 2 (paused) had decided to
+        // start generation 2; generation 3 follows the void one.
+        let gens = vec![
+            gen(1, 1, None, vec![2, 3]),
+            gen(2, 2, Some(1), vec![]),
+            gen(3, 2, Some(2), vec![]),
+            gen(4, 3, Some(1), vec![]),
+        ];
+        assert_eq!(
+            void_generations(&gens),
+            vec![GenerationId(2), GenerationId(3)]
+        );
+        // Without elections every term is 0: nothing is void.
+        let legacy = vec![gen(1, 0, None, vec![]), gen(2, 0, Some(1), vec![])];
+        assert!(void_generations(&legacy).is_empty());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! {prefix}/gen-{gen:016x}/snapshots/{rev:016x}.snap         base snapshots (zstd bbolt + header)
 //! {prefix}/gen-{gen:016x}/segments/{first:016x}-{last:016x}-{end_ms:016x}.seg
 //! {prefix}/gen-{gen:016x}/lineage/{rev:016x}.json            the source's HashKV at a snapshot revision
+//! {prefix}/gen-{gen:016x}/terms/{term:016x}.json             a writer's term began writing this generation
+//! {prefix}/terms/{term:016x}.json                            writer terms, claimed write-once in order
 //! ```
 //!
 //! Fixed-width lower-case hex makes listing order equal revision order. A
@@ -141,6 +143,34 @@ pub fn lineage_key(generation: GenerationId, revision: Revision) -> String {
     )
 }
 
+/// Directory of the archive-wide writer terms.
+pub const TERMS_DIR: &str = "terms";
+
+/// Object file name of writer term `term`.
+pub fn term_file_name(term: u64) -> String {
+    format!("{term:016x}.json")
+}
+
+/// Relative object key of an archive-wide writer term.
+pub fn term_key(term: u64) -> String {
+    format!("{TERMS_DIR}/{}", term_file_name(term))
+}
+
+/// Parses an archive-wide term key (`terms/{term:016x}.json`).
+pub fn parse_term_key(relative: &str) -> Option<u64> {
+    parse_hex16(
+        relative
+            .strip_prefix(TERMS_DIR)?
+            .strip_prefix('/')?
+            .strip_suffix(".json")?,
+    )
+}
+
+/// Relative object key of a term's marker inside a generation.
+pub fn generation_term_key(generation: GenerationId, term: u64) -> String {
+    format!("{}/terms/{}", generation.dir_name(), term_file_name(term))
+}
+
 /// Relative object key of a generation's manifest.
 pub fn generation_manifest_key(generation: GenerationId) -> String {
     format!("{}/{GENERATION_MANIFEST_NAME}", generation.dir_name())
@@ -157,6 +187,8 @@ pub enum GenerationObject {
     Segment(SegmentName),
     /// A lineage fingerprint at this revision.
     Lineage(Revision),
+    /// A writer term began writing this generation.
+    Term(u64),
 }
 
 /// Classifies a key relative to the archive root (`gen-…/…`).
@@ -173,6 +205,8 @@ pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
         GenerationObject::Segment(SegmentName::parse(file)?)
     } else if let Some(file) = rest.strip_prefix("lineage/") {
         GenerationObject::Lineage(parse_rev(file.strip_suffix(".json")?)?)
+    } else if let Some(file) = rest.strip_prefix("terms/") {
+        GenerationObject::Term(parse_hex16(file.strip_suffix(".json")?)?)
     } else {
         return None;
     };
@@ -183,7 +217,9 @@ pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
 /// manifest, or anything under a `gen-` directory). Other names (a
 /// `lost+found`, a README) are not the archive's and are ignored.
 pub fn in_namespace(relative: &str) -> bool {
-    relative == MANIFEST_NAME || relative.starts_with("gen-")
+    relative == MANIFEST_NAME
+        || relative.starts_with("gen-")
+        || relative.starts_with(&format!("{TERMS_DIR}/"))
 }
 
 fn parse_hex16(s: &str) -> Option<u64> {
@@ -260,5 +296,12 @@ mod tests {
             Some((GenerationId(3), GenerationObject::Lineage(17)))
         );
         assert_eq!(classify("gen-0000000000000002/lineage/11.json"), None);
+        assert_eq!(
+            classify(&generation_term_key(GenerationId(3), 9)),
+            Some((GenerationId(3), GenerationObject::Term(9)))
+        );
+        assert_eq!(parse_term_key(&term_key(7)), Some(7));
+        assert_eq!(parse_term_key("terms/7.json"), None);
+        assert!(in_namespace("terms/x") && !in_namespace("lost+found/x"));
     }
 }

@@ -35,6 +35,8 @@ pub struct GenerationListing {
     pub segments: Vec<SegmentName>,
     /// Revisions with a lineage fingerprint, ascending.
     pub lineage: Vec<Revision>,
+    /// Writer terms that began writing this generation after it started.
+    pub terms: Vec<u64>,
 }
 
 impl GenerationListing {
@@ -62,6 +64,12 @@ pub struct ArchiveListing {
     /// Objects outside the archive's namespace (a `lost+found`, a README):
     /// ignored, and reported by `verify`.
     pub foreign: Vec<String>,
+    /// Archive-wide writer terms claimed so far, ascending.
+    pub terms: Vec<u64>,
+    /// Generations started by a writer that had lost leadership
+    /// ([`crate::chain::void_generations`]): not part of the archive's
+    /// history, kept out of [`Self::generations`].
+    pub void: Vec<GenerationListing>,
 }
 
 impl ArchiveListing {
@@ -80,6 +88,10 @@ impl ArchiveListing {
         };
         for key in archive.list("", None).await? {
             if key == layout::MANIFEST_NAME {
+                continue;
+            }
+            if let Some(term) = layout::parse_term_key(&key) {
+                listing.terms.push(term);
                 continue;
             }
             let Some((generation, object)) = layout::classify(&key) else {
@@ -106,8 +118,15 @@ impl ArchiveListing {
                 GenerationObject::Snapshot(rev) => g.snapshots.push(rev),
                 GenerationObject::Segment(name) => g.segments.push(name),
                 GenerationObject::Lineage(rev) => g.lineage.push(rev),
+                GenerationObject::Term(term) => g.terms.push(term),
             }
         }
+        let void = crate::chain::void_generations(&listing.generations);
+        let (live, stale) = std::mem::take(&mut listing.generations)
+            .into_iter()
+            .partition(|g| !void.contains(&g.generation()));
+        listing.generations = live;
+        listing.void = stale;
         Ok(listing)
     }
 }

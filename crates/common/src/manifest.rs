@@ -116,6 +116,9 @@ pub struct GenerationManifest {
     pub previous: Option<GapStart>,
     /// Human-readable detail of the reason.
     pub detail: String,
+    /// The writer term that started it (0: written without an election).
+    #[serde(default)]
+    pub term: u64,
 }
 
 impl GenerationManifest {
@@ -191,6 +194,35 @@ impl LineageFingerprint {
             });
         }
         Ok(f)
+    }
+}
+
+/// `terms/{term}.json` (and the same content as `gen-…/terms/{term}.json`):
+/// one archiver's leadership. Terms are claimed write-once in increasing
+/// order, so a later term proves an earlier writer had lost leadership.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TermRecord {
+    /// The term number.
+    pub term: u64,
+    /// Who holds it (host name and process id).
+    pub holder: String,
+    /// The source cluster's revision of the election key (etcd's fencing
+    /// token for this leadership).
+    pub election_revision: Revision,
+    /// When it was claimed (Unix ms).
+    pub claimed_ms: i64,
+}
+
+impl TermRecord {
+    /// Parses a term record.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse(object: &str, bytes: &[u8]) -> Result<Self, ManifestError> {
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed {
+            object: object.into(),
+            reason: e.to_string(),
+        })
     }
 }
 

@@ -149,7 +149,7 @@ mod tests {
             manifest: None,
             snapshots,
             segments,
-            lineage: Vec::new(),
+            ..GenerationListing::default()
         }
     }
 
@@ -158,6 +158,8 @@ mod tests {
             manifest: None,
             strays: Vec::new(),
             foreign: Vec::new(),
+            terms: Vec::new(),
+            void: Vec::new(),
             generations: vec![
                 // gen 1: chain 10..=100, snapshots at 12 and 50
                 gen(

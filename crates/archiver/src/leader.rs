@@ -1,0 +1,497 @@
+//! One writer term: everything the archiver does while it may write the
+//! archive. The upload pipeline (spool, spooler, uploader) is started, the
+//! archive's head is read, and watch sessions run until shutdown, until
+//! leadership is lost, or until a fatal error. Generations are decided here
+//! (see [`crate::generation`]).
+
+use std::time::Duration;
+
+use etcd_client::Client;
+use etcdpitr_common::layout::GenerationId;
+use etcdpitr_common::manifest::{
+    GapStart, GenerationManifest, LineageFingerprint, StartReason, TermRecord,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::election::Leadership;
+use crate::etcd::{self, ClusterInfo};
+use crate::generation::{self, GenerationTaken, NewGeneration, Resume};
+use crate::head::{self, ChainHead};
+use crate::retry::{pause, retry, RETRY_MIN};
+use crate::segment_writer::{SealPolicy, SegmentWriter, Sink};
+use crate::snapshot_schedule::SnapshotSchedule;
+use crate::uploader::{self, Spool};
+use crate::watch::{self, SessionEnd};
+use crate::{store_retryable, term, Opened};
+
+/// A won election: the leadership and the archive term it claimed.
+pub struct Term {
+    /// The etcd leadership (lease, key, loss signal).
+    pub leadership: Leadership,
+    /// The archive's record of this term.
+    pub record: TermRecord,
+    /// The client holding the leadership, to resign with.
+    pub client: Client,
+}
+
+/// How a term ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TermEnd {
+    /// Shutdown was requested; the open segment was sealed and uploaded
+    /// within the shutdown budget.
+    Shutdown,
+    /// Leadership was lost, or another writer started a generation: stop
+    /// writing at once and stand by.
+    Deposed,
+}
+
+/// The generation being written.
+struct Current {
+    manifest: GenerationManifest,
+    writer: SegmentWriter,
+    has_snapshot: bool,
+    fingerprint: Option<LineageFingerprint>,
+}
+
+/// The upload pipeline of one term.
+struct Pipeline {
+    spool: std::sync::Arc<Spool>,
+    sink: Sink,
+    abort: CancellationToken,
+    spooler: JoinHandle<()>,
+    uploader: JoinHandle<u64>,
+}
+
+impl Pipeline {
+    /// Opens the spool and starts uploading what an earlier run left in it.
+    fn start(config: &Config, opened: &Opened) -> anyhow::Result<Self> {
+        let (spool, leftovers) = Spool::open(&config.data_dir, config.spool_max_bytes)?;
+        let (uploads, rx) = tokio::sync::mpsc::unbounded_channel();
+        if !leftovers.is_empty() {
+            tracing::info!(
+                segments = leftovers.len(),
+                "uploading segments left in the spool by an earlier run"
+            );
+        }
+        for item in leftovers {
+            uploads.send(item).expect("receiver alive");
+        }
+        let abort = CancellationToken::new();
+        let uploader = tokio::spawn(uploader::run_uploader(
+            opened.archive.clone(),
+            spool.clone(),
+            opened.catalog.clone(),
+            rx,
+            abort.clone(),
+        ));
+        let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let spooler = tokio::spawn(uploader::run_spooler(
+            spool.clone(),
+            opened.catalog.clone(),
+            sealed_rx,
+            uploads,
+            abort.clone(),
+        ));
+        let sink = Sink {
+            spool: spool.clone(),
+            sealed,
+        };
+        Ok(Self {
+            spool,
+            sink,
+            abort,
+            spooler,
+            uploader,
+        })
+    }
+
+    /// Waits until the spool is empty (the head is read from the store).
+    async fn drain_leftovers(&self, stop: &CancellationToken) {
+        while self.spool.bytes() > 0 {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// Shutdown: gives the uploader a bounded time for what is sealed.
+    async fn finish(self, timeout: Duration) {
+        let Self {
+            spool,
+            sink,
+            abort,
+            spooler,
+            uploader,
+        } = self;
+        drop(sink);
+        let drained = async {
+            spooler.await.ok();
+            uploader.await.ok();
+        };
+        if tokio::time::timeout(timeout, drained).await.is_ok() {
+            tracing::info!("all sealed segments uploaded");
+        } else {
+            abort.cancel();
+            tracing::warn!(
+                spooled_bytes = spool.bytes(),
+                "store did not take every segment in time; they stay in the spool and are uploaded on the next start"
+            );
+        }
+    }
+
+    /// Deposed: stops uploading at once; sealed segments stay in the spool.
+    fn abort(self) {
+        self.abort.cancel();
+        self.spooler.abort();
+        self.uploader.abort();
+    }
+}
+
+/// Cancels `stop` when leadership is lost.
+struct LossWatch(Option<JoinHandle<()>>);
+
+impl LossWatch {
+    fn start(term: Option<&Term>, stop: &CancellationToken) -> Self {
+        Self(term.map(|t| {
+            let (lost, stop) = (t.leadership.lost().clone(), stop.clone());
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                stop.cancel();
+            })
+        }))
+    }
+}
+
+impl Drop for LossWatch {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn connect_and_probe(config: &Config) -> anyhow::Result<(Client, ClusterInfo)> {
+    let mut client = etcd::connect(config).await?;
+    let info = etcd::cluster_info(&mut client).await?;
+    Ok((client, info))
+}
+
+/// Writes the archive for one term (`None`: without an election) until
+/// shutdown, loss of leadership or a fatal error.
+///
+/// # Errors
+/// Credentials refused, unusable archive or data directory.
+pub async fn lead(
+    config: &Config,
+    opened: &Opened,
+    term: Option<&Term>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<TermEnd> {
+    let stop = shutdown.child_token();
+    let _loss = LossWatch::start(term, &stop);
+    let pipeline = Pipeline::start(config, opened)?;
+    pipeline.drain_leftovers(&stop).await;
+    let mut session = Session {
+        config,
+        opened,
+        term,
+        stop: &stop,
+        policy: SealPolicy {
+            max_age: config.segment_max_age,
+            max_bytes: config.segment_max_bytes,
+            idle_interval: config.idle_seal_interval,
+        },
+        sink: pipeline.sink.clone(),
+        spool: pipeline.spool.clone(),
+        current: None,
+        next_id: GenerationId(1),
+        schedule: None,
+    };
+    let outcome = session.run().await;
+    let deposed = !shutdown.is_cancelled() && stop.is_cancelled()
+        || matches!(outcome, Ok(SessionOutcome::Deposed));
+    let current = session.current.take();
+    // Every sender of sealed segments must be gone for the spooler to end.
+    drop(session);
+    if deposed {
+        tracing::warn!("no longer the writer: stopped writing; standing by");
+        pipeline.abort();
+        outcome?;
+        return Ok(TermEnd::Deposed);
+    }
+    if let Some(mut current) = current {
+        if let Err(e) = current.writer.seal() {
+            tracing::error!(error = format!("{e:#}"), "cannot seal the open segment");
+        }
+    }
+    pipeline.finish(config.shutdown_timeout).await;
+    outcome.map(|_| TermEnd::Shutdown)
+}
+
+/// How the session loop ended (besides errors).
+enum SessionOutcome {
+    Stopped,
+    Deposed,
+}
+
+/// The state of one term's watch sessions.
+struct Session<'a> {
+    config: &'a Config,
+    opened: &'a Opened,
+    term: Option<&'a Term>,
+    stop: &'a CancellationToken,
+    policy: SealPolicy,
+    sink: Sink,
+    spool: std::sync::Arc<Spool>,
+    current: Option<Current>,
+    next_id: GenerationId,
+    schedule: Option<SnapshotSchedule>,
+}
+
+impl Session<'_> {
+    /// Reads the head and marks the generation with this term.
+    async fn load_head(&mut self) -> anyhow::Result<bool> {
+        let (archive, catalog) = (&self.opened.archive, &self.opened.catalog);
+        let Some(head) = retry(
+            "read the archive's newest generation",
+            self.stop,
+            store_retryable,
+            || head::load(archive, catalog),
+        )
+        .await?
+        else {
+            return Ok(false);
+        };
+        if let Some(h) = head {
+            if let Some(term) = self.term {
+                let marked = retry(
+                    "mark the generation with this term",
+                    self.stop,
+                    store_retryable,
+                    || term::mark(archive, h.generation(), &term.record),
+                )
+                .await?;
+                if marked.is_none() {
+                    return Ok(false);
+                }
+            }
+            self.next_id = h.next_generation;
+            self.current = Some(self.resume(h));
+        }
+        Ok(true)
+    }
+
+    fn resume(&self, h: ChainHead) -> Current {
+        Current {
+            has_snapshot: !h.snapshots.is_empty(),
+            writer: SegmentWriter::new(
+                h.generation(),
+                h.last_revision,
+                h.last_record,
+                self.policy,
+                self.sink.clone(),
+            ),
+            manifest: h.manifest,
+            fingerprint: h.fingerprint,
+        }
+    }
+
+    /// Whether the current generation can be continued on the cluster.
+    async fn verdict(
+        &self,
+        client: &mut Client,
+        info: ClusterInfo,
+    ) -> anyhow::Result<Option<(StartReason, String)>> {
+        let resume = self.current.as_ref().map(|c| Resume {
+            manifest: &c.manifest,
+            last_revision: c.writer.last_revision(),
+            last_record: c.writer.last_record(),
+            fingerprint: self
+                .schedule
+                .as_ref()
+                .and_then(SnapshotSchedule::fingerprint)
+                .or(c.fingerprint),
+        });
+        generation::must_start_generation(client, info, resume).await
+    }
+
+    /// Starts a new generation (after confirming leadership). Returns
+    /// `false` when this writer was deposed.
+    async fn start(
+        &mut self,
+        client: &mut Client,
+        info: ClusterInfo,
+        reason: StartReason,
+        detail: String,
+    ) -> anyhow::Result<bool> {
+        if let Some(term) = self.term {
+            if !term.leadership.confirm(client).await? {
+                return Ok(false);
+            }
+        }
+        let previous = match &mut self.current {
+            Some(c) => {
+                c.writer.seal()?;
+                Some(GapStart {
+                    generation: c.manifest.generation,
+                    last_revision: c.writer.last_revision(),
+                })
+            }
+            None => None,
+        };
+        let new = NewGeneration {
+            id: self.next_id,
+            previous,
+            term: self.term.map_or(0, |t| t.record.term),
+            reason,
+            detail,
+        };
+        let manifest =
+            match generation::start_generation(&self.opened.archive, &self.opened.catalog, new, info)
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.is::<GenerationTaken>() && self.term.is_some() => {
+                    tracing::warn!(error = %e, "another writer started a generation");
+                    return Ok(false);
+                }
+                Err(e) if e.is::<GenerationTaken>() => {
+                    return Err(e.context(
+                        "another archiver writes this archive; run every archiver of an archive with an election (without --no-election)",
+                    ))
+                }
+                Err(e) => return Err(e),
+            };
+        self.next_id = manifest.generation.next();
+        let writer = SegmentWriter::new(
+            manifest.generation,
+            info.revision,
+            None,
+            self.policy,
+            self.sink.clone(),
+        );
+        self.current = Some(Current {
+            manifest,
+            writer,
+            has_snapshot: false,
+            fingerprint: None,
+        });
+        self.schedule = None;
+        Ok(true)
+    }
+
+    /// Connects, decides the generation and runs watch sessions until
+    /// stopped, deposed or a fatal error.
+    async fn run(&mut self) -> anyhow::Result<SessionOutcome> {
+        if !self.load_head().await? {
+            return Ok(SessionOutcome::Stopped);
+        }
+        let mut forced: Option<(StartReason, String)> = None;
+        let mut delay = RETRY_MIN;
+        let stop = self.stop;
+        while !stop.is_cancelled() {
+            let connected = tokio::select! {
+                () = stop.cancelled() => break,
+                r = connect_and_probe(self.config) => r,
+            };
+            let (mut client, info) = match connected {
+                Ok(c) => c,
+                Err(e) if etcd::is_denied(&e) => {
+                    return Err(e.context("etcd refused the archiver's credentials"))
+                }
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "etcd unreachable; retrying");
+                    if !pause(&mut delay, stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let verdict = match forced.take() {
+                Some(reason) => Ok(Some(reason)),
+                None => self.verdict(&mut client, info).await,
+            };
+            let started = match verdict {
+                Ok(None) => Ok(true),
+                Ok(Some((reason, detail))) => self.start(&mut client, info, reason, detail).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(true) => {}
+                Ok(false) => return Ok(SessionOutcome::Deposed),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "cannot decide or start the generation; retrying");
+                    if !pause(&mut delay, stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            match self.watch(&mut client, info).await {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Compacted { compact_revision } => {
+                    let last = self
+                        .current
+                        .as_ref()
+                        .map_or(0, |c| c.writer.last_revision());
+                    tracing::warn!(
+                        compact_revision,
+                        archived_through = last,
+                        "etcd compacted past the archive's resume point"
+                    );
+                    forced = Some((
+                        StartReason::Compacted,
+                        format!(
+                            "etcd compacted to revision {compact_revision} past the resume point {}",
+                            last + 1
+                        ),
+                    ));
+                }
+                SessionEnd::Diverged(detail) => {
+                    tracing::error!(%detail, "the watch does not continue the archived history");
+                    forced = Some((StartReason::LineageBroken, detail));
+                }
+                SessionEnd::Disconnected(e) => {
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "watch interrupted; reconnecting");
+                    if !pause(&mut delay, stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            delay = RETRY_MIN;
+        }
+        Ok(SessionOutcome::Stopped)
+    }
+
+    /// One watch session on the current generation.
+    async fn watch(&mut self, client: &mut Client, info: ClusterInfo) -> SessionEnd {
+        let current = self.current.as_mut().expect("a generation exists here");
+        let (archive, catalog) = (&self.opened.archive, &self.opened.catalog);
+        let schedule = self.schedule.get_or_insert_with(|| {
+            SnapshotSchedule::new(
+                archive.clone(),
+                catalog.clone(),
+                self.config.data_dir.clone(),
+                current.manifest.generation,
+                current.manifest.start_revision,
+                self.config.snapshot_interval,
+                current.has_snapshot,
+                current.fingerprint,
+            )
+        });
+        schedule.start_if_due(client);
+        watch::run(
+            client,
+            &mut current.writer,
+            &self.spool,
+            schedule,
+            info.revision,
+            self.stop,
+        )
+        .await
+    }
+}
