@@ -934,7 +934,7 @@ pub async fn wait_archived(
                 .generations
                 .iter()
                 .find(|g| g.id == Some(GenerationId(generation)))
-                .map(|g| g.chain())
+                .map(etcdpitr_common::listing::GenerationListing::chain)
                 .filter(|c| !c.links.is_empty())
                 .map(|c| c.last_revision());
             if last.is_some_and(|l| l >= rev) {
