@@ -58,7 +58,13 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
         opts = opts.with_tls(t);
     }
     if let Some((user, password)) = &config.auth {
-        opts = opts.with_user(user.clone(), password.0.clone());
+        // etcd expires auth tokens (simple tokens after `--auth-token-ttl`
+        // idle seconds, JWTs at their expiry); without a refresh the hourly
+        // snapshot fails with "invalid auth token" for as long as the
+        // connection lives. The client re-authenticates and retries once.
+        opts = opts
+            .with_user(user.clone(), password.0.clone())
+            .with_auto_token_refresh(true);
     }
     Client::connect(&config.endpoints, Some(opts))
         .await

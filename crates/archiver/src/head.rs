@@ -81,6 +81,12 @@ pub async fn load(
 ) -> anyhow::Result<Option<ChainHead>> {
     let mut generation = None;
     for dir in archive.list_root_dirs().await.context("list the archive")? {
+        // Names outside the archive's namespace (`lost+found`, a README
+        // directory, …) are not ours; a malformed `gen-*` is.
+        if !dir.starts_with("gen-") {
+            tracing::debug!(name = %dir, "ignoring a directory outside the archive's namespace");
+            continue;
+        }
         let id = GenerationId::parse_dir(&dir)
             .with_context(|| format!("unexpected directory {dir} in the archive"))?;
         generation = Some(id);

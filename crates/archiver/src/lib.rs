@@ -87,10 +87,20 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
     if checked.is_none() {
         return Ok(None);
     }
-    std::fs::create_dir_all(&config.data_dir)
+    // Owner-only, whatever the umask: the spool, catalog and snapshot
+    // scratch hold the cluster's data.
+    etcdpitr_common::store::create_private_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let lock = std::fs::File::create(config.data_dir.join("lock"))
-        .with_context(|| format!("open {}", config.data_dir.join("lock").display()))?;
+    let lock_path = config.data_dir.join("lock");
+    let lock = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false),
+        etcdpitr_common::store::PRIVATE_FILE_MODE,
+    )
+    .open(&lock_path)
+    .with_context(|| format!("open {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!(
             "data directory {} is in use by another etcd-archiver",
@@ -98,6 +108,18 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
         );
     }
     snapshot::clean_scratch(&config.data_dir);
+    // Uploads into a file:// archive killed midway leave hidden staging
+    // files (see `snapshot::remove_abandoned_uploads` for which are removed).
+    if archive.is_local() {
+        match archive.list_root_dirs().await {
+            Ok(dirs) => {
+                for id in dirs.iter().filter_map(|d| GenerationId::parse_dir(d)) {
+                    snapshot::remove_abandoned_uploads(&archive, id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the archive for interrupted uploads"),
+        }
+    }
     let catalog = Catalog::open(&config.data_dir.join("catalog.db")).context("open catalog")?;
     Ok(Some(Opened {
         archive,
@@ -210,6 +232,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let Some(opened) = open(&config, &shutdown).await? else {
         return Ok(());
     };
+    // A permanent store failure of the uploader or a snapshot stops the
+    // archiver as a signal would, and is returned.
+    let background = uploader::Fatal::new(&shutdown);
+    let shutdown = background.token();
     let Opened {
         archive, catalog, ..
     } = &opened;
@@ -231,6 +257,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         catalog.clone(),
         rx,
         abort_uploads.clone(),
+        background.clone(),
     ));
     let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
     let spooler = tokio::spawn(uploader::run_spooler(
@@ -361,6 +388,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 manifest.start_revision,
                 config.snapshot_interval,
                 *has_snapshot,
+                background.clone(),
             )
         });
         schedule.start_if_due(&client);
@@ -420,7 +448,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .is_ok()
     {
-        tracing::info!("all sealed segments uploaded; exiting");
+        if !background.failed() {
+            tracing::info!("all sealed segments uploaded; exiting");
+        }
     } else {
         abort_uploads.cancel();
         tracing::warn!(
@@ -428,7 +458,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "store did not take every segment in time; they stay in the spool and are uploaded on the next start"
         );
     }
-    fatal.map_or(Ok(()), Err)
+    fatal.or_else(|| background.take()).map_or(Ok(()), Err)
 }
 
 /// Takes one full snapshot into the archive now (starting a generation if

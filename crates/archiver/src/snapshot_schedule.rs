@@ -1,7 +1,9 @@
 //! Runs at most one snapshot at a time for the current generation: one as
 //! soon as a generation has none, then one every `--snapshot-interval`.
 //! Dropping the schedule aborts a snapshot in flight (scratch files are
-//! cleaned on the next start).
+//! cleaned on the next start). A failed snapshot is retried later, unless
+//! the store failed for good (no such bucket, access denied): that stops
+//! the archiver through [`Fatal`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,8 @@ use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
+
+use crate::uploader::{is_permanent_store_error, Fatal};
 
 /// Delay before retrying a failed snapshot.
 const RETRY_DELAY: Duration = Duration::from_secs(30);
@@ -28,11 +32,13 @@ pub struct SnapshotSchedule {
     interval: Duration,
     next_due: Instant,
     task: JoinSet<anyhow::Result<Revision>>,
+    fatal: Fatal,
 }
 
 impl SnapshotSchedule {
     /// A schedule for `generation`; the first snapshot is due now unless the
-    /// generation already has one.
+    /// generation already has one. Permanent store failures go to `fatal`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         archive: Archive,
         catalog: Arc<Mutex<Catalog>>,
@@ -41,6 +47,7 @@ impl SnapshotSchedule {
         min_revision: Revision,
         interval: Duration,
         has_snapshot: bool,
+        fatal: Fatal,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -52,6 +59,7 @@ impl SnapshotSchedule {
             interval,
             next_due: if has_snapshot { now + interval } else { now },
             task: JoinSet::new(),
+            fatal,
         }
     }
 
@@ -94,6 +102,10 @@ impl SnapshotSchedule {
         let now = Instant::now();
         match result {
             Ok(Ok(_)) => self.next_due = now + self.interval,
+            Ok(Err(e)) if is_permanent_store_error(&e) => {
+                self.fatal.fail(e.context("snapshot"));
+                self.next_due = now + self.interval;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?RETRY_DELAY, "snapshot failed");
                 self.next_due = now + RETRY_DELAY.min(self.interval);

@@ -310,7 +310,7 @@ impl Archive {
         relative_dir: &str,
         idle: Duration,
     ) -> Result<Vec<String>, StoreError> {
-        const IDLE_WHEN_DONE: Duration = Duration::from_secs(60);
+        const IDLE_WHEN_DONE: Duration = Duration::from_mins(1);
         let Some(dir) = self.local_file(relative_dir)? else {
             return Ok(Vec::new());
         };
@@ -347,6 +347,11 @@ impl Archive {
         .await
         .map_err(std::io::Error::other)??;
         Ok(removed)
+    }
+
+    /// Whether this is a `file://` archive.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
     }
 
     /// The URL this archive was opened from.
@@ -634,7 +639,7 @@ mod tests {
         touch("dead#3", 7200); // quiet for two hours
         touch("name#with-text", 7200); // not a staging file
         let removed = a
-            .remove_abandoned_uploads("g/snapshots", Duration::from_secs(3600))
+            .remove_abandoned_uploads("g/snapshots", Duration::from_hours(1))
             .await
             .unwrap();
         let mut removed = removed;
