@@ -37,11 +37,14 @@ pub async fn take(
     let taken_ms = now_ms();
     let db_path = data_dir.join("snapshot.db.tmp");
     let obj_path = data_dir.join("snapshot.snap.tmp");
-    let mut stream = client
-        .maintenance_client()
-        .snapshot()
-        .await
-        .context("start etcd snapshot")?;
+    // Snapshots are hours apart: the auth token has usually expired since
+    // this connection last used it.
+    let mut stream = crate::etcd::with_fresh_token(client, || {
+        let mut maintenance = client.maintenance_client();
+        async move { maintenance.snapshot().await }
+    })
+    .await
+    .context("start etcd snapshot")?;
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create(true)
