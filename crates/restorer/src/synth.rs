@@ -497,4 +497,85 @@ mod tests {
         };
         assert_eq!(encode_lease(&lease), vec![0x08, 0xac, 0x02, 0x10, 5]);
     }
+
+    #[test]
+    fn local_io_errors_exit_1_and_damaged_objects_exit_4() {
+        use crate::{classify, ExitKind};
+        use etcdpitr_common::snapshot::SnapshotError;
+        let full = || io::Error::from(io::ErrorKind::StorageFull);
+        let object = || "gen-1/snapshots/x.snap".to_owned();
+        let cases: Vec<(anyhow::Error, ExitKind)> = vec![
+            // Disk full while writing the base snapshot or the output.
+            (
+                anyhow::Error::from(SnapshotError::Io {
+                    object: object(),
+                    source: full(),
+                })
+                .context("fetch the base snapshot into /out/.etcd-restorer-x/base.db"),
+                ExitKind::Other,
+            ),
+            (
+                OutputError::Write {
+                    path: "/out/snap.db".into(),
+                    source: full(),
+                }
+                .into(),
+                ExitKind::Other,
+            ),
+            (
+                anyhow::Error::from(BoltError::Io(io::Error::from(
+                    io::ErrorKind::PermissionDenied,
+                )))
+                .context("read base snapshot"),
+                ExitKind::Other,
+            ),
+            // The archive object is short or damaged.
+            (
+                SnapshotError::Io {
+                    object: object(),
+                    source: io::Error::from(io::ErrorKind::UnexpectedEof),
+                }
+                .into(),
+                ExitKind::Integrity,
+            ),
+            (
+                SnapshotError::ChecksumMismatch { object: object() }.into(),
+                ExitKind::Integrity,
+            ),
+            (
+                bolt_err(BoltError::Invalid("bad page".into())),
+                ExitKind::Integrity,
+            ),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(classify(&error), kind, "{error:#}");
+        }
+        let out = OutputError::Write {
+            path: "/out/snap.db".into(),
+            source: full(),
+        };
+        assert!(out.to_string().contains("/out/snap.db"), "{out}");
+    }
+
+    #[test]
+    fn reading_back_a_missing_output_is_a_local_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone.db");
+        let summary = Summary {
+            revision: 1,
+            key_entries: 0,
+            replayed: 0,
+            bytes: 0,
+        };
+        let err = verify_output(&path, &summary).unwrap_err();
+        assert!(matches!(err, OutputError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("gone.db"), "{err}");
+        assert_eq!(
+            crate::classify(&anyhow::Error::from(err)),
+            crate::ExitKind::Other
+        );
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let err = verify_output(&path, &summary).unwrap_err();
+        assert!(matches!(err, OutputError::Mismatch { .. }), "{err}");
+    }
 }
