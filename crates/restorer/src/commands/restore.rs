@@ -138,8 +138,9 @@ pub async fn restore(
             }
         }
     }
-    etcdpitr_common::store::fsync_dir(&dir)
-        .with_context(|| format!("sync directory {}", dir.display()))?;
+    if let Err(e) = etcdpitr_common::store::fsync_dir(&dir) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot sync the output's directory");
+    }
     drop(scratch);
     println!(
         "restored revision {} (generation {}, base snapshot {}, {} revisions replayed): {} key entries, {} bytes, {:.2} s -> {}",
