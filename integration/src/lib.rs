@@ -71,6 +71,7 @@ pub struct Member {
     initial_cluster: String,
     cluster_state: &'static str,
     fsync: bool,
+    extra_flags: Vec<String>,
 }
 
 impl Member {
@@ -100,6 +101,7 @@ impl Member {
             } else {
                 &["--unsafe-no-fsync"][..]
             })
+            .args(&self.extra_flags)
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(Stdio::null())
             .stderr(log)
@@ -156,6 +158,20 @@ impl EtcdCluster {
         size: usize,
         fsync: bool,
     ) -> anyhow::Result<Self> {
+        Self::start_with_flags(version, size, fsync, &[]).await
+    }
+
+    /// Starts `size` members with `extra` etcd flags (e.g. auth token
+    /// options), with fsync if `fsync`.
+    ///
+    /// # Errors
+    /// If etcd does not start.
+    pub async fn start_with_flags(
+        version: EtcdVersion,
+        size: usize,
+        fsync: bool,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -176,6 +192,7 @@ impl EtcdCluster {
                 initial_cluster: initial_cluster.clone(),
                 cluster_state: "new",
                 fsync,
+                extra_flags: extra.iter().map(ToString::to_string).collect(),
             };
             m.start()?;
             members.push(m);

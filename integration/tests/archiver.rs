@@ -804,3 +804,122 @@ async fn catches_up_through_parallel_windows() -> anyhow::Result<()> {
     verify_generation(&mut client, &generations[0], rev).await?;
     Ok(())
 }
+
+/// Asserts every directory under `dir` is 0700 and every file 0600,
+/// skipping the names in `foreign` (not created by etcd-pitr).
+fn assert_owner_only(dir: &std::path::Path, foreign: &[&str]) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).expect("readable directory") {
+        let entry = entry.expect("directory entry");
+        if foreign.iter().any(|f| entry.file_name() == *f) {
+            continue;
+        }
+        let meta = entry.metadata().expect("metadata");
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", entry.path().display());
+            assert_owner_only(&entry.path(), &[]);
+        } else {
+            assert_eq!(mode, 0o600, "{}", entry.path().display());
+        }
+    }
+}
+
+/// etcd with password auth and 2-second simple tokens: the archiver's token
+/// expires between snapshots, and snapshots keep being archived (the client
+/// re-authenticates). A stray `lost+found` at the archive root does not stop
+/// the archiver. Everything the archiver and the restorer create is
+/// owner-only, and a second restore to the same output is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_auth_tokens_and_owner_only_files() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start_with_flags(
+        EtcdVersion::V35,
+        1,
+        false,
+        &["--auth-token", "simple", "--auth-token-ttl", "2"],
+    )
+    .await?;
+    let mut client = cluster.client().await?;
+    client.user_add("root", "s3cret", None).await?;
+    client.user_grant_role("root", "root").await?;
+    client.auth_enable().await?;
+    let opts = etcd_client::ConnectOptions::new()
+        .with_user("root", "s3cret")
+        .with_auto_token_refresh(true);
+    let mut client =
+        etcd_client::Client::connect([cluster.members[0].client_url.as_str()], Some(opts)).await?;
+
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("archive");
+    std::fs::create_dir(&root)?;
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    std::fs::create_dir(root.join("lost+found"))?;
+    let archive = format!("file://{}", root.display());
+    let data_dir = tmp.path().join("data");
+    let mut extra: Vec<&str> = FAST.to_vec();
+    extra.extend(["--user", "root"]);
+    let args = integration::archiver_args(&cluster.endpoints(), &archive, &data_dir, &extra);
+    let env = [("ETCD_ARCHIVER_PASSWORD".to_owned(), "s3cret".to_owned())];
+    let log = tmp.path().join("archiver.log");
+    let mut archiver = ArchiverProcess::start(&args, &env, &log)?;
+
+    // Writes between snapshots give each one a new revision (and a new
+    // object); the archiver's own token idles 3 s between snapshots.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut i = 0;
+    loop {
+        client.put(format!("/token/k{i}"), "v", None).await?;
+        i += 1;
+        let snapshots = read_archive(&archive)
+            .await
+            .ok()
+            .and_then(|g| g.first().map(|g| g.snapshots.len()))
+            .unwrap_or(0);
+        if snapshots >= 3 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "only {snapshots} snapshots archived; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rev = current_revision(&mut client).await?;
+    wait_archived(&archive, 1, rev, Duration::from_secs(30)).await?;
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success(), "archiver exit: {status}");
+    let text = std::fs::read_to_string(&log)?;
+    assert!(!text.contains("invalid auth token"), "{text}");
+
+    assert_owner_only(&data_dir, &[]);
+    assert_owner_only(&root, &["lost+found"]);
+
+    let out_dir = tmp.path().join("restored");
+    std::fs::create_dir(&out_dir)?;
+    let output = out_dir.join("snap.db");
+    let restore = [
+        "restore",
+        "--archive",
+        &archive,
+        "--revision",
+        &rev.to_string(),
+        "--output",
+        &output.display().to_string(),
+    ];
+    let (code, _, stderr) = integration::run_restorer(&restore, &[])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_owner_only(&out_dir, &[]);
+    let left: Vec<_> = std::fs::read_dir(&out_dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("snap.db")],
+        "no scratch left"
+    );
+    let (code, _, stderr) = integration::run_restorer(&restore, &[])?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("snap.db"), "{stderr}");
+    Ok(())
+}

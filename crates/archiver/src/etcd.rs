@@ -28,6 +28,41 @@ pub fn is_denied(error: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether an etcd error says the auth token is invalid or expired. Most
+/// RPCs answer `Unauthenticated`; etcd 3.5's Maintenance.Snapshot answers
+/// `Unknown` with "auth: invalid auth token", which the client's own refresh
+/// does not recognize.
+pub fn is_invalid_token(error: &etcd_client::Error) -> bool {
+    matches!(
+        error,
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unauthenticated
+            || s.message().contains("invalid auth token")
+    )
+}
+
+/// Runs `call`, and once more after re-authenticating if etcd says the
+/// token expired (a no-op refresh without credentials).
+///
+/// # Errors
+/// The call's error, or the re-authentication's.
+pub async fn with_fresh_token<T, F, Fut>(client: &Client, mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    match call().await {
+        Err(e) if is_invalid_token(&e) => {
+            tracing::debug!("etcd auth token expired; re-authenticating");
+            client
+                .refresh_token()
+                .await
+                .context("re-authenticate with etcd")?;
+            Ok(call().await?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// What the cluster says about itself in a response header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterInfo {
@@ -58,7 +93,13 @@ pub async fn connect(config: &Config) -> anyhow::Result<Client> {
         opts = opts.with_tls(t);
     }
     if let Some((user, password)) = &config.auth {
-        opts = opts.with_user(user.clone(), password.0.clone());
+        // etcd expires auth tokens (simple tokens after `--auth-token-ttl`
+        // idle seconds, JWTs at their expiry). The client re-authenticates
+        // and retries once on `Unauthenticated`; the snapshot RPC reports
+        // an expired token differently, see `with_fresh_token`.
+        opts = opts
+            .with_user(user.clone(), password.0.clone())
+            .with_auto_token_refresh(true);
     }
     Client::connect(&config.endpoints, Some(opts))
         .await

@@ -93,10 +93,17 @@ async fn newest_live_generation(archive: &Archive) -> anyhow::Result<Option<Newe
     let mut generations = Vec::new();
     let mut next_generation = None;
     for dir in archive.list_root_dirs().await.context("list the archive")? {
-        let Some(id) = GenerationId::parse_dir(&dir) else {
-            tracing::debug!(%dir, "ignoring a directory outside the archive's namespace");
+        // Names outside the archive's namespace (`lost+found`, a README
+        // directory, …) are not ours; a malformed `gen-*` is.
+        if !layout::in_namespace(&dir) {
+            tracing::debug!(name = %dir, "ignoring a directory outside the archive's namespace");
             continue;
-        };
+        }
+        if dir == layout::TERMS_DIR {
+            continue;
+        }
+        let id = GenerationId::parse_dir(&dir)
+            .with_context(|| format!("unexpected directory {dir} in the archive"))?;
         next_generation = Some(id.next());
         let key = layout::generation_manifest_key(id);
         let Some(bytes) = archive

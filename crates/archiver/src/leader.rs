@@ -22,7 +22,7 @@ use crate::head::{self, ChainHead};
 use crate::retry::{pause, retry, RETRY_MIN};
 use crate::segment_writer::{SealPolicy, SegmentWriter, Sink};
 use crate::snapshot_schedule::SnapshotSchedule;
-use crate::uploader::{self, Spool};
+use crate::uploader::{self, Fatal, Spool};
 use crate::watch::{self, SessionEnd};
 use crate::{store_retryable, term, Opened};
 
@@ -66,7 +66,7 @@ struct Pipeline {
 
 impl Pipeline {
     /// Opens the spool and starts uploading what an earlier run left in it.
-    fn start(config: &Config, opened: &Opened) -> anyhow::Result<Self> {
+    fn start(config: &Config, opened: &Opened, fatal: &Fatal) -> anyhow::Result<Self> {
         let (spool, leftovers) = Spool::open(&config.data_dir, config.spool_max_bytes)?;
         let (uploads, rx) = tokio::sync::mpsc::unbounded_channel();
         if !leftovers.is_empty() {
@@ -85,6 +85,7 @@ impl Pipeline {
             opened.catalog.clone(),
             rx,
             abort.clone(),
+            fatal.clone(),
         ));
         let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
         let spooler = tokio::spawn(uploader::run_spooler(
@@ -118,7 +119,7 @@ impl Pipeline {
     }
 
     /// Shutdown: gives the uploader a bounded time for what is sealed.
-    async fn finish(self, timeout: Duration) {
+    async fn finish(self, timeout: Duration, fatal: &Fatal) {
         let Self {
             spool,
             sink,
@@ -132,7 +133,9 @@ impl Pipeline {
             uploader.await.ok();
         };
         if tokio::time::timeout(timeout, drained).await.is_ok() {
-            tracing::info!("all sealed segments uploaded");
+            if !fatal.failed() {
+                tracing::info!("all sealed segments uploaded");
+            }
         } else {
             abort.cancel();
             tracing::warn!(
@@ -189,10 +192,11 @@ pub async fn lead(
     opened: &Opened,
     term: Option<&Term>,
     shutdown: &CancellationToken,
+    fatal: &Fatal,
 ) -> anyhow::Result<TermEnd> {
     let stop = shutdown.child_token();
     let _loss = LossWatch::start(term, &stop);
-    let pipeline = Pipeline::start(config, opened)?;
+    let pipeline = Pipeline::start(config, opened, fatal)?;
     pipeline.drain_leftovers(&stop).await;
     let mut session = Session {
         config,
@@ -209,6 +213,7 @@ pub async fn lead(
         current: None,
         next_id: GenerationId(1),
         schedule: None,
+        fatal: fatal.clone(),
     };
     let outcome = session.run().await;
     let deposed = !shutdown.is_cancelled() && stop.is_cancelled()
@@ -227,7 +232,7 @@ pub async fn lead(
             tracing::error!(error = format!("{e:#}"), "cannot seal the open segment");
         }
     }
-    pipeline.finish(config.shutdown_timeout).await;
+    pipeline.finish(config.shutdown_timeout, fatal).await;
     outcome.map(|_| TermEnd::Shutdown)
 }
 
@@ -249,6 +254,7 @@ struct Session<'a> {
     current: Option<Current>,
     next_id: GenerationId,
     schedule: Option<SnapshotSchedule>,
+    fatal: Fatal,
 }
 
 impl Session<'_> {
@@ -481,6 +487,7 @@ impl Session<'_> {
                 self.config.snapshot_interval,
                 current.has_snapshot,
                 current.fingerprint,
+                self.fatal.clone(),
             )
         });
         schedule.start_if_due(client);

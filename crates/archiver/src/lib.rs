@@ -92,10 +92,20 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
     if checked.is_none() {
         return Ok(None);
     }
-    std::fs::create_dir_all(&config.data_dir)
+    // Owner-only, whatever the umask: the spool, catalog and snapshot
+    // scratch hold the cluster's data.
+    etcdpitr_common::store::create_private_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let lock = std::fs::File::create(config.data_dir.join("lock"))
-        .with_context(|| format!("open {}", config.data_dir.join("lock").display()))?;
+    let lock_path = config.data_dir.join("lock");
+    let lock = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false),
+        etcdpitr_common::store::PRIVATE_FILE_MODE,
+    )
+    .open(&lock_path)
+    .with_context(|| format!("open {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!(
             "data directory {} is in use by another etcd-archiver",
@@ -103,6 +113,18 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
         );
     }
     snapshot::clean_scratch(&config.data_dir);
+    // Uploads into a file:// archive killed midway leave hidden staging
+    // files (see `snapshot::remove_abandoned_uploads` for which are removed).
+    if archive.is_local() {
+        match archive.list_root_dirs().await {
+            Ok(dirs) => {
+                for id in dirs.iter().filter_map(|d| GenerationId::parse_dir(d)) {
+                    snapshot::remove_abandoned_uploads(&archive, id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the archive for interrupted uploads"),
+        }
+    }
     let catalog = Catalog::open(&config.data_dir.join("catalog.db")).context("open catalog")?;
     Ok(Some(Opened {
         archive,
@@ -166,6 +188,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let Some(opened) = open(&config, &shutdown).await? else {
         return Ok(());
     };
+    // A permanent store failure of the uploader or a snapshot stops the
+    // archiver as a signal would, and is returned.
+    let background = uploader::Fatal::new(&shutdown);
+    let shutdown = background.token();
     let holder = holder_identity();
     let mut delay = RETRY_MIN;
     while !shutdown.is_cancelled() {
@@ -186,7 +212,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             },
         };
-        let end = leader::lead(&config, &opened, term.as_ref(), &shutdown).await;
+        let end = leader::lead(&config, &opened, term.as_ref(), &shutdown, &background).await;
         if let Some(Term {
             leadership,
             mut client,
@@ -204,6 +230,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             TermEnd::Deposed => delay = RETRY_MIN,
         }
+    }
+    if let Some(e) = background.take() {
+        return Err(e);
     }
     tracing::info!("exiting");
     Ok(())

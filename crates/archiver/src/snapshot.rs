@@ -2,8 +2,10 @@
 //! (never whole in memory), revision read from the file itself, compressed
 //! into the snapshot object format and uploaded.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use etcd_client::Client;
@@ -12,7 +14,7 @@ use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::LineageFingerprint;
 use etcdpitr_common::snapshot::{self as format, SnapshotHeader};
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{Archive, PRIVATE_FILE_MODE};
 use etcdpitr_common::{now_ms, Revision};
 use tokio::io::AsyncWriteExt;
 
@@ -37,12 +39,20 @@ pub async fn take(
     let taken_ms = now_ms();
     let db_path = data_dir.join("snapshot.db.tmp");
     let obj_path = data_dir.join("snapshot.snap.tmp");
-    let mut stream = client
-        .maintenance_client()
-        .snapshot()
-        .await
-        .context("start etcd snapshot")?;
-    let mut file = tokio::fs::File::create(&db_path)
+    // Snapshots are hours apart: the auth token has usually expired since
+    // this connection last used it.
+    let mut stream = crate::etcd::with_fresh_token(client, || {
+        let mut maintenance = client.maintenance_client();
+        async move { maintenance.snapshot().await }
+    })
+    .await
+    .context("start etcd snapshot")?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(&db_path)
         .await
         .with_context(|| format!("create {}", db_path.display()))?;
     let mut hasher = blake3::Hasher::new();
@@ -82,7 +92,14 @@ pub async fn take(
     let (src, dst) = (db_path.clone(), obj_path.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&dst)?);
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&dst)
+            .with_context(|| format!("create {}", dst.display()))?;
+        let mut out = std::io::BufWriter::new(out);
         format::write_object(&header, &mut input, &mut out)?;
         Ok(())
     })
@@ -103,6 +120,7 @@ pub async fn take(
         Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),
     }
     tokio::fs::remove_file(&obj_path).await.ok();
+    remove_abandoned_uploads(archive, generation).await;
     catalog.lock().expect("catalog lock").put_snapshot(
         generation,
         header.revision,
@@ -118,6 +136,36 @@ pub async fn take(
         "snapshot archived"
     );
     Ok(fingerprint)
+}
+
+/// How long nothing may have written to a staging file of a `file://`
+/// upload before it counts as abandoned. An upload streams a local scratch
+/// file into its staging file, so a live one never pauses this long.
+pub const ABANDONED_UPLOAD_IDLE: Duration = Duration::from_hours(1);
+
+/// Removes the staging files (`<object>#<n>`) that uploads into a `file://`
+/// archive killed midway (`kill -9`, power loss) left in `generation`'s
+/// snapshot and segment directories: those whose object exists, or that
+/// nothing wrote to for [`ABANDONED_UPLOAD_IDLE`]
+/// ([`Archive::remove_abandoned_uploads`] has the rule). Runs at start and
+/// after each snapshot; only logs on failure. A no-op for cloud stores.
+pub async fn remove_abandoned_uploads(archive: &Archive, generation: GenerationId) {
+    for kind in ["snapshots", "segments"] {
+        let dir = format!("{}/{kind}", generation.dir_name());
+        match archive
+            .remove_abandoned_uploads(&dir, ABANDONED_UPLOAD_IDLE)
+            .await
+        {
+            Ok(removed) => {
+                for key in removed {
+                    tracing::info!(staging = %key, "removed the staging file of an interrupted upload");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir, "cannot clean staging files of interrupted uploads");
+            }
+        }
+    }
 }
 
 /// Removes scratch files a killed run may have left.

@@ -1,7 +1,9 @@
 //! Runs at most one snapshot at a time for the current generation: one as
 //! soon as a generation has none, then one every `--snapshot-interval`.
 //! Dropping the schedule aborts a snapshot in flight (scratch files are
-//! cleaned on the next start).
+//! cleaned on the next start). A failed snapshot is retried later, unless
+//! the store failed for good (no such bucket, access denied): that stops
+//! the archiver through [`Fatal`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,8 @@ use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
+
+use crate::uploader::{is_permanent_store_error, Fatal};
 
 /// Delay before retrying a failed snapshot.
 const RETRY_DELAY: Duration = Duration::from_secs(30);
@@ -30,12 +34,13 @@ pub struct SnapshotSchedule {
     next_due: Instant,
     task: JoinSet<anyhow::Result<LineageFingerprint>>,
     fingerprint: Option<LineageFingerprint>,
+    fatal: Fatal,
 }
 
 impl SnapshotSchedule {
     /// A schedule for `generation`; the first snapshot is due now unless the
     /// generation already has one. `fingerprint` is the generation's newest
-    /// lineage fingerprint so far.
+    /// lineage fingerprint so far. Permanent store failures go to `fatal`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         archive: Archive,
@@ -46,6 +51,7 @@ impl SnapshotSchedule {
         interval: Duration,
         has_snapshot: bool,
         fingerprint: Option<LineageFingerprint>,
+        fatal: Fatal,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -58,6 +64,7 @@ impl SnapshotSchedule {
             next_due: if has_snapshot { now + interval } else { now },
             task: JoinSet::new(),
             fingerprint,
+            fatal,
         }
     }
 
@@ -107,6 +114,10 @@ impl SnapshotSchedule {
         match result {
             Ok(Ok(fingerprint)) => {
                 self.fingerprint = Some(fingerprint);
+                self.next_due = now + self.interval;
+            }
+            Ok(Err(e)) if is_permanent_store_error(&e) => {
+                self.fatal.fail(e.context("snapshot"));
                 self.next_due = now + self.interval;
             }
             Ok(Err(e)) => {

@@ -8,8 +8,14 @@
 //! only when every earlier segment is in the store. When the spool holds
 //! more than its limit, [`Spool::wait_for_room`] makes the watch reader wait:
 //! etcd keeps the history until compaction, so waiting loses nothing.
+//!
+//! Store failures that waiting does not fix (no such bucket, access denied,
+//! a write-once conflict: [`StoreError::is_retryable`]) are not retried: the
+//! uploader reports the first one through [`Fatal`] and stops, the segment
+//! stays in the spool, and the archiver exits with the error.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,11 +24,64 @@ use anyhow::Context;
 use bytes::Bytes;
 use etcdpitr_common::catalog::{Catalog, ObjectState};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{self, Archive, StoreError};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::retry;
+
+/// Whether an error chain holds a store failure that retrying cannot fix.
+pub fn is_permanent_store_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|c| {
+        c.downcast_ref::<StoreError>()
+            .is_some_and(|e| !e.is_retryable())
+    })
+}
+
+/// The first permanent failure of a background task (the uploader, a
+/// snapshot). [`Fatal::fail`] logs it once, keeps it and cancels
+/// [`Fatal::token`], which the archiver's main loop runs under; the archiver
+/// then shuts down as on a signal and returns the error.
+#[derive(Clone, Debug)]
+pub struct Fatal {
+    stop: CancellationToken,
+    error: Arc<Mutex<Option<anyhow::Error>>>,
+}
+
+impl Fatal {
+    /// A handle whose token is a child of `shutdown`.
+    pub fn new(shutdown: &CancellationToken) -> Self {
+        Self {
+            stop: shutdown.child_token(),
+            error: Arc::default(),
+        }
+    }
+
+    /// Cancelled on shutdown or on the first failure.
+    pub fn token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Records a permanent failure and stops the archiver.
+    pub fn fail(&self, error: anyhow::Error) {
+        tracing::error!(error = format!("{error:#}"), "permanent failure; stopping");
+        let mut slot = self.error.lock().expect("fatal lock");
+        if slot.is_none() {
+            *slot = Some(error);
+        }
+        self.stop.cancel();
+    }
+
+    /// Whether a failure happened.
+    pub fn failed(&self) -> bool {
+        self.error.lock().expect("fatal lock").is_some()
+    }
+
+    /// The failure, if one happened (taken once).
+    pub fn take(&self) -> Option<anyhow::Error> {
+        self.error.lock().expect("fatal lock").take()
+    }
+}
 
 /// A sealed segment waiting in the spool.
 #[derive(Clone, Debug)]
@@ -60,7 +119,7 @@ impl Spool {
     /// I/O errors, or a file that does not belong in the spool.
     pub fn open(data_dir: &Path, max_bytes: u64) -> anyhow::Result<(Arc<Self>, Vec<SpoolItem>)> {
         let dir = data_dir.join("spool");
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        store::create_private_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let mut items = Vec::new();
         for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
             let entry = entry?;
@@ -122,8 +181,13 @@ impl Spool {
             .dir
             .join(format!("{}_{}", generation.dir_name(), name.file_name()));
         let tmp = path.with_extension("tmp");
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(store::PRIVATE_FILE_MODE)
+            .open(&tmp)
+            .with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
@@ -226,6 +290,12 @@ pub async fn run_spooler(
 /// Uploads spooled segments in order until the channel closes (then drains
 /// what is queued) or `abort` fires. Returns the number uploaded.
 ///
+/// Transient failures (network, throttling, a full local disk) are retried
+/// with backoff. A permanent one ([`is_permanent_store_error`]: no such
+/// bucket, access denied, a [`StoreError::Conflict`] with an existing
+/// object) goes to `fatal` at once and the uploader stops; the segment stays
+/// in the spool.
+///
 /// Dropping it midway is safe: an item is removed from the spool only after
 /// its upload succeeded, and a repeated upload of the same bytes succeeds.
 pub async fn run_uploader(
@@ -234,6 +304,7 @@ pub async fn run_uploader(
     catalog: Arc<Mutex<Catalog>>,
     mut rx: mpsc::UnboundedReceiver<SpoolItem>,
     abort: CancellationToken,
+    fatal: Fatal,
 ) -> u64 {
     let mut uploaded = 0;
     while let Some(item) = rx.recv().await {
@@ -242,7 +313,7 @@ pub async fn run_uploader(
         let done = retry(
             &what,
             &abort,
-            |_| true,
+            |e| !is_permanent_store_error(e),
             || async {
                 let data = tokio::fs::read(&item.path)
                     .await
@@ -251,8 +322,13 @@ pub async fn run_uploader(
             },
         )
         .await;
-        if !matches!(done, Ok(Some(()))) {
-            return uploaded;
+        match done {
+            Ok(Some(())) => {}
+            Ok(None) => return uploaded,
+            Err(e) => {
+                fatal.fail(e);
+                return uploaded;
+            }
         }
         note(&catalog, &item, ObjectState::Uploaded);
         if let Err(e) = std::fs::remove_file(&item.path) {
@@ -263,4 +339,256 @@ pub async fn run_uploader(
         tracing::debug!(segment = %key, "uploaded");
     }
     uploaded
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use futures::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::path::Path as StorePath;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    };
+
+    use super::*;
+
+    /// How the test store treats writes.
+    #[derive(Debug, Clone, Copy)]
+    enum Fault {
+        /// The first `n` writes fail with a transient error.
+        FailFirst(usize),
+        /// Every write is refused (access denied).
+        Deny,
+    }
+
+    /// An in-memory store that injects write failures.
+    #[derive(Debug)]
+    struct Faulty {
+        inner: InMemory,
+        fault: Fault,
+        writes: AtomicUsize,
+    }
+
+    impl fmt::Display for Faulty {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "Faulty({})", self.inner)
+        }
+    }
+
+    impl Faulty {
+        fn check(&self, location: &StorePath) -> object_store::Result<()> {
+            let n = self.writes.fetch_add(1, Ordering::SeqCst);
+            match self.fault {
+                Fault::FailFirst(k) if n < k => Err(object_store::Error::Generic {
+                    store: "Faulty",
+                    source: "connection reset".into(),
+                }),
+                Fault::Deny => Err(object_store::Error::PermissionDenied {
+                    path: location.to_string(),
+                    source: "AccessDenied".into(),
+                }),
+                Fault::FailFirst(_) => Ok(()),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Faulty {
+        async fn put_opts(
+            &self,
+            location: &StorePath,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.check(location)?;
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &StorePath,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.check(location)?;
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &StorePath,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<StorePath>>,
+        ) -> BoxStream<'static, object_store::Result<StorePath>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &StorePath,
+            to: &StorePath,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        store: Arc<Faulty>,
+        spool: Arc<Spool>,
+        catalog: Arc<Mutex<Catalog>>,
+        item: SpoolItem,
+        key: String,
+    }
+
+    fn setup(fault: Fault) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let (spool, leftovers) = Spool::open(&data_dir, 1 << 30).unwrap();
+        assert!(leftovers.is_empty());
+        let catalog = Catalog::open(&data_dir.join("catalog.db")).unwrap();
+        let name = SegmentName {
+            first: 11,
+            last: 20,
+            end_ms: 5,
+        };
+        let data = b"segment bytes";
+        spool.reserve(data.len() as u64);
+        let item = spool.write(GenerationId(1), name, data).unwrap();
+        spool.written(item.bytes);
+        Setup {
+            _dir: dir,
+            data_dir,
+            store: Arc::new(Faulty {
+                inner: InMemory::new(),
+                fault,
+                writes: AtomicUsize::new(0),
+            }),
+            spool,
+            catalog: Arc::new(Mutex::new(catalog)),
+            key: layout::segment_key(GenerationId(1), &name),
+            item,
+        }
+    }
+
+    /// Runs the uploader on the one spooled item until it stops.
+    async fn upload(s: &Setup) -> (u64, Fatal) {
+        let archive = Archive::from_store(s.store.clone(), "", "memory://test");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(s.item.clone()).unwrap();
+        drop(tx);
+        let fatal = Fatal::new(&CancellationToken::new());
+        let uploaded = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_uploader(
+                archive,
+                s.spool.clone(),
+                s.catalog.clone(),
+                rx,
+                CancellationToken::new(),
+                fatal.clone(),
+            ),
+        )
+        .await
+        .expect("the uploader stops");
+        (uploaded, fatal)
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried() {
+        let s = setup(Fault::FailFirst(2));
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 1);
+        assert!(!fatal.failed());
+        assert_eq!(s.store.writes.load(Ordering::SeqCst), 3);
+        let stored = s.store.inner.get(&StorePath::from(s.key.as_str())).await;
+        assert_eq!(
+            stored.unwrap().bytes().await.unwrap().as_ref(),
+            b"segment bytes"
+        );
+        assert!(!s.item.path.exists(), "removed from the spool");
+        assert_eq!(s.spool.bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn access_denied_fails_fast_and_keeps_the_segment() {
+        let s = setup(Fault::Deny);
+        let started = std::time::Instant::now();
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 0);
+        assert!(started.elapsed() < crate::retry::RETRY_MIN, "no retry");
+        assert_eq!(s.store.writes.load(Ordering::SeqCst), 1);
+        assert!(fatal.token().is_cancelled(), "the archiver is stopped");
+        let err = fatal.take().expect("the failure is kept");
+        assert!(is_permanent_store_error(&err));
+        assert!(format!("{err:#}").contains(&s.key), "{err:#}");
+        assert!(s.item.path.exists(), "the segment stays in the spool");
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_object_is_a_typed_error_not_a_retry_loop() {
+        let s = setup(Fault::FailFirst(0));
+        s.store
+            .inner
+            .put(&StorePath::from(s.key.as_str()), "other content".into())
+            .await
+            .unwrap();
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 0);
+        let err = fatal.take().expect("the conflict is reported");
+        assert!(
+            err.chain()
+                .any(|c| matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Conflict(k)) if *k == s.key)),
+            "{err:#}"
+        );
+        assert!(s.item.path.exists(), "the segment stays in the spool");
+    }
+
+    #[test]
+    fn spool_and_data_dir_are_owner_only() {
+        let s = setup(Fault::FailFirst(0));
+        for path in [s.data_dir.clone(), s.data_dir.join("spool")] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", path.display());
+        }
+        for entry in std::fs::read_dir(&s.data_dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                let mode = entry.metadata().unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{}", entry.path().display());
+            }
+        }
+        let mode = std::fs::metadata(&s.item.path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

@@ -23,6 +23,14 @@ pub enum CatalogError {
     /// SQLite failed.
     #[error("catalog: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The catalog file cannot be created.
+    #[error("create catalog {path}: {source}")]
+    Io {
+        /// The catalog's path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The catalog was written by a newer build.
     #[error("catalog schema version {0} is not supported (this build uses {SCHEMA_VERSION}); move the data directory aside to rebuild it from the store")]
     UnsupportedVersion(i64),
@@ -57,6 +65,17 @@ impl Catalog {
     /// # Errors
     /// SQLite errors, or a schema from a newer build.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        // SQLite creates a database 0644 and gives its -wal and -shm files
+        // the database's mode: create it owner-only first.
+        std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create(true),
+            crate::store::PRIVATE_FILE_MODE,
+        )
+        .open(path)
+        .map_err(|e| CatalogError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -277,5 +296,22 @@ mod tests {
             )
             .unwrap();
         assert_eq!(snapshots, 10);
+    }
+
+    #[test]
+    fn catalog_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let c = Catalog::open(&path).unwrap();
+        c.put_snapshot(GenerationId(1), 5, 1, 1).unwrap();
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", entry.path().display());
+            seen += 1;
+        }
+        assert_eq!(seen, 3, "catalog.db, -wal and -shm");
     }
 }

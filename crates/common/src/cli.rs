@@ -1,12 +1,21 @@
-//! What both binaries do around their commands: logging to stderr, a
-//! multi-threaded runtime, and `error: …` plus an exit code on failure.
+//! What both binaries do around their commands: an owner-only umask,
+//! logging to stderr, a multi-threaded runtime, and `error: …` plus an exit
+//! code on failure.
 
 use std::future::Future;
 use std::process::ExitCode;
 
-/// Sets up logging (filter from `log_env`, else `default_filter`), runs
-/// `command` on a multi-threaded runtime and maps an error to
-/// `exit_code(&error)` after printing its whole chain.
+/// The umask of both binaries: everything they create (archive objects,
+/// the data directory, spool, catalog, scratch and restored files) is
+/// owner-only, as `etcdctl snapshot save` makes its files: etcd data holds
+/// secrets. The library code also sets modes explicitly where it creates
+/// files, for callers (tests, embedders) with another umask.
+pub const UMASK: u32 = 0o077;
+
+/// Sets the process umask to [`UMASK`], sets up logging (filter from
+/// `log_env`, else `default_filter`), runs `command` on a multi-threaded
+/// runtime and maps an error to `exit_code(&error)` after printing its whole
+/// chain.
 pub fn run_main<F>(
     log_env: &str,
     default_filter: &str,
@@ -16,6 +25,7 @@ pub fn run_main<F>(
 where
     F: Future<Output = anyhow::Result<()>>,
 {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(UMASK));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env(log_env)

@@ -3,8 +3,16 @@
 //! `file:///abs/dir` is the default kind; `s3://`, `gs://` and `az://` take
 //! credentials and endpoints from the environment variables `object_store`
 //! reads (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+//!
+//! A `file://` archive is as durable as a cloud store: a write returns only
+//! after the file and every directory entry leading to it are fsynced (the
+//! archiver deletes its own copy once a write returned). Its files are
+//! owner-only (0600, directories 0700) whatever the process umask.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -29,7 +37,7 @@ pub enum StoreError {
     /// A write-once object already exists with other content.
     #[error("object {0} already exists with different content")]
     Conflict(String),
-    /// Any other storage failure (network, permissions, …).
+    /// Any other storage failure (network, permissions, no such bucket, …).
     #[error("object store: {0}")]
     Backend(#[from] object_store::Error),
     /// Local I/O failure.
@@ -38,22 +46,103 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether retrying the same call later may succeed.
+    /// Whether retrying the same call later may succeed. Permanent failures
+    /// (no such bucket, access denied, bad credentials, a failed write
+    /// precondition, a write-once conflict) are not: callers should stop and
+    /// say so instead of retrying forever.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Backend(e) => !matches!(
-                e,
-                object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented { .. }
-                    | object_store::Error::InvalidPath { .. }
-                    | object_store::Error::UnknownConfigurationKey { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ),
-            Self::Io(_) => true,
+            Self::Backend(e) => match e {
+                // `Archive::get`/`exists` turn a missing object into
+                // `NotFound`/`false`; a backend `NotFound` that reaches a
+                // caller came from a put or a listing: the bucket (or
+                // container) does not exist.
+                object_store::Error::NotFound { .. }
+                | object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented { .. }
+                | object_store::Error::InvalidPath { .. }
+                | object_store::Error::UnknownConfigurationKey { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => false,
+                // A `file://` archive reports EACCES/EROFS as a generic error.
+                other => !source_chain_has_permanent_io(other),
+            },
+            Self::Io(e) => !is_permanent_io(e),
             Self::InvalidUrl { .. } | Self::NotFound(_) | Self::Conflict(_) => false,
         }
     }
+}
+
+/// Local I/O failures that waiting does not fix.
+fn is_permanent_io(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
+fn source_chain_has_permanent_io(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(is_permanent_io)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Mode of every file a `file://` archive (and the binaries) create.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every directory a `file://` archive (and the binaries) create.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and its missing parents as owner-only directories (0700);
+/// existing directories are left as they are. Returns the directories it
+/// created, deepest first.
+///
+/// # Errors
+/// I/O errors.
+pub fn create_private_dir_all(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut created = Vec::new();
+    let mut d = dir;
+    while !d.exists() {
+        created.push(d.to_owned());
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => d = p,
+            _ => break,
+        }
+    }
+    if !created.is_empty() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR_MODE)
+            .create(dir)?;
+        // The umask may have cleared bits of 0700, never added any; make
+        // sure the owner can use the directory.
+        for c in &created {
+            std::fs::set_permissions(c, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
+        }
+    }
+    Ok(created)
+}
+
+/// fsyncs a directory, so the entries created in it are durable.
+///
+/// # Errors
+/// I/O errors.
+pub fn fsync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A staging file of `object_store`'s local store: `<object>#<digits>`.
+fn staging_base(name: &str) -> Option<&str> {
+    let (base, n) = name.rsplit_once('#')?;
+    (!base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(base)
 }
 
 /// An archive: a store plus the prefix all its objects live under.
@@ -62,6 +151,9 @@ pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     url: String,
+    /// The local store of a `file://` archive, whose writes get fsynced
+    /// parents and owner-only modes here.
+    local: Option<Arc<object_store::local::LocalFileSystem>>,
 }
 
 /// Environment variable prefixes handed to the cloud store builders.
@@ -88,15 +180,26 @@ impl Archive {
                 let dir = parsed
                     .to_file_path()
                     .map_err(|()| invalid("not an absolute path".into()))?;
-                std::fs::create_dir_all(&dir)
+                let created = create_private_dir_all(&dir)
                     .map_err(|e| invalid(format!("cannot create {}: {e}", dir.display())))?;
+                if let Some(parent) = created.last().and_then(|d| d.parent()) {
+                    for d in created.iter().skip(1).map(PathBuf::as_path).chain([parent]) {
+                        fsync_dir(d)
+                            .map_err(|e| invalid(format!("cannot sync {}: {e}", d.display())))?;
+                    }
+                }
+                // `with_fsync`: a put returns once the file and its parent
+                // directory are on stable storage, as with a cloud store.
                 let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| invalid(e.to_string()))?
-                    .with_automatic_cleanup(true);
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true);
+                let store = Arc::new(store);
                 Ok(Self {
-                    store: Arc::new(store),
+                    store: store.clone(),
                     prefix: Path::default(),
                     url: url.to_owned(),
+                    local: Some(store),
                 })
             }
             "s3" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
@@ -111,12 +214,144 @@ impl Archive {
                     store: Arc::from(store),
                     prefix,
                     url: url.to_owned(),
+                    local: None,
                 })
             }
             other => Err(invalid(format!(
                 "unsupported scheme {other:?} (use file://, s3://, gs:// or az://)"
             ))),
         }
+    }
+
+    /// An archive on any object store, its objects under `prefix`; `url` is
+    /// only used in messages. For tests (e.g. an in-memory store wrapped to
+    /// inject failures) and for embedding. Writes get no local durability or
+    /// mode handling: that is done only for archives opened from `file://`.
+    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Self {
+        Self {
+            store,
+            prefix: Path::from(prefix),
+            url: url.to_owned(),
+            local: None,
+        }
+    }
+
+    /// The local file of an archive-relative key, for a `file://` archive.
+    fn local_file(&self, relative: &str) -> Result<Option<PathBuf>, StoreError> {
+        match &self.local {
+            Some(fs) => Ok(Some(fs.path_to_filesystem(&self.path(relative))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Before a local write: creates the missing parent directories of the
+    /// file owner-only, and makes their entries durable.
+    async fn prepare_local(&self, relative: &str) -> Result<(), StoreError> {
+        let Some(file) = self.local_file(relative)? else {
+            return Ok(());
+        };
+        let Some(parent) = file.parent().map(std::path::Path::to_owned) else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let created = create_private_dir_all(&parent)?;
+            // Each new directory holds the next one's entry; the deepest
+            // existing ancestor holds the first new one's.
+            if let Some(top) = created.last().and_then(|d| d.parent()) {
+                for d in created.iter().skip(1).map(PathBuf::as_path).chain([top]) {
+                    fsync_dir(d)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(())
+    }
+
+    /// After a local write: the file becomes owner-only; with `sync` (an
+    /// object found already written, perhaps by a run that died before its
+    /// fsync) the file and its parent directory are fsynced here, otherwise
+    /// the store already did.
+    async fn finish_local(&self, relative: &str, sync: bool) -> Result<(), StoreError> {
+        let Some(file) = self.local_file(relative)? else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+            if sync {
+                std::fs::File::open(&file)?.sync_all()?;
+                if let Some(parent) = file.parent() {
+                    fsync_dir(parent)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(())
+    }
+
+    /// Removes the staging files (`<object>#<n>`) that `object_store`'s
+    /// local store leaves under `relative_dir` when a process dies during an
+    /// upload; they are invisible to listings and would stay forever. A
+    /// no-op for cloud stores (abort incomplete multipart uploads with a
+    /// bucket lifecycle rule instead). Returns the removed keys.
+    ///
+    /// Rule: a staging file is abandoned when nothing wrote to it for
+    /// `idle` (a live upload streams a local file into it, so it never
+    /// pauses long), or when its object already exists (a later attempt
+    /// completed) and it was not written for a minute.
+    ///
+    /// # Errors
+    /// Local I/O errors other than a missing directory.
+    pub async fn remove_abandoned_uploads(
+        &self,
+        relative_dir: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        const IDLE_WHEN_DONE: Duration = Duration::from_mins(1);
+        let Some(dir) = self.local_file(relative_dir)? else {
+            return Ok(Vec::new());
+        };
+        let relative_dir = relative_dir.trim_end_matches('/').to_owned();
+        let removed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut removed = Vec::new();
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(base) = staging_base(&name) else {
+                    continue;
+                };
+                let quiet = entry
+                    .metadata()?
+                    .modified()?
+                    .elapsed()
+                    .unwrap_or(Duration::ZERO);
+                let done = dir.join(base).is_file();
+                if quiet >= idle || (done && quiet >= IDLE_WHEN_DONE) {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => removed.push(format!("{relative_dir}/{name}")),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(removed)
+    }
+
+    /// Whether this is a `file://` archive.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
     }
 
     /// The URL this archive was opened from.
@@ -193,16 +428,17 @@ impl Archive {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
+        self.prepare_local(relative).await?;
         match self
             .store
             .put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => self.finish_local(relative, false).await,
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let existing = self.get(relative).await?;
                 if blake3::hash(&existing) == blake3::hash(&bytes) {
-                    Ok(())
+                    self.finish_local(relative, true).await
                 } else {
                     Err(StoreError::Conflict(relative.into()))
                 }
@@ -226,6 +462,7 @@ impl Archive {
         const PART_BYTES: usize = 8 << 20;
         let path = self.path(relative);
         let mut f = tokio::fs::File::open(file).await?;
+        self.prepare_local(relative).await?;
         let upload = self.store.put_multipart(&path).await?;
         let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let mut buf = vec![0u8; 1 << 20];
@@ -238,7 +475,7 @@ impl Archive {
             writer.write(&buf[..n]);
         }
         writer.finish().await?;
-        Ok(())
+        self.finish_local(relative, false).await
     }
 
     /// Streams an object into a local writer, returning the byte count.
@@ -342,5 +579,118 @@ mod tests {
         assert_eq!(a.list("g", None).await.unwrap(), vec!["g/x".to_string()]);
         assert_eq!(a.list_root_dirs().await.unwrap(), vec!["g".to_string()]);
         assert!(matches!(a.get("g/y").await, Err(StoreError::NotFound(_))));
+    }
+
+    /// Asserts every directory under `dir` is 0700 and every file 0600.
+    pub(crate) fn assert_private_tree(dir: &std::path::Path) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{}", entry.path().display());
+                assert_private_tree(&entry.path());
+            } else {
+                assert_eq!(mode, 0o600, "{}", entry.path().display());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn file_archive_objects_and_directories_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("archive/nested");
+        let a = Archive::open(&format!("file://{}", root.display())).unwrap();
+        a.put_once("gen-1/segments/x", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        // An object already written (the fsync-again path).
+        a.put_once("gen-1/segments/x", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        let src = dir.path().join("local-file");
+        std::fs::write(&src, vec![7u8; 3 << 20]).unwrap();
+        a.upload_file("gen-1/snapshots/y", &src).await.unwrap();
+        assert_eq!(a.get("gen-1/snapshots/y").await.unwrap().len(), 3 << 20);
+        assert_private_tree(&dir.path().join("archive"));
+        let mode = std::fs::metadata(dir.path().join("archive"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn abandoned_local_uploads_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(&format!("file://{}", dir.path().display())).unwrap();
+        a.put_once("g/snapshots/done", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let snaps = dir.path().join("g/snapshots");
+        let touch = |name: &str, age_secs: u64| {
+            let f = std::fs::File::create(snaps.join(name)).unwrap();
+            f.set_modified(std::time::SystemTime::now() - Duration::from_secs(age_secs))
+                .unwrap();
+        };
+        touch("done#1", 120); // its object exists, quiet for 2 minutes
+        touch("done#2", 0); // its object exists, but just written
+        touch("live#1", 0); // an upload in progress
+        touch("dead#3", 7200); // quiet for two hours
+        touch("name#with-text", 7200); // not a staging file
+        let removed = a
+            .remove_abandoned_uploads("g/snapshots", Duration::from_hours(1))
+            .await
+            .unwrap();
+        let mut removed = removed;
+        removed.sort();
+        assert_eq!(removed, vec!["g/snapshots/dead#3", "g/snapshots/done#1"]);
+        for kept in ["done", "done#2", "live#1", "name#with-text"] {
+            assert!(snaps.join(kept).exists(), "{kept}");
+        }
+        assert!(a
+            .remove_abandoned_uploads("missing/dir", Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn permanent_store_errors_are_not_retryable() {
+        let permanent = [
+            object_store::Error::NotFound {
+                path: "b".into(),
+                source: "NoSuchBucket".into(),
+            },
+            object_store::Error::PermissionDenied {
+                path: "b".into(),
+                source: "AccessDenied".into(),
+            },
+            object_store::Error::Unauthenticated {
+                path: "b".into(),
+                source: "bad key".into(),
+            },
+            object_store::Error::Precondition {
+                path: "b".into(),
+                source: "etag".into(),
+            },
+            object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+            },
+        ];
+        for e in permanent {
+            let text = e.to_string();
+            assert!(!StoreError::Backend(e).is_retryable(), "{text}");
+        }
+        assert!(!StoreError::Conflict("x".into()).is_retryable());
+        let transient = object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset".into(),
+        };
+        assert!(StoreError::Backend(transient).is_retryable());
+        assert!(
+            StoreError::Io(std::io::Error::from(std::io::ErrorKind::StorageFull)).is_retryable()
+        );
     }
 }

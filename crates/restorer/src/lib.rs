@@ -20,7 +20,7 @@ use etcdpitr_common::store::StoreError;
 /// Failure classes with distinct, documented exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitKind {
-    /// 1: anything else (local I/O, …).
+    /// 1: anything else (local I/O such as a full disk, …).
     Other = 1,
     /// 2: usage or configuration error.
     Usage = 2,
@@ -45,6 +45,9 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
         if cause.is::<VerifyFailed>() {
             return ExitKind::Integrity;
         }
+        if is_local_io(cause) {
+            return ExitKind::Other;
+        }
         if cause.is::<etcdpitr_common::chain::IntegrityError>()
             || cause.is::<etcdpitr_common::segment::SegmentError>()
             || cause.is::<etcdpitr_common::snapshot::SnapshotError>()
@@ -65,6 +68,23 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
         }
     }
     ExitKind::Other
+}
+
+/// A local file's I/O failure (disk full, permissions) reported inside an
+/// error type that otherwise means a damaged archive object. A short read
+/// or undecodable data is still the object's fault.
+fn is_local_io(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use etcdpitr_common::{bbolt::BoltError, snapshot::SnapshotError};
+    let ((Some(BoltError::Io(io)), _) | (_, Some(SnapshotError::Io { source: io, .. }))) = (
+        cause.downcast_ref::<BoltError>(),
+        cause.downcast_ref::<SnapshotError>(),
+    ) else {
+        return false;
+    };
+    !matches!(
+        io.kind(),
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+    )
 }
 
 fn store_kind(e: &StoreError) -> ExitKind {

@@ -5,8 +5,9 @@
 //! memory stays bounded whatever the number of revisions.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use etcdpitr_common::bbolt::{self, BoltError, BoltReader};
@@ -167,6 +168,54 @@ pub struct Summary {
     pub bytes: u64,
 }
 
+/// The restored file could not be written or did not read back as written.
+/// These are local problems (disk full, permissions, a failing disk), not
+/// damaged archive objects, and exit with 1, not 4.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// Writing the file failed.
+    #[error("write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Reading the file back failed.
+    #[error("read back {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The file reads back other than it was written.
+    #[error("{}: {reason}", path.display())]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+}
+
+/// Wraps a write error of the output file. Out-of-order keys are refused by
+/// the page writer with `InvalidInput`: they come from a base snapshot whose
+/// bucket is not sorted, an integrity problem of that object.
+fn write_err(path: &Path) -> impl Fn(io::Error) -> anyhow::Error + '_ {
+    move |e| {
+        if e.kind() == io::ErrorKind::InvalidInput {
+            bolt_err(BoltError::Invalid(e.to_string()))
+        } else {
+            OutputError::Write {
+                path: path.to_owned(),
+                source: e,
+            }
+            .into()
+        }
+    }
+}
+
 fn bolt_err(e: BoltError) -> anyhow::Error {
     anyhow::Error::from(e).context("read base snapshot")
 }
@@ -189,8 +238,8 @@ pub fn synthesize(
     if !buckets.iter().any(|(n, _)| n == b"key") {
         bail!("base snapshot has no `key` bucket: not an etcd snapshot");
     }
-    let mut w =
-        PageWriter::create(out_path).with_context(|| format!("create {}", out_path.display()))?;
+    let werr = write_err(out_path);
+    let mut w = PageWriter::create(out_path).map_err(&werr)?;
     let mut leases: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut roots = Vec::new();
     let mut summary = Summary {
@@ -203,7 +252,7 @@ pub fn synthesize(
         let root = match name.as_slice() {
             b"key" => {
                 let mut tree = TreeBuilder::new();
-                copy_bucket(&base, b"key", &mut tree, &mut w)?;
+                copy_bucket(&base, b"key", &mut tree, &mut w, &werr)?;
                 let mut expected = base_revision + 1;
                 events.replay(
                     &mut |record| {
@@ -220,7 +269,8 @@ pub fn synthesize(
                                 sub as i64,
                                 event.kind == EventKind::Delete,
                             );
-                            tree.add(&mut w, &key, &encode_key_value(event))?;
+                            tree.add(&mut w, &key, &encode_key_value(event))
+                                .map_err(&werr)?;
                         }
                         expected += 1;
                         Ok(())
@@ -241,10 +291,11 @@ pub fn synthesize(
                         &mut w,
                         &revision_key(target + bump.revisions, 0, false),
                         &[],
-                    )?;
+                    )
+                    .map_err(&werr)?;
                 }
                 summary.key_entries = tree.count();
-                tree.finish(&mut w)?
+                tree.finish(&mut w).map_err(&werr)?
             }
             b"lease" => {
                 // The base's leases win: they carry what etcd itself stored.
@@ -253,7 +304,7 @@ pub fn synthesize(
                     Ok(())
                 })
                 .map_err(bolt_err)?;
-                write_map(&mut w, &leases)?
+                write_map(&mut w, &leases).map_err(&werr)?
             }
             b"meta" => {
                 let mut meta = BTreeMap::new();
@@ -268,25 +319,30 @@ pub fn synthesize(
                         revision_key(target + bump.revisions, 0, false),
                     );
                 }
-                write_map(&mut w, &meta)?
+                write_map(&mut w, &meta).map_err(&werr)?
             }
             other => {
                 let mut tree = TreeBuilder::new();
-                copy_bucket(&base, other, &mut tree, &mut w)?;
-                tree.finish(&mut w)?
+                copy_bucket(&base, other, &mut tree, &mut w, &werr)?;
+                tree.finish(&mut w).map_err(&werr)?
             }
         };
         roots.push((name.clone(), bucket_header(root, *sequence)));
     }
     let mut root_tree = TreeBuilder::for_buckets();
     for (name, header) in &roots {
-        root_tree.add(&mut w, name, header)?;
+        root_tree.add(&mut w, name, header).map_err(&werr)?;
     }
-    let root = root_tree.finish(&mut w)?;
-    let mut file = w.finish(root)?;
-    append_sha256(&mut file)?;
-    file.sync_all()?;
-    summary.bytes = file.metadata()?.len();
+    let root = root_tree.finish(&mut w).map_err(&werr)?;
+    let mut file = w.finish(root).map_err(&werr)?;
+    append_sha256(&mut file).map_err(&werr)?;
+    // Owner-only like `etcdctl snapshot save`'s files, whatever the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(
+        etcdpitr_common::store::PRIVATE_FILE_MODE,
+    ))
+    .map_err(&werr)?;
+    file.sync_all().map_err(&werr)?;
+    summary.bytes = file.metadata().map_err(&werr)?.len();
     Ok(summary)
 }
 
@@ -296,6 +352,7 @@ fn copy_bucket(
     bucket: &[u8],
     tree: &mut TreeBuilder,
     w: &mut PageWriter,
+    werr: &dyn Fn(io::Error) -> anyhow::Error,
 ) -> anyhow::Result<()> {
     let mut io_error = None;
     base.for_each(bucket, &mut |k, v| {
@@ -304,19 +361,15 @@ fn copy_bucket(
             BoltError::Invalid("write failed".into())
         })
     })
-    .map_err(|e| {
-        io_error
-            .take()
-            .map_or_else(|| bolt_err(e), anyhow::Error::from)
-    })
+    .map_err(|e| io_error.take().map_or_else(|| bolt_err(e), werr))
 }
 
-fn write_map(w: &mut PageWriter, map: &BTreeMap<Vec<u8>, Vec<u8>>) -> anyhow::Result<u64> {
+fn write_map(w: &mut PageWriter, map: &BTreeMap<Vec<u8>, Vec<u8>>) -> io::Result<u64> {
     let mut tree = TreeBuilder::new();
     for (k, v) in map {
         tree.add(w, k, v)?;
     }
-    Ok(tree.finish(w)?)
+    tree.finish(w)
 }
 
 /// Appends sha256 of the whole file, the trailer `etcdutl snapshot restore`
@@ -340,49 +393,64 @@ fn append_sha256(file: &mut std::fs::File) -> std::io::Result<()> {
 /// it claims and its sha256 trailer.
 ///
 /// # Errors
-/// Any mismatch.
-pub fn verify_output(path: &Path, expected: &Summary) -> anyhow::Result<()> {
-    let reader = BoltReader::open(path).context("re-open the restored file")?;
-    let counts = reader
-        .check()
-        .context("consistency check of the restored file")?;
+/// [`OutputError`]: `Read` if reading it fails, `Mismatch` if it differs
+/// from what was written.
+pub fn verify_output(path: &Path, expected: &Summary) -> Result<(), OutputError> {
+    let read = |source: io::Error| OutputError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mismatch = |reason: String| OutputError::Mismatch {
+        path: path.to_owned(),
+        reason,
+    };
+    // Our own file: a bbolt I/O error is a local read failure, anything
+    // else it reports is a file that is not what was written.
+    let bolt = |e: BoltError| match e {
+        BoltError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => read(e),
+        other => mismatch(other.to_string()),
+    };
+    let reader = BoltReader::open(path).map_err(bolt)?;
+    let counts = reader.check().map_err(bolt)?;
     let keys = counts
         .iter()
         .find(|(n, _)| n == b"key")
         .map_or(0, |(_, c)| *c);
     if keys != expected.key_entries {
-        bail!(
-            "restored file holds {keys} key entries, expected {}",
+        return Err(mismatch(format!(
+            "holds {keys} key entries, expected {}",
             expected.key_entries
-        );
+        )));
     }
-    let revision = bbolt::etcd_revision(&reader)?;
+    let revision = bbolt::etcd_revision(&reader).map_err(bolt)?;
     if revision != expected.revision {
-        bail!(
-            "restored file is at revision {revision}, expected {}",
+        return Err(mismatch(format!(
+            "is at revision {revision}, expected {}",
             expected.revision
-        );
+        )));
     }
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    let len = file.metadata().map_err(read)?.len();
     if len % 512 != 32 {
-        bail!("restored file has no sha256 trailer");
+        return Err(mismatch("has no sha256 trailer".into()));
     }
     let mut hasher = sha2::Sha256::new();
     let mut remaining = len - 32;
     let mut buf = vec![0u8; 1 << 20];
     while remaining > 0 {
-        let n = file.read(&mut buf[..remaining.min(1 << 20) as usize])?;
+        let n = file
+            .read(&mut buf[..remaining.min(1 << 20) as usize])
+            .map_err(read)?;
         if n == 0 {
-            bail!("restored file shrank while being verified");
+            return Err(mismatch("shrank while being verified".into()));
         }
         hasher.update(&buf[..n]);
         remaining -= n as u64;
     }
     let mut trailer = [0u8; 32];
-    file.read_exact(&mut trailer)?;
+    file.read_exact(&mut trailer).map_err(read)?;
     if hasher.finalize().as_slice() != trailer {
-        bail!("restored file's sha256 trailer does not match");
+        return Err(mismatch("sha256 trailer does not match".into()));
     }
     Ok(())
 }
@@ -428,5 +496,86 @@ mod tests {
             revision: 0,
         };
         assert_eq!(encode_lease(&lease), vec![0x08, 0xac, 0x02, 0x10, 5]);
+    }
+
+    #[test]
+    fn local_io_errors_exit_1_and_damaged_objects_exit_4() {
+        use crate::{classify, ExitKind};
+        use etcdpitr_common::snapshot::SnapshotError;
+        let full = || io::Error::from(io::ErrorKind::StorageFull);
+        let object = || "gen-1/snapshots/x.snap".to_owned();
+        let cases: Vec<(anyhow::Error, ExitKind)> = vec![
+            // Disk full while writing the base snapshot or the output.
+            (
+                anyhow::Error::from(SnapshotError::Io {
+                    object: object(),
+                    source: full(),
+                })
+                .context("fetch the base snapshot into /out/.etcd-restorer-x/base.db"),
+                ExitKind::Other,
+            ),
+            (
+                OutputError::Write {
+                    path: "/out/snap.db".into(),
+                    source: full(),
+                }
+                .into(),
+                ExitKind::Other,
+            ),
+            (
+                anyhow::Error::from(BoltError::Io(io::Error::from(
+                    io::ErrorKind::PermissionDenied,
+                )))
+                .context("read base snapshot"),
+                ExitKind::Other,
+            ),
+            // The archive object is short or damaged.
+            (
+                SnapshotError::Io {
+                    object: object(),
+                    source: io::Error::from(io::ErrorKind::UnexpectedEof),
+                }
+                .into(),
+                ExitKind::Integrity,
+            ),
+            (
+                SnapshotError::ChecksumMismatch { object: object() }.into(),
+                ExitKind::Integrity,
+            ),
+            (
+                bolt_err(BoltError::Invalid("bad page".into())),
+                ExitKind::Integrity,
+            ),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(classify(&error), kind, "{error:#}");
+        }
+        let out = OutputError::Write {
+            path: "/out/snap.db".into(),
+            source: full(),
+        };
+        assert!(out.to_string().contains("/out/snap.db"), "{out}");
+    }
+
+    #[test]
+    fn reading_back_a_missing_output_is_a_local_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone.db");
+        let summary = Summary {
+            revision: 1,
+            key_entries: 0,
+            replayed: 0,
+            bytes: 0,
+        };
+        let err = verify_output(&path, &summary).unwrap_err();
+        assert!(matches!(err, OutputError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("gone.db"), "{err}");
+        assert_eq!(
+            crate::classify(&anyhow::Error::from(err)),
+            crate::ExitKind::Other
+        );
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let err = verify_output(&path, &summary).unwrap_err();
+        assert!(matches!(err, OutputError::Mismatch { .. }), "{err}");
     }
 }

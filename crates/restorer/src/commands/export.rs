@@ -3,15 +3,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use base64::Engine;
 use etcdpitr_common::bbolt::BoltReader;
 use etcdpitr_common::segment::{Event, EventKind};
 use serde::Serialize;
 
-use super::{
-    describe_time_choice, load, plan_target, tempfile_path, ArchiveEvents, Cleanup, Target,
-};
+use super::{describe_time_choice, load, plan_target, ArchiveEvents, Scratch, Target};
 use crate::source;
 use crate::synth::{self, EventSource};
 
@@ -42,9 +40,14 @@ pub async fn export(
     if let Some(choice) = &choice {
         eprintln!("{}", describe_time_choice(target, choice));
     }
-    let scratch = tempfile_path("export-base");
-    let _guard = Cleanup(Some(scratch.clone()));
-    source::fetch_snapshot(&archive, plan.generation, plan.snapshot_revision, &scratch).await?;
+    // The base snapshot is the cluster's data in plaintext: it goes into a
+    // private scratch directory of the system temp dir, removed on every
+    // exit path.
+    let scratch_dir = Scratch::new_in(&std::env::temp_dir())?;
+    let scratch = scratch_dir.file("base.db");
+    source::fetch_snapshot(&archive, plan.generation, plan.snapshot_revision, &scratch)
+        .await
+        .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
     let mut events = ArchiveEvents::new(&archive, &plan, indicatif::ProgressBar::hidden());
     let prefix = prefix.unwrap_or_default().as_bytes().to_vec();
     let live = tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<Vec<u8>, Event>> {

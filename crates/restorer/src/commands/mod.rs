@@ -11,7 +11,10 @@ pub use list::{list, list_view, ListGap, ListGeneration, ListOutput, ListRange};
 pub use restore::restore;
 pub use verify::verify;
 
-use std::path::PathBuf;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -19,7 +22,7 @@ use etcdpitr_common::chain::{Continuity, IntegrityError};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord};
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{Archive, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
@@ -180,17 +183,372 @@ pub(super) fn progress_bar(len: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Removes a path when dropped, unless disarmed.
-pub(super) struct Cleanup(pub(super) Option<PathBuf>);
+/// Prefix of the restorer's scratch directories.
+const SCRATCH_PREFIX: &str = ".etcd-restorer-";
+/// The lock file inside a scratch directory, flock'd by its owner.
+const SCRATCH_LOCK: &str = "lock";
+/// A scratch directory without a lock file is stale once this old (its
+/// owner died between creating it and its lock, a matter of microseconds).
+const UNLOCKED_SCRATCH_AGE: std::time::Duration = std::time::Duration::from_mins(1);
 
-impl Drop for Cleanup {
+/// A private scratch directory: mode 0700, an unpredictable name starting
+/// with `.etcd-restorer-`, holding plaintext copies of the cluster's data
+/// while a command runs.
+///
+/// It is removed when dropped (success, error or panic), and on SIGINT or
+/// SIGTERM (see [`register_for_interrupt`]). A process killed with SIGKILL
+/// leaves it behind; the next [`Scratch::new_in`] in the same directory
+/// removes it: each scratch directory holds a lock file its owner keeps
+/// flock'd, so one whose lock can be taken belongs to a dead process.
+pub(super) struct Scratch {
+    dir: Option<tempfile::TempDir>,
+    _lock: std::fs::File,
+}
+
+impl Scratch {
+    /// Creates a scratch directory in `parent`, first removing stale ones
+    /// left there by dead processes.
+    ///
+    /// # Errors
+    /// I/O errors naming `parent`.
+    pub(super) fn new_in(parent: &Path) -> anyhow::Result<Self> {
+        remove_stale_scratch(parent);
+        let dir = tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .permissions(std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+            .tempdir_in(parent)
+            .with_context(|| format!("create a scratch directory in {}", parent.display()))?;
+        // The lock is taken before its file appears under its final name,
+        // so a lock file that can be locked is never a live one.
+        let staged = dir.path().join(".lock.new");
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&staged)
+            .with_context(|| format!("create {}", staged.display()))?;
+        lock.try_lock()
+            .with_context(|| format!("lock {}", staged.display()))?;
+        std::fs::rename(&staged, dir.path().join(SCRATCH_LOCK))
+            .with_context(|| format!("create the lock in {}", dir.path().display()))?;
+        register_for_interrupt(dir.path());
+        Ok(Self {
+            dir: Some(dir),
+            _lock: lock,
+        })
+    }
+
+    /// The directory.
+    pub(super) fn path(&self) -> &Path {
+        self.dir.as_ref().expect("present until dropped").path()
+    }
+
+    /// A file name inside the directory.
+    pub(super) fn file(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+}
+
+impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            std::fs::remove_file(&p).ok();
+        if let Some(dir) = self.dir.take() {
+            unregister_for_interrupt(dir.path());
+            let path = dir.path().to_owned();
+            if let Err(e) = dir.close() {
+                tracing::warn!(error = %e, dir = %path.display(), "cannot remove scratch directory");
+            }
         }
     }
 }
 
-pub(super) fn tempfile_path(what: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("etcd-restorer-{what}-{}", std::process::id()))
+/// Removes scratch directories in `parent` left by dead processes (see
+/// [`Scratch`]). Never fails: what cannot be checked or removed is kept.
+fn remove_stale_scratch(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SCRATCH_PREFIX)
+        {
+            continue;
+        }
+        // Not following links: only real directories are ours.
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let stale = match std::fs::File::open(entry.path().join(SCRATCH_LOCK)) {
+            // Locked by a live process: `WouldBlock`.
+            Ok(lock) => lock.try_lock().is_ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age >= UNLOCKED_SCRATCH_AGE),
+            // Another user's, or unreadable: not ours to judge.
+            Err(_) => false,
+        };
+        if stale {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(
+                    dir = %entry.path().display(),
+                    "removed the scratch directory of a restorer that did not finish"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    dir = %entry.path().display(),
+                    "cannot remove a stale scratch directory"
+                ),
+            }
+        }
+    }
+}
+
+/// Paths removed if the process is interrupted.
+static ON_INTERRUPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Whether a task is listening for SIGINT/SIGTERM.
+static LISTENING: AtomicBool = AtomicBool::new(false);
+
+/// Removes `path` (a file or a directory) if the process gets SIGINT or
+/// SIGTERM before [`unregister_for_interrupt`], then exits with 130 or 143.
+/// The blocking threads of a restore cannot be unwound, so an interrupt is
+/// handled by removing what they write and exiting; a listener task is
+/// started on the current Tokio runtime at the first registration.
+pub(super) fn register_for_interrupt(path: &Path) {
+    ON_INTERRUPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(path.to_owned());
+    if !LISTENING.swap(true, Ordering::SeqCst) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(remove_on_interrupt());
+            }
+            Err(_) => LISTENING.store(false, Ordering::SeqCst),
+        }
+    }
+}
+
+/// Forgets a path registered with [`register_for_interrupt`].
+pub(super) fn unregister_for_interrupt(path: &Path) {
+    ON_INTERRUPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|p| p != path);
+}
+
+async fn remove_on_interrupt() {
+    use tokio::signal::unix::{signal, SignalKind};
+    /// Lets a later registration start a new listener when this one's
+    /// runtime goes away (tests run many runtimes in one process).
+    struct Listening;
+    impl Drop for Listening {
+        fn drop(&mut self) {
+            LISTENING.store(false, Ordering::SeqCst);
+        }
+    }
+    let _listening = Listening;
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!(
+            "cannot listen for SIGINT/SIGTERM: scratch files stay behind if interrupted"
+        );
+        return;
+    };
+    let code = tokio::select! {
+        _ = interrupt.recv() => 130,
+        _ = terminate.recv() => 143,
+    };
+    let paths = std::mem::take(
+        &mut *ON_INTERRUPT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for path in &paths {
+        // A blocking thread may still be creating files: try twice.
+        for _ in 0..2 {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+            if removed.is_ok() || !path.exists() {
+                break;
+            }
+        }
+    }
+    eprintln!("error: interrupted; scratch files removed");
+    std::process::exit(code);
+}
+
+/// A scratch file in a private scratch directory of the system temp dir
+/// (see [`Scratch`]); both go when this is dropped. Derefs to the file's
+/// path.
+pub(super) struct ScratchFile {
+    path: PathBuf,
+    _scratch: Option<Scratch>,
+}
+
+impl std::ops::Deref for ScratchFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A path for scratch file `what`, in a new private scratch directory of the
+/// system temp dir, removed when the returned value is dropped.
+///
+/// If no scratch directory can be made, the error is logged and the path
+/// returned cannot be created (it holds a NUL byte), so the caller fails
+/// when it creates the file rather than writing somewhere predictable.
+/// Prefer [`Scratch::new_in`], which returns the error.
+pub(super) fn tempfile_path(what: &str) -> ScratchFile {
+    match Scratch::new_in(&std::env::temp_dir()) {
+        Ok(scratch) => ScratchFile {
+            path: scratch.file(what),
+            _scratch: Some(scratch),
+        },
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "no private scratch directory");
+            ScratchFile {
+                path: std::env::temp_dir().join(format!("etcd-restorer-no-scratch\0{what}")),
+                _scratch: None,
+            }
+        }
+    }
+}
+
+/// An exclusive lock on a restore's output path, held for the whole
+/// restore: a second restore to the same output fails at once instead of
+/// both "succeeding". The lock file `.{name}.etcd-restorer-lock` next to the
+/// output is removed when the lock is released.
+pub(super) struct OutputLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    /// Takes the lock of `output` (whose directory is `dir`).
+    ///
+    /// # Errors
+    /// [`UsageError`] naming the output if another restorer holds it; I/O
+    /// errors naming the lock file.
+    pub(super) fn acquire(output: &Path, dir: &Path, file_name: &str) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.join(format!(".{file_name}.etcd-restorer-lock"));
+        // A holder removes the file when done; whoever locked the removed
+        // file must try again on the new one.
+        for _ in 0..8 {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(PRIVATE_FILE_MODE)
+                .open(&path)
+                .with_context(|| format!("open {}", path.display()))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => bail!(UsageError(format!(
+                    "--output {}: another etcd-restorer is writing it (lock {} is held)",
+                    output.display(),
+                    path.display()
+                ))),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("lock {}", path.display()))
+                }
+            }
+            let held = file.metadata()?;
+            let current = std::fs::metadata(&path).ok();
+            if current.is_some_and(|c| c.dev() == held.dev() && c.ino() == held.ino()) {
+                register_for_interrupt(&path);
+                return Ok(Self { path, _file: file });
+            }
+        }
+        bail!("cannot lock {}: it keeps being replaced", path.display())
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        unregister_for_interrupt(&self.path);
+        // Removed while still locked (see `acquire`).
+        std::fs::remove_file(&self.path).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_is_private_and_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let path = {
+            let s = Scratch::new_in(parent.path()).unwrap();
+            let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+            assert!(s
+                .path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(SCRATCH_PREFIX));
+            std::fs::write(s.file("x"), b"secret").unwrap();
+            s.path().to_owned()
+        };
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn stale_scratch_of_dead_processes_is_removed_live_is_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let live = Scratch::new_in(parent.path()).unwrap();
+        // A dead process's: its lock file exists but nobody holds it.
+        let dead = parent.path().join(".etcd-restorer-dead");
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join(SCRATCH_LOCK), b"").unwrap();
+        std::fs::write(dead.join("base.db"), b"plaintext").unwrap();
+        // One just being created (no lock yet): kept.
+        let young = parent.path().join(".etcd-restorer-young");
+        std::fs::create_dir(&young).unwrap();
+        let other = Scratch::new_in(parent.path()).unwrap();
+        assert!(!dead.exists());
+        assert!(young.exists());
+        assert!(live.path().exists());
+        assert!(other.path().exists());
+    }
+
+    #[test]
+    fn tempfile_path_is_private_and_removed() {
+        let f = tempfile_path("verify");
+        let dir = f.parent().unwrap().to_owned();
+        assert_ne!(dir, std::env::temp_dir());
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        drop(f);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_second_restore_to_the_same_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("snap.db");
+        let first = OutputLock::acquire(&out, dir.path(), "snap.db").unwrap();
+        let err = OutputLock::acquire(&out, dir.path(), "snap.db")
+            .err()
+            .expect("refused");
+        assert!(err.is::<UsageError>());
+        assert!(err.to_string().contains("snap.db"), "{err}");
+        drop(first);
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+        let _again = OutputLock::acquire(&out, dir.path(), "snap.db").unwrap();
+    }
 }

@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use etcdpitr_common::layout;
 
 use super::{
-    describe_time_choice, load, plan_target, progress_bar, ArchiveEvents, Cleanup, Target,
+    describe_time_choice, load, plan_target, progress_bar, ArchiveEvents, OutputLock, Scratch,
+    Target,
 };
 use crate::source;
 use crate::synth::{self, Bump};
@@ -34,11 +35,14 @@ pub async fn restore(
     if bump.revisions < 0 {
         bail!(UsageError("--bump-revision must not be negative".into()));
     }
-    if !dry_run && output.exists() && !force {
-        bail!(UsageError(format!(
+    let exists = || {
+        UsageError(format!(
             "--output: {} already exists (remove it or pass --force)",
             output.display()
-        )));
+        ))
+    };
+    if !dry_run && output.exists() && !force {
+        bail!(exists());
     }
     let started = Instant::now();
     let (archive, listing) = load(url).await?;
@@ -81,17 +85,26 @@ pub async fn restore(
         .context("--output must name a file")?
         .to_string_lossy()
         .into_owned();
-    let base_path = dir.join(format!(".{file_name}.base-{}", std::process::id()));
-    let partial = dir.join(format!(".{file_name}.partial-{}", std::process::id()));
-    let _base_guard = Cleanup(Some(base_path.clone()));
-    let mut partial_guard = Cleanup(Some(partial.clone()));
+    // Held until the file is in place: a concurrent restore to the same
+    // output fails now rather than both "succeeding".
+    let _lock = OutputLock::acquire(output, &dir, &file_name)?;
+    if output.exists() && !force {
+        bail!(exists());
+    }
+    // The base snapshot and the file being written live in a private
+    // scratch directory next to the output (same file system, so the
+    // finished file is renamed into place), removed on every exit path.
+    let scratch = Scratch::new_in(&dir)?;
+    let base_path = scratch.file("base.db");
+    let partial = scratch.file(&file_name);
     source::fetch_snapshot(
         &archive,
         plan.generation,
         plan.snapshot_revision,
         &base_path,
     )
-    .await?;
+    .await
+    .with_context(|| format!("fetch the base snapshot into {}", base_path.display()))?;
     let bar = progress_bar((plan.target - plan.snapshot_revision) as u64);
     let mut events = ArchiveEvents::new(&archive, &plan, bar.clone());
     let (base2, partial2, plan2) = (base_path.clone(), partial.clone(), plan.clone());
@@ -109,12 +122,26 @@ pub async fn restore(
     })
     .await??;
     bar.finish_and_clear();
-    std::fs::rename(&partial, output)
-        .with_context(|| format!("move the restored file to {}", output.display()))?;
-    partial_guard.0 = None;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        d.sync_all().ok();
+    if force {
+        std::fs::rename(&partial, output)
+            .with_context(|| format!("move the restored file to {}", output.display()))?;
+    } else {
+        // No-clobber: an output that appeared meanwhile is never replaced.
+        let finished = tempfile::TempPath::try_from_path(&partial)
+            .with_context(|| format!("resolve {}", partial.display()))?;
+        match finished.persist_noclobber(output) {
+            Ok(()) => {}
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => bail!(exists()),
+            Err(e) => {
+                return Err(e.error)
+                    .with_context(|| format!("move the restored file to {}", output.display()))
+            }
+        }
     }
+    if let Err(e) = etcdpitr_common::store::fsync_dir(&dir) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot sync the output's directory");
+    }
+    drop(scratch);
     println!(
         "restored revision {} (generation {}, base snapshot {}, {} revisions replayed): {} key entries, {} bytes, {:.2} s -> {}",
         summary.revision,
