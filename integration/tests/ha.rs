@@ -78,12 +78,10 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
         tokio::spawn(async move {
             let mut rng = Rng::new(seed);
             while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = mixed_workload(&mut writer, &mut rng, 10).await {
-                    return Err(e);
-                }
+                mixed_workload(&mut writer, &mut rng, 10).await?;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Ok(())
+            anyhow::Ok(())
         })
     };
 
@@ -103,7 +101,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
             continue;
         };
         let fault = Instant::now();
-        let killed = round % 2 == 0;
+        let killed = round.is_multiple_of(2);
         if killed {
             archivers[i].kill9();
         } else {
@@ -112,7 +110,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
         // A write after the fault, archived by the new writer.
         client.put("/ha/marker", round.to_string(), None).await?;
         let marker = current_revision(&mut client).await?;
-        wait_archived(url, 1, marker, Duration::from_secs(60)).await?;
+        wait_archived(url, 1, marker, Duration::from_mins(1)).await?;
         takeovers.push((killed, fault.elapsed()));
         if !killed {
             // The frozen writer wakes up deposed; it must not harm the archive.
@@ -126,7 +124,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
     stop.store(true, Ordering::Relaxed);
     workload.await??;
     let rev = current_revision(&mut client).await?;
-    wait_archived(url, 1, rev, Duration::from_secs(60)).await?;
+    wait_archived(url, 1, rev, Duration::from_mins(1)).await?;
     for a in &mut archivers {
         let (status, _) = a.terminate(Duration::from_secs(40))?;
         anyhow::ensure!(status.success(), "an archiver exited with {status}");

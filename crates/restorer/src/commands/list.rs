@@ -20,6 +20,9 @@ pub struct ListOutput {
     pub generations: Vec<ListGeneration>,
     /// Stretches of history the archive cannot restore.
     pub gaps: Vec<ListGap>,
+    /// Generations started by an archiver that had lost leadership: not
+    /// part of the archive's history.
+    pub void_generations: Vec<u64>,
 }
 
 /// One generation in `list --json`.
@@ -135,6 +138,7 @@ pub fn list_view(url: &str, listing: &ArchiveListing) -> ListOutput {
         format_version: listing.manifest.as_ref().map_or(0, |m| m.version),
         generations,
         gaps,
+        void_generations: listing.void.iter().map(|g| g.generation().0).collect(),
     }
 }
 
@@ -181,6 +185,12 @@ pub async fn list(url: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<
                 r.last_time.as_deref().unwrap_or("(no segment yet)")
             )?;
         }
+    }
+    for id in &view.void_generations {
+        writeln!(
+            out,
+            "generation {id}: void (started by an archiver that had lost leadership; ignored)"
+        )?;
     }
     for gap in &view.gaps {
         writeln!(

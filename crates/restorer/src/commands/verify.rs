@@ -197,6 +197,13 @@ pub async fn verify(url: &str, out: &mut dyn Write) -> anyhow::Result<()> {
             "{key}: not part of the etcd-pitr layout, inside the archive's namespace"
         ));
     }
+    for g in &listing.void {
+        report.notes.push(format!(
+            "generation {} is void: it was started by an archiver that had lost leadership (term {}), and is ignored",
+            g.generation(),
+            g.manifest.as_ref().map_or(0, |m| m.term)
+        ));
+    }
     if !listing.foreign.is_empty() {
         report.notes.push(format!(
             "ignored {} objects outside the archive's namespace: {}",
