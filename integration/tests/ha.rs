@@ -110,7 +110,20 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
         // A write after the fault, archived by the new writer.
         client.put("/ha/marker", round.to_string(), None).await?;
         let marker = current_revision(&mut client).await?;
-        wait_archived(url, 1, marker, Duration::from_mins(1)).await?;
+        if let Err(e) = wait_archived(url, 1, marker, Duration::from_mins(1)).await {
+            let tails: Vec<String> = logs
+                .iter()
+                .map(|l| {
+                    let text = std::fs::read_to_string(l).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                })
+                .collect();
+            anyhow::bail!(
+                "{e:#} after fault {round}; logs:\n{}",
+                tails.join("\n---\n")
+            );
+        }
         takeovers.push((killed, fault.elapsed()));
         if !killed {
             // The frozen writer wakes up deposed; it must not harm the archive.
@@ -190,10 +203,10 @@ async fn three_archivers_survive_killed_and_frozen_writers_on_local_files() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_archivers_survive_killed_and_frozen_writers_on_s3() -> anyhow::Result<()> {
-    let s3 = S3Server::start("ha").await?;
+    let s3 = S3Server::start("ha-archive").await?;
     let env = S3Server::env(s3.port);
     for (k, v) in &env {
         std::env::set_var(k, v);
     }
-    ha_round("s3://ha/cluster", &env, 62).await
+    ha_round("s3://ha-archive/cluster", &env, 62).await
 }

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::{ArchiveManifest, GapStart};
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::{now_ms, Revision};
 use tokio_util::sync::CancellationToken;
 
@@ -80,10 +80,18 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
             } else {
                 let m = ArchiveManifest::new(now_ms());
                 let json = serde_json::to_vec_pretty(&m).expect("manifest serializes");
-                archive
+                match archive
                     .put_once(layout::MANIFEST_NAME, Bytes::from(json))
-                    .await?;
-                tracing::info!(archive = archive.url(), "created a new archive");
+                    .await
+                {
+                    Ok(()) => tracing::info!(archive = archive.url(), "created a new archive"),
+                    // Another archiver created it a moment ago: check theirs.
+                    Err(StoreError::Conflict(_)) => {
+                        let bytes = archive.get(layout::MANIFEST_NAME).await?;
+                        ArchiveManifest::parse(layout::MANIFEST_NAME, &bytes)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             Ok(())
         },
