@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use bytes::Bytes;
 use etcdpitr_common::catalog::{Catalog, ObjectState};
+use etcdpitr_common::chain;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::store::{self, Archive, StoreError};
 use tokio::sync::{mpsc, Notify};
@@ -287,6 +288,27 @@ pub async fn run_spooler(
     }
 }
 
+/// The store already holds an object of this segment's name with other
+/// bytes (another writer, or an earlier term of this one, observed the same
+/// revisions at other times). By the chain rules that is benign when both
+/// hold the same events for every revision: the stored copy stands and the
+/// spooled one is dropped. Anything else is an integrity error.
+async fn resolve_conflict(archive: &Archive, key: &str, ours: &[u8]) -> anyhow::Result<()> {
+    let theirs = archive.get(key).await?;
+    let conflict = || anyhow::Error::from(StoreError::Conflict(key.to_owned()));
+    match chain::same_history(key, &theirs, ours) {
+        Ok(true) => {
+            tracing::info!(segment = %key, "the store already holds this segment's revisions from another writer; keeping that copy");
+            Ok(())
+        }
+        Ok(false) => Err(conflict().context(chain::IntegrityError::new(
+            key,
+            "the stored object holds other events than the spooled segment",
+        ))),
+        Err(e) => Err(conflict().context(e)),
+    }
+}
+
 /// Uploads spooled segments in order until the channel closes (then drains
 /// what is queued) or `abort` fires. Returns the number uploaded.
 ///
@@ -318,7 +340,10 @@ pub async fn run_uploader(
                 let data = tokio::fs::read(&item.path)
                     .await
                     .with_context(|| format!("read spooled {}", item.path.display()))?;
-                Ok(archive.put_once(&key, Bytes::from(data)).await?)
+                match archive.put_once(&key, Bytes::from(data.clone())).await {
+                    Err(StoreError::Conflict(_)) => resolve_conflict(&archive, &key, &data).await,
+                    other => Ok(other?),
+                }
             },
         )
         .await;
@@ -469,6 +494,34 @@ mod tests {
     }
 
     fn setup(fault: Fault) -> Setup {
+        setup_with(fault, b"segment bytes")
+    }
+
+    /// Revisions 11..=20 of generation 1, observed at `observed_ms`.
+    fn segment(observed_ms: i64, value: &[u8]) -> Vec<u8> {
+        use etcdpitr_common::segment::{Event, EventKind, RevisionRecord, SegmentBuilder};
+        let mut b = SegmentBuilder::new(1, 10).unwrap();
+        for revision in 11..=20 {
+            b.push_revision(&RevisionRecord {
+                revision,
+                observed_ms,
+                catching_up: false,
+                events: vec![Event {
+                    kind: EventKind::Put,
+                    key: b"k".to_vec(),
+                    value: value.to_vec(),
+                    create_revision: 11,
+                    mod_revision: revision,
+                    version: revision - 10,
+                    lease: 0,
+                }],
+            })
+            .unwrap();
+        }
+        b.finish().unwrap().1
+    }
+
+    fn setup_with(fault: Fault, data: &[u8]) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let (spool, leftovers) = Spool::open(&data_dir, 1 << 30).unwrap();
@@ -479,7 +532,6 @@ mod tests {
             last: 20,
             end_ms: 5,
         };
-        let data = b"segment bytes";
         spool.reserve(data.len() as u64);
         let item = spool.write(GenerationId(1), name, data).unwrap();
         spool.written(item.bytes);
@@ -568,6 +620,41 @@ mod tests {
                 .any(|c| matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Conflict(k)) if *k == s.key)),
             "{err:#}"
         );
+        assert!(s.item.path.exists(), "the segment stays in the spool");
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_the_same_history_from_another_writer_is_kept_not_fatal() {
+        let s = setup_with(Fault::FailFirst(0), &segment(7, b"v"));
+        let theirs = segment(9, b"v");
+        s.store
+            .inner
+            .put(&StorePath::from(s.key.as_str()), theirs.clone().into())
+            .await
+            .unwrap();
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 1);
+        assert!(!fatal.failed());
+        assert!(!s.item.path.exists(), "the redundant copy left the spool");
+        let stored = s.store.inner.get(&StorePath::from(s.key.as_str())).await;
+        assert_eq!(stored.unwrap().bytes().await.unwrap().as_ref(), &theirs[..]);
+    }
+
+    #[tokio::test]
+    async fn a_copy_with_other_events_is_an_integrity_error() {
+        let s = setup_with(Fault::FailFirst(0), &segment(7, b"ours"));
+        s.store
+            .inner
+            .put(
+                &StorePath::from(s.key.as_str()),
+                segment(7, b"theirs").into(),
+            )
+            .await
+            .unwrap();
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 0);
+        let err = fatal.take().expect("the conflict is reported");
+        assert!(format!("{err:#}").contains("holds other events"), "{err:#}");
         assert!(s.item.path.exists(), "the segment stays in the spool");
     }
 

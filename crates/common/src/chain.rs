@@ -398,6 +398,28 @@ pub fn revision_digest(record: &RevisionRecord) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// Whether two encodings of the same segment name hold the same history
+/// (the same events for every revision; observation times may differ, as
+/// when two writers archived the same revisions). `theirs` is the stored
+/// object, `ours` a copy about to be written.
+///
+/// # Errors
+/// [`IntegrityError`] naming `object` when either copy cannot be decoded.
+pub fn same_history(object: &str, theirs: &[u8], ours: &[u8]) -> Result<bool, IntegrityError> {
+    let digests = |bytes: &[u8], which: &str| -> Result<Vec<[u8; 32]>, IntegrityError> {
+        let (_, records) = crate::segment::decode_all(object, bytes)
+            .map_err(|e| IntegrityError::new(object, format!("{which}: {e}")))?;
+        Ok(records
+            .iter()
+            .filter_map(|r| match r {
+                crate::segment::Record::Revision(r) => Some(revision_digest(r)),
+                _ => None,
+            })
+            .collect())
+    };
+    Ok(digests(theirs, "stored copy")? == digests(ours, "new copy")?)
+}
+
 /// Checks that the revisions replayed from a chain follow each other; used
 /// when replaying links that may overlap (revisions at or below `last` are
 /// duplicates to skip).
