@@ -23,6 +23,14 @@
 //!   new [`Run`].
 //! - A restore point R needs a base snapshot S <= R inside the same run as R
 //!   (or R == S): see [`Chain::restorable`].
+//! - Observed times come from one clock epoch per writer process and
+//!   generation (`clock/` objects). A revision belongs to the epoch with the
+//!   greatest first revision at or below it. Its true commit time lies in
+//!   `[observed + min(0, o), observed + max(0, o)]` over the offsets `o` of
+//!   every wall-clock step recorded in its epoch (the anchor may have been
+//!   wrong from the start, or the new wall reading may be): see
+//!   [`Timeline`]. A `--time` answer that these intervals make ambiguous is
+//!   refused ([`check_time_choice`]).
 
 use std::fmt;
 
@@ -30,6 +38,7 @@ use thiserror::Error;
 
 use crate::layout::{GenerationId, SegmentName};
 use crate::listing::GenerationListing;
+use crate::manifest::ClockStep;
 use crate::segment::{EventKind, RevisionRecord, SegmentHeader};
 use crate::Revision;
 
@@ -345,6 +354,164 @@ pub fn void_generations(generations: &[GenerationListing]) -> Vec<GenerationId> 
     void
 }
 
+/// How far a revision's true commit time may lie from its observed time
+/// because of recorded wall-clock steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeUncertainty {
+    /// The true time may be up to this much earlier than observed (>= 0).
+    pub back_ms: i64,
+    /// The true time may be up to this much later than observed (>= 0).
+    pub fwd_ms: i64,
+}
+
+/// A generation's clock epochs and the wall-clock steps recorded in them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Timeline {
+    /// First revisions of the epochs, ascending (including every step's).
+    epochs: Vec<Revision>,
+    /// Steps, in name order.
+    steps: Vec<ClockStep>,
+}
+
+impl Timeline {
+    /// A timeline of `epochs` (first revisions, from names) and `steps`
+    /// (read from the step objects). A step's epoch counts even when its
+    /// epoch object is missing.
+    pub fn new(epochs: &[Revision], steps: &[ClockStep]) -> Self {
+        let mut all: Vec<Revision> = epochs.to_vec();
+        all.extend(steps.iter().map(|s| s.epoch_first));
+        all.sort_unstable();
+        all.dedup();
+        let mut steps = steps.to_vec();
+        steps.sort_by_key(ClockStep::name);
+        Self { epochs: all, steps }
+    }
+
+    /// The first revision of the epoch holding `revision`; `None` for
+    /// revisions archived before any epoch was recorded (older archives),
+    /// whose times carry no recorded doubt.
+    pub fn epoch_of(&self, revision: Revision) -> Option<Revision> {
+        self.epochs.iter().rev().copied().find(|&e| e <= revision)
+    }
+
+    /// The steps recorded in the epoch holding `revision`.
+    pub fn steps_for(&self, revision: Revision) -> impl Iterator<Item = &ClockStep> {
+        let epoch = self.epoch_of(revision);
+        self.steps
+            .iter()
+            .filter(move |s| Some(s.epoch_first) == epoch)
+    }
+
+    /// How far `revision`'s true time may lie from its observed time.
+    pub fn uncertainty(&self, revision: Revision) -> TimeUncertainty {
+        self.steps_for(revision)
+            .fold(TimeUncertainty::default(), |u, s| TimeUncertainty {
+                back_ms: u.back_ms.max(s.offset_ms.saturating_neg()),
+                fwd_ms: u.fwd_ms.max(s.offset_ms),
+            })
+    }
+
+    /// The step that lets `revision` be furthest earlier (`earlier`) or
+    /// later than observed, if any does.
+    pub fn widest_step(&self, revision: Revision, earlier: bool) -> Option<&ClockStep> {
+        let steps = self.steps_for(revision);
+        if earlier {
+            steps
+                .filter(|s| s.offset_ms < 0)
+                .min_by_key(|s| s.offset_ms)
+        } else {
+            steps
+                .filter(|s| s.offset_ms > 0)
+                .max_by_key(|s| s.offset_ms)
+        }
+    }
+
+    /// Whether any step is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+}
+
+/// A revision and the time it was observed (Unix ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The revision.
+    pub revision: Revision,
+    /// Its observed time (Unix ms).
+    pub observed_ms: i64,
+}
+
+/// Why a `--time` answer cannot be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeDoubt {
+    /// The chosen revision (observed at or before the time) may have been
+    /// committed after it.
+    ChosenMayBeLater {
+        /// The chosen revision.
+        chosen: Observed,
+        /// Its latest possible commit time (Unix ms).
+        latest_ms: i64,
+        /// The step that allows it.
+        step: ClockStep,
+    },
+    /// The next revision (observed after the time) may have been committed
+    /// at or before it.
+    NextMayBeEarlier {
+        /// The next revision.
+        next: Observed,
+        /// Its earliest possible commit time (Unix ms).
+        earliest_ms: i64,
+        /// The step that allows it.
+        step: ClockStep,
+    },
+}
+
+/// Checks a `--time` answer against the recorded clock steps: `chosen` is
+/// the last revision observed at or before `time_ms` (`None` when it has no
+/// observed time, e.g. the generation's base), `next` the revision after it
+/// (`None` when not archived). Commit times grow with revisions, so these
+/// two decide: the answer stands when `chosen` was surely committed at or
+/// before the time and `next` surely after it.
+///
+/// # Errors
+/// The [`TimeDoubt`] that makes the answer ambiguous.
+pub fn check_time_choice(
+    timeline: &Timeline,
+    time_ms: i64,
+    chosen: Option<Observed>,
+    next: Option<Observed>,
+) -> Result<(), TimeDoubt> {
+    if let Some(chosen) = chosen {
+        let latest_ms = chosen
+            .observed_ms
+            .saturating_add(timeline.uncertainty(chosen.revision).fwd_ms);
+        if latest_ms > time_ms {
+            if let Some(&step) = timeline.widest_step(chosen.revision, false) {
+                return Err(TimeDoubt::ChosenMayBeLater {
+                    chosen,
+                    latest_ms,
+                    step,
+                });
+            }
+        }
+    }
+    if let Some(next) = next {
+        let earliest_ms = next
+            .observed_ms
+            .saturating_sub(timeline.uncertainty(next.revision).back_ms);
+        if earliest_ms <= time_ms {
+            if let Some(&step) = timeline.widest_step(next.revision, true) {
+                return Err(TimeDoubt::NextMayBeEarlier {
+                    next,
+                    earliest_ms,
+                    step,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a segment's header against its name and generation.
 ///
 /// # Errors
@@ -629,6 +796,119 @@ mod tests {
         // Without elections every term is 0: nothing is void.
         let legacy = vec![gen(1, 0, None, vec![]), gen(2, 0, Some(1), vec![])];
         assert!(void_generations(&legacy).is_empty());
+    }
+
+    fn step(epoch_first: Revision, at: Revision, offset_ms: i64) -> ClockStep {
+        ClockStep {
+            epoch_first,
+            at_revision: at,
+            anchored_ms: 1_000 + at,
+            wall_ms: 1_000 + at + offset_ms,
+            offset_ms,
+        }
+    }
+
+    #[test]
+    fn clock_steps_widen_their_whole_epoch() {
+        // Epochs from 5 and from 20; epoch 5 saw the wall clock 60 s ahead
+        // after revision 12 and back near the anchor after 15; epoch 20 saw
+        // it 30 s behind. Revisions before 5 predate clock records.
+        let t = Timeline::new(
+            &[5, 20],
+            &[step(5, 15, 500), step(5, 12, 60_000), step(20, 25, -30_000)],
+        );
+        assert_eq!(t.epoch_of(4), None);
+        assert_eq!(t.epoch_of(5), Some(5));
+        assert_eq!(t.epoch_of(19), Some(5));
+        assert_eq!(t.epoch_of(100), Some(20));
+        assert_eq!(t.uncertainty(4), TimeUncertainty::default());
+        // Revisions before the step are as doubtful as those after it.
+        for r in [5, 12, 19] {
+            assert_eq!(
+                t.uncertainty(r),
+                TimeUncertainty {
+                    back_ms: 0,
+                    fwd_ms: 60_000
+                }
+            );
+        }
+        assert_eq!(
+            t.uncertainty(20),
+            TimeUncertainty {
+                back_ms: 30_000,
+                fwd_ms: 0
+            }
+        );
+        assert_eq!(t.widest_step(7, false).map(|s| s.at_revision), Some(12));
+        assert_eq!(t.widest_step(7, true), None);
+        assert_eq!(t.widest_step(21, true).map(|s| s.at_revision), Some(25));
+        // A step whose epoch object is missing still starts its epoch.
+        let orphan = Timeline::new(&[], &[step(9, 8, -5_000)]);
+        assert_eq!(orphan.uncertainty(9).back_ms, 5_000);
+        assert_eq!(orphan.uncertainty(8), TimeUncertainty::default());
+        assert!(Timeline::default().is_empty() && !orphan.is_empty());
+    }
+
+    #[test]
+    fn time_choices_are_refused_only_when_a_step_makes_them_ambiguous() {
+        let obs = |revision, observed_ms| Observed {
+            revision,
+            observed_ms,
+        };
+        // The reported failure: the wall clock was 60 s behind while the
+        // bad deploy (revision 13, committed at 100_000) was observed at
+        // 40_000; then it was corrected (+60 s). Asking for 99_000 picks
+        // revision 14 (observed 50_000, committed 110_000) at the latest.
+        let behind = Timeline::new(&[5], &[step(5, 14, 60_000)]);
+        let doubt = check_time_choice(
+            &behind,
+            99_000,
+            Some(obs(14, 50_000)),
+            Some(obs(15, 99_500)),
+        )
+        .unwrap_err();
+        assert_eq!(
+            doubt,
+            TimeDoubt::ChosenMayBeLater {
+                chosen: obs(14, 50_000),
+                latest_ms: 110_000,
+                step: step(5, 14, 60_000)
+            }
+        );
+        // Far enough from every observation, the answer stands.
+        assert!(check_time_choice(&behind, 200_000, Some(obs(15, 120_000)), None).is_ok());
+        // The reverse: the clock correct, then 60 s behind (kept anchored),
+        // the deploy observed at its true 100_000: 99_000 would pick the
+        // revision before it, but the deploy may be as early as 40_000.
+        let stepped_back = Timeline::new(&[5], &[step(5, 12, -60_000), step(5, 14, 0)]);
+        let doubt = check_time_choice(
+            &stepped_back,
+            99_000,
+            Some(obs(12, 90_000)),
+            Some(obs(13, 100_000)),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(doubt, TimeDoubt::NextMayBeEarlier { next, earliest_ms: 40_000, step } if next.revision == 13 && step.offset_ms == -60_000),
+            "{doubt:?}"
+        );
+        assert!(check_time_choice(
+            &stepped_back,
+            99_000,
+            Some(obs(12, 30_000)),
+            Some(obs(13, 160_000))
+        )
+        .is_ok());
+        // Without steps (or before any epoch), observed times are trusted.
+        assert!(check_time_choice(
+            &Timeline::default(),
+            99_000,
+            Some(obs(12, 99_000)),
+            Some(obs(13, 99_001))
+        )
+        .is_ok());
+        // A base snapshot without an observed time is never doubted.
+        assert!(check_time_choice(&behind, 99_000, None, Some(obs(15, 200_000))).is_ok());
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! {prefix}/gen-{gen:016x}/segments/{first:016x}-{last:016x}-{end_ms:016x}.seg
 //! {prefix}/gen-{gen:016x}/lineage/{rev:016x}.json            the source's HashKV at a snapshot revision
 //! {prefix}/gen-{gen:016x}/terms/{term:016x}.json             a writer's term began writing this generation
+//! {prefix}/gen-{gen:016x}/clock/{first:016x}.json            a clock epoch began at revision `first`
+//! {prefix}/gen-{gen:016x}/clock/{first:016x}-{at:016x}-{anchored_ms:016x}.json
+//!                                                           a wall-clock step seen in that epoch
 //! {prefix}/terms/{term:016x}.json                            writer terms, claimed write-once in order
 //! ```
 //!
@@ -176,6 +179,60 @@ pub fn generation_manifest_key(generation: GenerationId) -> String {
     format!("{}/{GENERATION_MANIFEST_NAME}", generation.dir_name())
 }
 
+/// Directory of a generation's clock records.
+const CLOCK_DIR: &str = "clock";
+
+/// Relative object key of the clock epoch of `generation` that begins at
+/// revision `first` (the first revision its writer appends).
+pub fn clock_epoch_key(generation: GenerationId, first: Revision) -> String {
+    format!("{}/{CLOCK_DIR}/{first:016x}.json", generation.dir_name())
+}
+
+/// A wall-clock step recorded in a clock epoch, as carried by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClockStepName {
+    /// First revision of the epoch the step was seen in.
+    pub epoch_first: Revision,
+    /// The step was seen after this revision was appended
+    /// (`epoch_first - 1` when seen before the epoch's first revision).
+    pub at: Revision,
+    /// The archiver's anchored time (Unix ms) when it saw the step; keeps
+    /// the names of several steps after one revision apart.
+    pub anchored_ms: i64,
+}
+
+impl ClockStepName {
+    /// The object file name, without directories.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{:016x}-{:016x}-{:016x}.json",
+            self.epoch_first, self.at, self.anchored_ms
+        )
+    }
+
+    /// Parses a step file name strictly.
+    pub fn parse(name: &str) -> Option<Self> {
+        let stem = name.strip_suffix(".json")?;
+        let mut parts = stem.split('-');
+        let epoch_first = parse_rev(parts.next()?)?;
+        let at = parse_rev(parts.next()?)?;
+        let anchored_ms = parse_rev(parts.next()?)?;
+        if parts.next().is_some() || epoch_first < 1 || at < epoch_first - 1 {
+            return None;
+        }
+        Some(Self {
+            epoch_first,
+            at,
+            anchored_ms,
+        })
+    }
+}
+
+/// Relative object key of a clock step of `generation`.
+pub fn clock_step_key(generation: GenerationId, name: &ClockStepName) -> String {
+    format!("{}/{CLOCK_DIR}/{}", generation.dir_name(), name.file_name())
+}
+
 /// One object of a generation, classified by its relative name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GenerationObject {
@@ -189,6 +246,10 @@ pub enum GenerationObject {
     Lineage(Revision),
     /// A writer term began writing this generation.
     Term(u64),
+    /// A clock epoch beginning at this revision.
+    ClockEpoch(Revision),
+    /// A wall-clock step seen in a clock epoch.
+    ClockStep(ClockStepName),
 }
 
 /// Classifies a key relative to the archive root (`gen-…/…`).
@@ -207,6 +268,17 @@ pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
         GenerationObject::Lineage(parse_rev(file.strip_suffix(".json")?)?)
     } else if let Some(file) = rest.strip_prefix("terms/") {
         GenerationObject::Term(parse_hex16(file.strip_suffix(".json")?)?)
+    } else if let Some(file) = rest.strip_prefix("clock/") {
+        let stem = file.strip_suffix(".json")?;
+        if stem.len() == 16 {
+            let first = parse_rev(stem)?;
+            if first < 1 {
+                return None;
+            }
+            GenerationObject::ClockEpoch(first)
+        } else {
+            GenerationObject::ClockStep(ClockStepName::parse(file)?)
+        }
     } else {
         return None;
     };
@@ -303,5 +375,46 @@ mod tests {
         assert_eq!(parse_term_key(&term_key(7)), Some(7));
         assert_eq!(parse_term_key("terms/7.json"), None);
         assert!(in_namespace("terms/x") && !in_namespace("lost+found/x"));
+    }
+
+    #[test]
+    fn clock_names_round_trip_and_parse_strictly() {
+        let g = GenerationId(4);
+        assert_eq!(
+            clock_epoch_key(g, 0x1f),
+            "gen-0000000000000004/clock/000000000000001f.json"
+        );
+        assert_eq!(
+            classify(&clock_epoch_key(g, 0x1f)),
+            Some((g, GenerationObject::ClockEpoch(0x1f)))
+        );
+        let step = ClockStepName {
+            epoch_first: 0x1f,
+            at: 0x1e,
+            anchored_ms: 1_700_000_000_123,
+        };
+        let key = clock_step_key(g, &step);
+        assert_eq!(
+            key,
+            "gen-0000000000000004/clock/000000000000001f-000000000000001e-0000018bcfe5687b.json"
+        );
+        assert_eq!(classify(&key), Some((g, GenerationObject::ClockStep(step))));
+        // Steps sort by epoch, then revision, then time.
+        let later = ClockStepName { at: 0x20, ..step };
+        assert!(step.file_name() < later.file_name() && step < later);
+        for bad in [
+            "gen-0000000000000004/clock/0000000000000000.json",
+            "gen-0000000000000004/clock/1f.json",
+            "gen-0000000000000004/clock/000000000000001F.json",
+            "gen-0000000000000004/clock/000000000000001f.json.tmp",
+            "gen-0000000000000004/clock/000000000000001f-000000000000001e.json",
+            // A step seen before its epoch's start.
+            "gen-0000000000000004/clock/000000000000001f-000000000000001d-0000000000000001.json",
+            "gen-0000000000000004/clock/000000000000001f-000000000000001e-0000000000000001-00.json",
+            "gen-0000000000000004/clock/000000000000001f-000000000000001e-8000000000000000.json",
+            "gen-0000000000000004/clock/x/000000000000001f.json",
+        ] {
+            assert_eq!(classify(bad), None, "{bad}");
+        }
     }
 }

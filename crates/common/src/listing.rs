@@ -6,7 +6,7 @@
 use thiserror::Error;
 
 use crate::chain::Chain;
-use crate::layout::{self, GenerationId, GenerationObject, SegmentName};
+use crate::layout::{self, ClockStepName, GenerationId, GenerationObject, SegmentName};
 use crate::manifest::{ArchiveManifest, GenerationManifest, ManifestError};
 use crate::store::{Archive, StoreError};
 use crate::Revision;
@@ -37,6 +37,11 @@ pub struct GenerationListing {
     pub lineage: Vec<Revision>,
     /// Writer terms that began writing this generation after it started.
     pub terms: Vec<u64>,
+    /// First revisions of the generation's clock epochs, ascending.
+    pub clock_epochs: Vec<Revision>,
+    /// Wall-clock steps recorded in those epochs, in name order (their
+    /// offsets are in the objects; see [`crate::chain::Timeline`]).
+    pub clock_steps: Vec<ClockStepName>,
 }
 
 impl GenerationListing {
@@ -119,6 +124,8 @@ impl ArchiveListing {
                 GenerationObject::Segment(name) => g.segments.push(name),
                 GenerationObject::Lineage(rev) => g.lineage.push(rev),
                 GenerationObject::Term(term) => g.terms.push(term),
+                GenerationObject::ClockEpoch(first) => g.clock_epochs.push(first),
+                GenerationObject::ClockStep(name) => g.clock_steps.push(name),
             }
         }
         let void = crate::chain::void_generations(&listing.generations);

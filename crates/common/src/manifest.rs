@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::layout::GenerationId;
+use crate::layout::{ClockStepName, GenerationId};
 use crate::Revision;
 
 /// The archive format version this build reads and writes.
@@ -226,6 +226,128 @@ impl TermRecord {
     }
 }
 
+/// `gen-…/clock/{epoch_first}.json`: a clock epoch began. An epoch is one
+/// archiver process writing one generation with its anchored clock (wall
+/// time read once, then advanced by the monotonic clock); it holds the
+/// generation's revisions from `epoch_first` up to the next epoch's first
+/// revision - 1. Written before any segment of the epoch can be uploaded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClockEpoch {
+    /// The first revision the epoch's writer appends (last archived + 1).
+    pub epoch_first: Revision,
+    /// The wall-clock time (Unix ms) the process read once to anchor its
+    /// clock.
+    pub anchor_ms: i64,
+    /// The anchored time (Unix ms) when the epoch began; raised to
+    /// `floor_ms` when the generation's archived times were later.
+    pub began_ms: i64,
+    /// The generation's latest archived time (Unix ms) when the epoch
+    /// began (0 for a new generation): observed times never go below it.
+    pub floor_ms: i64,
+    /// Who wrote it (host name and process id).
+    pub holder: String,
+}
+
+impl ClockEpoch {
+    /// Parses an epoch object, checking it begins at `epoch_first`.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse_at(
+        object: &str,
+        bytes: &[u8],
+        epoch_first: Revision,
+    ) -> Result<Self, ManifestError> {
+        let e: Self = parse_json(object, bytes)?;
+        if e.epoch_first != epoch_first {
+            return Err(malformed(
+                object,
+                format!(
+                    "begins at revision {}, its name says {epoch_first}",
+                    e.epoch_first
+                ),
+            ));
+        }
+        Ok(e)
+    }
+}
+
+/// `gen-…/clock/{epoch_first}-{at}-{anchored_ms}.json`: the wall clock
+/// stepped away from the epoch's anchored clock (which the archiver keeps
+/// using). `offset_ms = wall_ms - anchored_ms` is cumulative since the
+/// anchor, not the change since the previous step.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClockStep {
+    /// First revision of the epoch the step was seen in.
+    pub epoch_first: Revision,
+    /// The step was seen after this revision was appended (`epoch_first -
+    /// 1`: before the epoch's first revision, e.g. when the epoch began with
+    /// its clock raised to the generation's floor).
+    pub at_revision: Revision,
+    /// The anchored clock's time when the step was seen (Unix ms).
+    pub anchored_ms: i64,
+    /// The wall clock's time then (Unix ms).
+    pub wall_ms: i64,
+    /// `wall_ms - anchored_ms`.
+    pub offset_ms: i64,
+}
+
+impl ClockStep {
+    /// The object name this step is stored under.
+    pub fn name(&self) -> ClockStepName {
+        ClockStepName {
+            epoch_first: self.epoch_first,
+            at: self.at_revision,
+            anchored_ms: self.anchored_ms,
+        }
+    }
+
+    /// Parses a step object, checking it against its name.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse_named(
+        object: &str,
+        bytes: &[u8],
+        name: &ClockStepName,
+    ) -> Result<Self, ManifestError> {
+        let s: Self = parse_json(object, bytes)?;
+        if s.name() != *name {
+            return Err(malformed(
+                object,
+                format!(
+                    "records epoch {} revision {} at {} ms, its name says epoch {} revision {} at {} ms",
+                    s.epoch_first, s.at_revision, s.anchored_ms, name.epoch_first, name.at, name.anchored_ms
+                ),
+            ));
+        }
+        if s.wall_ms.checked_sub(s.anchored_ms) != Some(s.offset_ms) {
+            return Err(malformed(
+                object,
+                format!(
+                    "offset_ms {} is not wall_ms - anchored_ms ({} - {})",
+                    s.offset_ms, s.wall_ms, s.anchored_ms
+                ),
+            ));
+        }
+        Ok(s)
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    object: &str,
+    bytes: &[u8],
+) -> Result<T, ManifestError> {
+    serde_json::from_slice(bytes).map_err(|e| malformed(object, e.to_string()))
+}
+
+fn malformed(object: &str, reason: String) -> ManifestError {
+    ManifestError::Malformed {
+        object: object.into(),
+        reason,
+    }
+}
+
 impl Serialize for GenerationId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(self.0)
@@ -235,5 +357,51 @@ impl Serialize for GenerationId {
 impl<'de> Deserialize<'de> for GenerationId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         u64::deserialize(d).map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_objects_parse_against_their_names() {
+        let step = ClockStep {
+            epoch_first: 5,
+            at_revision: 9,
+            anchored_ms: 1_000,
+            wall_ms: 61_000,
+            offset_ms: 60_000,
+        };
+        let json = serde_json::to_vec(&step).unwrap();
+        assert_eq!(
+            ClockStep::parse_named("o", &json, &step.name()).unwrap(),
+            step
+        );
+        let other = ClockStepName {
+            at: 10,
+            ..step.name()
+        };
+        let e = ClockStep::parse_named("o", &json, &other).unwrap_err();
+        assert!(e.to_string().starts_with("o: malformed"), "{e}");
+        let bad = ClockStep {
+            offset_ms: 1,
+            ..step
+        };
+        let e = ClockStep::parse_named("o", &serde_json::to_vec(&bad).unwrap(), &bad.name())
+            .unwrap_err();
+        assert!(e.to_string().contains("offset_ms"), "{e}");
+        assert!(ClockStep::parse_named("o", b"{}", &step.name()).is_err());
+
+        let epoch = ClockEpoch {
+            epoch_first: 5,
+            anchor_ms: 10,
+            began_ms: 20,
+            floor_ms: 20,
+            holder: "h/1".into(),
+        };
+        let json = serde_json::to_vec(&epoch).unwrap();
+        assert_eq!(ClockEpoch::parse_at("o", &json, 5).unwrap(), epoch);
+        assert!(ClockEpoch::parse_at("o", &json, 6).is_err());
     }
 }
