@@ -10,7 +10,7 @@ use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::{GapStart, GenerationManifest, LineageFingerprint, StartReason};
 use etcdpitr_common::segment::RevisionRecord;
 use etcdpitr_common::store::{Archive, StoreError};
-use etcdpitr_common::{now_ms, Revision};
+use etcdpitr_common::Revision;
 
 use crate::etcd::{self, ClusterInfo, Lineage};
 use crate::lineage;
@@ -117,6 +117,10 @@ pub struct NewGeneration {
     pub previous: Option<GapStart>,
     /// The writer term starting it (0 without an election).
     pub term: u64,
+    /// When it starts (Unix ms): the anchored clock's time when a running
+    /// archiver starts it, so that `--time` compares it with observed
+    /// times on one clock.
+    pub started_ms: i64,
     /// Why.
     pub reason: StartReason,
     /// Detail of why.
@@ -137,6 +141,7 @@ pub async fn start_generation(
         id,
         previous,
         term,
+        started_ms,
         reason,
         detail,
     } = new;
@@ -144,7 +149,7 @@ pub async fn start_generation(
         generation: id,
         cluster_id: info.cluster_id,
         start_revision: info.revision,
-        started_ms: now_ms(),
+        started_ms,
         reason,
         previous,
         detail,

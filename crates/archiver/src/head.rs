@@ -22,6 +22,8 @@ pub struct ChainHead {
     pub last_revision: Revision,
     /// The last archived revision's events, to check lineage against.
     pub last_record: Option<RevisionRecord>,
+    /// The latest time (Unix ms) the chain vouches for (0 if none).
+    pub end_ms: i64,
     /// Snapshot revisions of the generation.
     pub snapshots: Vec<Revision>,
     /// The newest lineage fingerprint at or below `last_revision`.
@@ -35,6 +37,15 @@ impl ChainHead {
     /// The generation id.
     pub fn generation(&self) -> GenerationId {
         self.manifest.generation
+    }
+
+    /// The latest observed time archived in the generation: a new writer's
+    /// observed times start no earlier.
+    pub fn floor_ms(&self) -> i64 {
+        self.last_record
+            .as_ref()
+            .map_or(0, |r| r.observed_ms)
+            .max(self.end_ms)
     }
 }
 
@@ -231,6 +242,7 @@ pub async fn load(
     Ok(Some(ChainHead {
         manifest,
         last_revision,
+        end_ms: chain.end_ms(),
         last_record,
         fingerprint,
         next_generation,

@@ -14,6 +14,7 @@ use etcdpitr_common::manifest::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{self, EpochClock};
 use crate::config::Config;
 use crate::election::Leadership;
 use crate::etcd::{self, ClusterInfo};
@@ -285,12 +286,45 @@ impl Session<'_> {
                 }
             }
             self.next_id = h.next_generation;
-            self.current = Some(self.resume(h));
+            let Some(clock) = self
+                .begin_epoch(h.generation(), h.last_revision + 1, h.floor_ms())
+                .await?
+            else {
+                return Ok(false);
+            };
+            self.current = Some(self.resume(h, clock));
         }
         Ok(true)
     }
 
-    fn resume(&self, h: ChainHead) -> Current {
+    /// Begins this process's clock epoch in `generation` at revision
+    /// `first` (see [`crate::clock`]): records it, and a step it starts
+    /// with, before any of its segments can be uploaded. `None` when
+    /// shutdown came first.
+    async fn begin_epoch(
+        &self,
+        generation: GenerationId,
+        first: etcdpitr_common::Revision,
+        floor_ms: i64,
+    ) -> anyhow::Result<Option<EpochClock>> {
+        let archive = &self.opened.archive;
+        let (mut epoch, record) =
+            EpochClock::begin(&self.opened.clock, first, floor_ms, &self.opened.holder);
+        let written = retry("record the clock epoch", self.stop, store_retryable, || {
+            clock::write_epoch(archive, generation, &record)
+        })
+        .await?;
+        if written.is_none() {
+            return Ok(None);
+        }
+        if !clock::record_pending(archive, self.stop, generation, &mut epoch).await? {
+            return Ok(None);
+        }
+        tracing::debug!(generation = %generation, epoch_first = first, began_ms = record.began_ms, "clock epoch recorded");
+        Ok(Some(epoch))
+    }
+
+    fn resume(&self, h: ChainHead, clock: EpochClock) -> Current {
         Current {
             has_snapshot: !h.snapshots.is_empty(),
             writer: SegmentWriter::new(
@@ -299,6 +333,7 @@ impl Session<'_> {
                 h.last_record,
                 self.policy,
                 self.sink.clone(),
+                clock,
             ),
             manifest: h.manifest,
             fingerprint: h.fingerprint,
@@ -341,6 +376,12 @@ impl Session<'_> {
         let previous = match &mut self.current {
             Some(c) => {
                 c.writer.seal()?;
+                // Steps the ending epoch saw and could not record yet.
+                let (archive, stop) = (&self.opened.archive, self.stop);
+                let generation = c.manifest.generation;
+                if !clock::record_pending(archive, stop, generation, c.writer.clock_mut()).await? {
+                    anyhow::bail!("shutdown requested before the clock steps were recorded");
+                }
                 Some(GapStart {
                     generation: c.manifest.generation,
                     last_revision: c.writer.last_revision(),
@@ -352,6 +393,7 @@ impl Session<'_> {
             id: self.next_id,
             previous,
             term: self.term.map_or(0, |t| t.record.term),
+            started_ms: self.opened.clock.now_ms(),
             reason,
             detail,
         };
@@ -372,12 +414,19 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             };
         self.next_id = manifest.generation.next();
+        let Some(clock) = self
+            .begin_epoch(manifest.generation, info.revision + 1, 0)
+            .await?
+        else {
+            anyhow::bail!("shutdown requested before the clock epoch was recorded");
+        };
         let writer = SegmentWriter::new(
             manifest.generation,
             info.revision,
             None,
             self.policy,
             self.sink.clone(),
+            clock,
         );
         self.current = Some(Current {
             manifest,
@@ -495,6 +544,7 @@ impl Session<'_> {
             client,
             &mut current.writer,
             &self.spool,
+            archive,
             schedule,
             info.revision,
             self.stop,

@@ -10,6 +10,7 @@
 //! - [`head`]: where the archive's newest chain ends (read from the store).
 //! - [`lineage`]: HashKV fingerprints that prove the source's history.
 //! - [`watch`]: one watch session, assembling complete revisions.
+//! - [`clock`]: the anchored clock of observed times; wall-clock steps.
 //! - [`segment_writer`]: the open segment; sealing by size and age.
 //! - [`uploader`]: the durable spool and the in-order, write-once uploader.
 //! - [`snapshot`] and [`snapshot_schedule`]: full snapshots, streamed.
@@ -18,6 +19,7 @@
 //! without holes; a generation is never continued on a history that differs
 //! from the archived one; nothing sealed is dropped (it waits in the spool).
 
+pub mod clock;
 pub mod config;
 pub mod election;
 pub mod etcd;
@@ -59,16 +61,22 @@ pub(crate) fn store_retryable(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The archive, the catalog and the lock on the data directory.
+/// The archive, the catalog and the lock on the data directory, and the
+/// process's identity and anchored clock.
 pub struct Opened {
     archive: Archive,
     catalog: Arc<Mutex<Catalog>>,
     _lock: std::fs::File,
+    /// Host name and process id, as recorded in terms and clock epochs.
+    holder: String,
+    /// Observed times come from this clock, anchored once at start.
+    clock: clock::AnchoredClock,
 }
 
 /// Opens the archive (creating its manifest if new, refusing unknown
 /// versions before anything else is written) and then the data directory.
 async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<Opened>> {
+    let clock = clock::AnchoredClock::system();
     let archive = Archive::open(&config.archive)?;
     let checked = retry(
         "read the archive manifest",
@@ -138,6 +146,8 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
         archive,
         catalog: Arc::new(Mutex::new(catalog)),
         _lock: lock,
+        holder: holder_identity(),
+        clock,
     }))
 }
 
@@ -200,7 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // archiver as a signal would, and is returned.
     let background = uploader::Fatal::new(&shutdown);
     let shutdown = background.token();
-    let holder = holder_identity();
+    let holder = opened.holder.clone();
     let mut delay = RETRY_MIN;
     while !shutdown.is_cancelled() {
         let term = match &config.election {
@@ -275,6 +285,7 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
                     last_revision: h.last_revision,
                 }),
                 term: 0,
+                started_ms: now_ms(),
                 reason,
                 detail,
             };

@@ -11,6 +11,7 @@ use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord, SegmentBuild
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
+use crate::clock::EpochClock;
 use crate::uploader::{Sealed, Spool};
 
 /// Limits that decide when a segment is sealed.
@@ -49,6 +50,7 @@ pub struct SegmentWriter {
     latest_progress: Option<(Revision, i64)>,
     last_revision_ms: i64,
     known_leases: HashSet<i64>,
+    clock: EpochClock,
 }
 
 /// Leases remembered per generation before the set is reset (a lease seen
@@ -56,13 +58,15 @@ pub struct SegmentWriter {
 const MAX_KNOWN_LEASES: usize = 1 << 20;
 
 impl SegmentWriter {
-    /// A writer continuing `generation` after `last_revision`.
+    /// A writer continuing `generation` after `last_revision`, observing
+    /// times with `clock` (the epoch beginning at `last_revision + 1`).
     pub fn new(
         generation: GenerationId,
         last_revision: Revision,
         last_record: Option<RevisionRecord>,
         policy: SealPolicy,
         sink: Sink,
+        clock: EpochClock,
     ) -> Self {
         Self {
             generation,
@@ -74,7 +78,30 @@ impl SegmentWriter {
             latest_progress: None,
             last_revision_ms: 0,
             known_leases: HashSet::new(),
+            clock,
         }
+    }
+
+    /// The observed time for something seen now (see [`EpochClock`]):
+    /// anchored, never decreasing; also checks the wall clock for a step.
+    pub fn observe_ms(&mut self) -> i64 {
+        self.clock.observe(self.last_revision)
+    }
+
+    /// Compares the wall clock with the anchored clock (a step is noted in
+    /// [`Self::clock`]'s pending steps).
+    pub fn check_clock(&mut self) {
+        self.clock.check(self.last_revision);
+    }
+
+    /// The epoch's clock.
+    pub fn clock(&self) -> &EpochClock {
+        &self.clock
+    }
+
+    /// The epoch's clock, to mark steps recorded.
+    pub fn clock_mut(&mut self) -> &mut EpochClock {
+        &mut self.clock
     }
 
     /// The generation written.

@@ -18,7 +18,8 @@ use etcd_client::{
     Client, EventType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
 };
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
-use etcdpitr_common::{now_ms, Revision};
+use etcdpitr_common::store::Archive;
+use etcdpitr_common::Revision;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -145,7 +146,7 @@ impl Assembler {
         response: &WatchResponse,
         until: Revision,
     ) -> Result<bool, SessionEnd> {
-        let observed_ms = now_ms();
+        let observed_ms = writer.observe_ms();
         let mut passed = false;
         for event in response.events() {
             let Some(kv) = event.kv() else {
@@ -188,12 +189,31 @@ impl Assembler {
     }
 }
 
-/// Seals what is due, then waits while the spool is full. Safe to drop.
+/// Records the clock steps the writer's clock has seen (see
+/// [`crate::clock`]). Safe to drop.
+async fn record_clock_steps(
+    writer: &mut SegmentWriter,
+    archive: &Archive,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionEnd> {
+    let generation = writer.generation();
+    match crate::clock::record_pending(archive, shutdown, generation, writer.clock_mut()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(SessionEnd::Shutdown),
+        // Still pending: the next session records it.
+        Err(e) => Err(SessionEnd::Disconnected(e)),
+    }
+}
+
+/// Records clock steps and seals what is due, then waits while the spool
+/// is full. Safe to drop.
 async fn make_room(
     writer: &mut SegmentWriter,
     spool: &Spool,
+    archive: &Archive,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionEnd> {
+    record_clock_steps(writer, archive, shutdown).await?;
     writer.seal_if_due().map_err(SessionEnd::Disconnected)?;
     tokio::select! {
         biased;
@@ -208,6 +228,7 @@ async fn catch_up(
     client: &mut Client,
     writer: &mut SegmentWriter,
     spool: &Spool,
+    archive: &Archive,
     assembler: &mut Assembler,
     target: Revision,
     shutdown: &CancellationToken,
@@ -242,7 +263,7 @@ async fn catch_up(
             return Ok(());
         };
         while writer.last_revision() < window.last {
-            make_room(writer, spool, shutdown).await?;
+            make_room(writer, spool, archive, shutdown).await?;
             let message = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -269,6 +290,7 @@ pub async fn run(
     client: &mut Client,
     writer: &mut SegmentWriter,
     spool: &Spool,
+    archive: &Archive,
     snapshots: &mut SnapshotSchedule,
     caught_up_at: Revision,
     shutdown: &CancellationToken,
@@ -278,14 +300,33 @@ pub async fn run(
         caught_up_at,
     };
     loop {
-        let target = match follow(client, writer, spool, snapshots, &mut assembler, shutdown).await
+        let target = match follow(
+            client,
+            writer,
+            spool,
+            archive,
+            snapshots,
+            &mut assembler,
+            shutdown,
+        )
+        .await
         {
             Ok(target) => target,
             Err(end) => return end,
         };
         // Everything up to `target` is already committed: observed late.
         assembler.caught_up_at = assembler.caught_up_at.max(target);
-        if let Err(end) = catch_up(client, writer, spool, &mut assembler, target, shutdown).await {
+        if let Err(end) = catch_up(
+            client,
+            writer,
+            spool,
+            archive,
+            &mut assembler,
+            target,
+            shutdown,
+        )
+        .await
+        {
             return end;
         }
     }
@@ -297,6 +338,7 @@ async fn follow(
     client: &mut Client,
     writer: &mut SegmentWriter,
     spool: &Spool,
+    archive: &Archive,
     snapshots: &mut SnapshotSchedule,
     assembler: &mut Assembler,
     shutdown: &CancellationToken,
@@ -310,7 +352,7 @@ async fn follow(
     let mut events_since_tick = true;
     loop {
         // Backpressure: while the spool is full, stop reading the watch.
-        make_room(writer, spool, shutdown).await?;
+        make_room(writer, spool, archive, shutdown).await?;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -325,17 +367,23 @@ async fn follow(
                     }
                 }
                 snapshots.start_if_due(client);
+                // A step seen here is recorded by `make_room` next.
+                writer.check_clock();
             }
             message = received.recv() => {
                 let response = response_of(message)?;
                 let header_revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
                 if response.events().is_empty() {
                     if !response.created() && assembler.pending.is_none() {
-                        writer.note_progress(header_revision, now_ms());
+                        let observed_ms = writer.observe_ms();
+                        writer.note_progress(header_revision, observed_ms);
                     }
                     continue;
                 }
                 events_since_tick = true;
+                // Record a step before appending what was observed after it.
+                writer.check_clock();
+                record_clock_steps(writer, archive, shutdown).await?;
                 assembler.feed(client, writer, &response, Revision::MAX).await?;
                 if assembler.pending.is_none() && header_revision - writer.last_revision() > CATCH_UP_LAG {
                     return Ok(header_revision);
