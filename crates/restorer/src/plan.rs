@@ -49,6 +49,17 @@ pub enum PlanError {
         /// Restorable ranges.
         ranges: Vec<RestorableRange>,
     },
+    /// A `--time` that a recorded wall-clock step of the archiver makes
+    /// ambiguous: the revision observed last before it may have been
+    /// committed after it, or the next one before it.
+    #[error("time {time} cannot be placed on one revision because the archiver's wall clock stepped: {detail}; restore a revision you choose with --revision instead")]
+    ClockStep {
+        /// Requested time (RFC 3339).
+        time: String,
+        /// The step (generation, epoch, revision, size, times) and the
+        /// revisions around the time.
+        detail: String,
+    },
     /// Inside a gap between generations or inside a generation.
     #[error("revision {target} falls in a gap of the archive; restorable: {}", describe(.ranges))]
     InGap {

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use bytes::Bytes;
-use etcdpitr_common::chain;
+use etcdpitr_common::chain::{self, Observed, TimeDoubt, Timeline};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
-use etcdpitr_common::listing::ArchiveListing;
+use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
+use etcdpitr_common::manifest::ClockStep;
 use etcdpitr_common::segment::{self, Record, RecordReader};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
 use etcdpitr_common::store::Archive;
@@ -167,11 +168,110 @@ pub struct TimeChoice {
     pub uncertain_after_ms: Option<i64>,
 }
 
-/// Places `time_ms` on a revision: the last one observed at or before it.
+/// Reads the clock steps recorded in generation `g` (few: one per wall
+/// clock step the archiver saw) into its [`Timeline`].
+///
+/// # Errors
+/// Store failures; a malformed step object names itself.
+pub async fn load_timeline(archive: &Archive, g: &GenerationListing) -> anyhow::Result<Timeline> {
+    let mut steps = Vec::with_capacity(g.clock_steps.len());
+    for name in &g.clock_steps {
+        let key = layout::clock_step_key(g.generation(), name);
+        let bytes = archive
+            .get(&key)
+            .await
+            .with_context(|| format!("download {key}"))?;
+        steps.push(ClockStep::parse_named(&key, &bytes, name)?);
+    }
+    Ok(Timeline::new(&g.clock_epochs, &steps))
+}
+
+/// The observed time of `revision` in link `name` of generation `g`.
+async fn observed_in(
+    archive: &Archive,
+    g: GenerationId,
+    name: &SegmentName,
+    revision: Revision,
+) -> anyhow::Result<Option<i64>> {
+    let key = layout::segment_key(g, name);
+    let bytes = archive
+        .get(&key)
+        .await
+        .with_context(|| format!("download {key}"))?;
+    let mut found = None;
+    for_each_record(&key, &bytes, g, name, &mut |record| {
+        if let Record::Revision(r) = record {
+            if r.revision == revision {
+                found = Some(r.observed_ms);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// A signed duration in seconds with milliseconds, e.g. `+60.000 s`.
+fn format_offset(ms: i64) -> String {
+    let sign = if ms < 0 { '-' } else { '+' };
+    let abs = ms.unsigned_abs();
+    format!("{sign}{}.{:03} s", abs / 1000, abs % 1000)
+}
+
+/// The step's description: where it was recorded, its size and times.
+fn describe_step(generation: GenerationId, step: &ClockStep) -> String {
+    format!(
+        "in generation {generation} (clock epoch from revision {}), after revision {} the wall clock read {} while the archiver's anchored clock read {} (a step of {})",
+        step.epoch_first,
+        step.at_revision,
+        crate::format_ms(step.wall_ms),
+        crate::format_ms(step.anchored_ms),
+        format_offset(step.offset_ms)
+    )
+}
+
+/// Explains a doubt: the step, and the revisions around the time.
+fn describe_doubt(
+    generation: GenerationId,
+    doubt: &TimeDoubt,
+    chosen: Option<Observed>,
+    next: Option<Observed>,
+    timeline: &Timeline,
+) -> String {
+    let step = match doubt {
+        TimeDoubt::ChosenMayBeLater { step, .. } | TimeDoubt::NextMayBeEarlier { step, .. } => step,
+    };
+    let mut around = Vec::new();
+    if let Some(c) = chosen {
+        let u = timeline.uncertainty(c.revision);
+        around.push(format!(
+            "revision {} was observed at {} and committed between {} and {}",
+            c.revision,
+            crate::format_ms(c.observed_ms),
+            crate::format_ms(c.observed_ms - u.back_ms),
+            crate::format_ms(c.observed_ms + u.fwd_ms)
+        ));
+    }
+    if let Some(n) = next {
+        let u = timeline.uncertainty(n.revision);
+        around.push(format!(
+            "revision {} was observed at {} and committed between {} and {}",
+            n.revision,
+            crate::format_ms(n.observed_ms),
+            crate::format_ms(n.observed_ms - u.back_ms),
+            crate::format_ms(n.observed_ms + u.fwd_ms)
+        ));
+    }
+    format!("{}; {}", describe_step(generation, step), around.join("; "))
+}
+
+/// Places `time_ms` on a revision: the last one observed at or before it,
+/// unless a recorded clock step makes that ambiguous (see
+/// [`chain::check_time_choice`]).
 ///
 /// # Errors
 /// [`PlanError::TimeNotCovered`] when the time is outside every generation
-/// or in a gap; store or integrity errors.
+/// or in a gap; [`PlanError::ClockStep`] when a clock step makes the answer
+/// ambiguous; store or integrity errors.
 pub async fn resolve_time(
     archive: &Archive,
     listing: &ArchiveListing,
@@ -197,9 +297,10 @@ pub async fn resolve_time(
         }
         let chain = g.chain();
         let links = &chain.links;
+        let timeline = load_timeline(archive, g).await?;
         let Some(i) = links.iter().position(|s| s.end_ms >= time_ms) else {
             let latest = links.iter().map(|s| s.end_ms).max().unwrap_or(started_ms);
-            return Err(not_covered(if newest {
+            let mut why = if newest {
                 format!(
                     "is after the last archived moment ({})",
                     crate::format_ms(latest)
@@ -210,8 +311,19 @@ pub async fn resolve_time(
                     g.generation(),
                     crate::format_ms(latest)
                 )
-            })
-            .into());
+            };
+            // A clock step may put the archived moments later than observed.
+            let last = chain.last_revision();
+            if let Some(step) = timeline.widest_step(last, false) {
+                if latest.saturating_add(step.offset_ms) >= time_ms {
+                    why += &format!(
+                        " as the archiver observed it, but its wall clock stepped: {}, so that moment may truly be as late as {}; restore a revision you choose with --revision",
+                        describe_step(g.generation(), step),
+                        crate::format_ms(latest.saturating_add(step.offset_ms))
+                    );
+                }
+            }
+            return Err(not_covered(why).into());
         };
         let name = links[i];
         let key = layout::segment_key(g.generation(), &name);
@@ -226,8 +338,13 @@ pub async fn resolve_time(
             uncertain_after_ms: None,
         };
         let mut before_ms: Option<i64> = None;
+        let mut seen: Vec<Observed> = Vec::new();
         for_each_record(&key, &bytes, g.generation(), &name, &mut |record| {
             if let Record::Revision(r) = record {
+                seen.push(Observed {
+                    revision: r.revision,
+                    observed_ms: r.observed_ms,
+                });
                 if r.observed_ms <= time_ms {
                     choice.revision = r.revision;
                     choice.observed_ms = Some(r.observed_ms);
@@ -246,22 +363,205 @@ pub async fn resolve_time(
         if choice.observed_ms.is_none() {
             // The chosen revision ends an earlier segment: read its time there.
             if let Some(earlier) = links[..i].iter().rev().find(|s| !s.is_empty()) {
-                let key = layout::segment_key(g.generation(), earlier);
-                let bytes = archive
-                    .get(&key)
-                    .await
-                    .with_context(|| format!("download {key}"))?;
-                for_each_record(&key, &bytes, g.generation(), earlier, &mut |record| {
-                    if let Record::Revision(r) = record {
-                        if r.revision == choice.revision {
-                            choice.observed_ms = Some(r.observed_ms);
-                        }
-                    }
-                    Ok(())
-                })?;
+                choice.observed_ms =
+                    observed_in(archive, g.generation(), earlier, choice.revision).await?;
             }
+        }
+        let chosen = choice.observed_ms.map(|observed_ms| Observed {
+            revision: choice.revision,
+            observed_ms,
+        });
+        let following = choice.revision + 1;
+        let mut next = seen.iter().copied().find(|o| o.revision == following);
+        if next.is_none() && timeline.uncertainty(following).back_ms > 0 {
+            // The next revision opens a later link: read its time there.
+            if let Some(later) = links[i + 1..]
+                .iter()
+                .find(|s| s.first <= following && following <= s.last)
+            {
+                next = observed_in(archive, g.generation(), later, following)
+                    .await?
+                    .map(|observed_ms| Observed {
+                        revision: following,
+                        observed_ms,
+                    });
+            }
+        }
+        if let Err(doubt) = chain::check_time_choice(&timeline, time_ms, chosen, next) {
+            return Err(PlanError::ClockStep {
+                time: time_text.to_owned(),
+                detail: describe_doubt(g.generation(), &doubt, chosen, next, &timeline),
+            }
+            .into());
         }
         return Ok(choice);
     }
     Err(not_covered("is before the first archived moment".into()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use etcdpitr_common::manifest::{ArchiveManifest, ClockEpoch, GenerationManifest, StartReason};
+    use etcdpitr_common::segment::{Event, EventKind, RevisionRecord, SegmentBuilder};
+
+    use super::*;
+
+    async fn put(archive: &Archive, key: &str, json: Vec<u8>) {
+        archive.put_once(key, Bytes::from(json)).await.unwrap();
+    }
+
+    /// Generation 1 from revision 10: revisions 11..=13 observed at 1, 2
+    /// and 3 s, 14..=16 at 4, 5 and 6 s (then progress to 6.5 s), all in a
+    /// clock epoch from revision 11, with `steps`, and `epochs` more.
+    async fn archive(
+        steps: &[(Revision, i64)],
+        epochs: &[Revision],
+    ) -> (tempfile::TempDir, Archive) {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(&format!("file://{}", dir.path().display())).unwrap();
+        put(
+            &archive,
+            layout::MANIFEST_NAME,
+            serde_json::to_vec(&ArchiveManifest::new(0)).unwrap(),
+        )
+        .await;
+        let g = GenerationId(1);
+        let manifest = GenerationManifest {
+            generation: g,
+            cluster_id: 1,
+            start_revision: 10,
+            started_ms: 500,
+            reason: StartReason::NewArchive,
+            previous: None,
+            detail: String::new(),
+            term: 0,
+        };
+        put(
+            &archive,
+            &layout::generation_manifest_key(g),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .await;
+        for (prev, revisions, progress) in [(10, 11..=13, None), (13, 14..=16, Some(6_500))] {
+            let mut b = SegmentBuilder::new(1, prev).unwrap();
+            for revision in revisions {
+                b.push_revision(&RevisionRecord {
+                    revision,
+                    observed_ms: (revision - 10) * 1_000,
+                    catching_up: false,
+                    events: vec![Event {
+                        kind: EventKind::Put,
+                        key: b"k".to_vec(),
+                        value: revision.to_string().into_bytes(),
+                        create_revision: 11,
+                        mod_revision: revision,
+                        version: revision - 10,
+                        lease: 0,
+                    }],
+                })
+                .unwrap();
+            }
+            if let Some(ms) = progress {
+                b.push(&Record::Progress {
+                    revision: 16,
+                    observed_ms: ms,
+                })
+                .unwrap();
+            }
+            let (name, bytes) = b.finish().unwrap();
+            put(&archive, &layout::segment_key(g, &name), bytes).await;
+        }
+        for &first in std::iter::once(&11).chain(epochs) {
+            let epoch = ClockEpoch {
+                epoch_first: first,
+                anchor_ms: 0,
+                began_ms: 0,
+                floor_ms: 0,
+                holder: "test/1".into(),
+            };
+            put(
+                &archive,
+                &layout::clock_epoch_key(g, first),
+                serde_json::to_vec(&epoch).unwrap(),
+            )
+            .await;
+        }
+        for &(at, offset_ms) in steps {
+            let anchored_ms = (at - 10) * 1_000 + 100;
+            let step = ClockStep {
+                epoch_first: 11,
+                at_revision: at,
+                anchored_ms,
+                wall_ms: anchored_ms + offset_ms,
+                offset_ms,
+            };
+            put(
+                &archive,
+                &layout::clock_step_key(g, &step.name()),
+                serde_json::to_vec(&step).unwrap(),
+            )
+            .await;
+        }
+        (dir, archive)
+    }
+
+    async fn resolve(archive: &Archive, time_ms: i64) -> anyhow::Result<TimeChoice> {
+        let listing = ArchiveListing::load(archive).await.unwrap();
+        resolve_time(archive, &listing, time_ms, "T", None).await
+    }
+
+    #[tokio::test]
+    async fn without_steps_the_last_revision_observed_is_chosen() {
+        let (_dir, a) = archive(&[], &[]).await;
+        let c = resolve(&a, 3_500).await.unwrap();
+        assert_eq!((c.revision, c.observed_ms), (13, Some(3_000)));
+        let c = resolve(&a, 900).await.unwrap();
+        assert_eq!((c.revision, c.observed_ms), (10, None));
+    }
+
+    #[tokio::test]
+    async fn a_step_back_refuses_times_the_next_revision_may_precede() {
+        // The wall clock was 2.5 s behind the anchored clock after revision
+        // 12: revision 14 (observed 4 s, opening the next segment) may have
+        // been committed at 1.5 s.
+        let (_dir, a) = archive(&[(12, -2_500)], &[]).await;
+        let e = resolve(&a, 3_500).await.unwrap_err();
+        let Some(PlanError::ClockStep { detail, .. }) = e.downcast_ref::<PlanError>() else {
+            panic!("{e:#}");
+        };
+        assert!(
+            detail.contains("generation 1 (clock epoch from revision 11), after revision 12"),
+            "{detail}"
+        );
+        assert!(detail.contains("a step of -2.500 s"), "{detail}");
+        assert!(
+            detail.contains("revision 13 was observed at 1970-01-01T00:00:03.000Z"),
+            "{detail}"
+        );
+        assert!(detail.contains("revision 14 was observed at 1970-01-01T00:00:04.000Z and committed between 1970-01-01T00:00:01.500Z"), "{detail}");
+        assert!(e.to_string().contains("--revision"), "{e}");
+        assert_eq!(crate::classify(&e), crate::ExitKind::NotRestorable);
+        // Far from every observation, the answer stands.
+        assert_eq!(resolve(&a, 6_200).await.unwrap().revision, 16);
+        // A new epoch from revision 14 without steps: 14's time is trusted.
+        let (_dir, a) = archive(&[(12, -2_500)], &[14]).await;
+        assert_eq!(resolve(&a, 3_500).await.unwrap().revision, 13);
+    }
+
+    #[tokio::test]
+    async fn a_step_forward_refuses_times_the_chosen_revision_may_follow() {
+        let (_dir, a) = archive(&[(15, 1_800)], &[]).await;
+        let e = resolve(&a, 5_500).await.unwrap_err();
+        assert!(e.to_string().contains("revision 15 was observed at 1970-01-01T00:00:05.000Z and committed between 1970-01-01T00:00:05.000Z and 1970-01-01T00:00:06.800Z"), "{e}");
+        // After the last archived moment as observed, but maybe not truly.
+        let e = resolve(&a, 7_000).await.unwrap_err();
+        assert!(matches!(
+            e.downcast_ref::<PlanError>(),
+            Some(PlanError::TimeNotCovered { .. })
+        ));
+        assert!(e.to_string().contains("wall clock stepped"), "{e}");
+        let e = resolve(&a, 9_000).await.unwrap_err();
+        assert!(!e.to_string().contains("wall clock stepped"), "{e}");
+    }
 }

@@ -8,6 +8,7 @@ use anyhow::Context;
 use etcdpitr_common::chain::{self, Chain, Continuity};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::GenerationListing;
+use etcdpitr_common::manifest::ClockEpoch;
 use etcdpitr_common::segment::Record;
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
@@ -149,6 +150,48 @@ async fn verify_segments(
     Ok(())
 }
 
+/// Checks a generation's clock records (epochs and steps parse and match
+/// their names) and notes the steps.
+async fn verify_clock(
+    archive: &Archive,
+    g: &GenerationListing,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let id = g.generation();
+    for &first in &g.clock_epochs {
+        let key = layout::clock_epoch_key(id, first);
+        let checked = match archive.get(&key).await {
+            Ok(bytes) => ClockEpoch::parse_at(&key, &bytes, first)
+                .map(drop)
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::Error::from(e).context(format!("download {key}"))),
+        };
+        match checked {
+            Ok(()) => {}
+            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) => report.problems.push(format!("{e:#}")),
+        }
+    }
+    match source::load_timeline(archive, g).await {
+        Ok(_) if g.clock_steps.is_empty() => {}
+        Ok(timeline) => {
+            let (mut back, mut fwd) = (0, 0);
+            for n in &g.clock_steps {
+                let u = timeline.uncertainty(n.epoch_first);
+                back = back.max(u.back_ms);
+                fwd = fwd.max(u.fwd_ms);
+            }
+            report.notes.push(format!(
+                "generation {id}: the archiver recorded {} wall-clock steps (revisions may have been committed up to {back} ms before or {fwd} ms after their observed time); `restore --time` refuses times they make ambiguous",
+                g.clock_steps.len()
+            ));
+        }
+        Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+        Err(e) => report.problems.push(format!("{e:#}")),
+    }
+    Ok(())
+}
+
 /// Checks a generation's manifest, chain gaps, segments and snapshots.
 async fn verify_generation(
     archive: &Archive,
@@ -168,6 +211,7 @@ async fn verify_generation(
         report.problems.push(format!("generation {id}: {gap}"));
     }
     verify_segments(archive, id, &chain, report).await?;
+    verify_clock(archive, g, report).await?;
     for &rev in &g.snapshots {
         match source::verify_snapshot(archive, id, rev, scratch).await {
             Ok(bytes) => {
