@@ -852,6 +852,18 @@ mod tests {
         assert_eq!(etcd_revision(&r).unwrap(), 31);
     }
 
+    /// etcd 3.4.23, compacted at its last revision 25 (a delete, whose
+    /// tombstone the compaction removed): the revision comes from the
+    /// compaction mark.
+    #[test]
+    fn reads_a_compacted_etcd_3_4_snapshot() {
+        let f = include_bytes!("../testdata/etcd-3.4.23-rev25-compacted.db");
+        let r = BoltReader::from_bytes(f.to_vec()).unwrap();
+        assert_eq!(etcd_revision(&r).unwrap(), 25);
+        let (k, _) = r.last_in_bucket(b"key").unwrap().unwrap();
+        assert_eq!(revision_main(&k).unwrap(), 24);
+    }
+
     #[test]
     fn reads_a_hand_built_file() {
         let keys: Vec<_> = (1..=5).map(rev_key).collect();
