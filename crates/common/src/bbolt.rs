@@ -47,6 +47,10 @@ pub const MIN_PAGE_SIZE: u64 = 512;
 pub const MAX_PAGE_SIZE: u64 = 65536;
 /// Freelist page id of a file whose freelist is not persisted.
 pub const NO_FREELIST: u64 = u64::MAX;
+/// Largest page run (a page with its overflow pages) read into memory:
+/// 256 MiB. etcd's largest entries are a key and a value each well under
+/// 64 MiB (see the segment limits); only a damaged file asks for more.
+pub const MAX_PAGE_RUN_BYTES: u64 = 256 << 20;
 /// Guards against runaway recursion on a corrupted file.
 const MAX_DEPTH: usize = 64;
 /// Length of the meta fields after the page header.
@@ -377,6 +381,11 @@ impl BoltReader {
             )));
         }
         let pages = u64::from(le32(&head, 12)) + 1;
+        if pages * self.page_size > MAX_PAGE_RUN_BYTES {
+            return Err(invalid(format!(
+                "page {pgid} spans {pages} pages, more than {MAX_PAGE_RUN_BYTES} bytes"
+            )));
+        }
         if pgid + pages > self.high_water {
             return Err(invalid(format!(
                 "page {pgid} and its {} overflow pages go beyond the high-water mark {}",
@@ -388,8 +397,8 @@ impl BoltReader {
     }
 
     /// Reads page `pgid` with its overflow pages. The page lies within the
-    /// file (the high-water mark was checked against the file's length), so
-    /// the buffer is never larger than the file.
+    /// file (the high-water mark was checked against the file's length) and
+    /// spans at most [`MAX_PAGE_RUN_BYTES`], which bounds the buffer.
     fn read_page(&self, pgid: u64) -> Result<Page, BoltError> {
         let (flags, count, pages) = self.page_header(pgid)?;
         let len = usize::try_from(pages * self.page_size)
@@ -990,6 +999,10 @@ mod tests {
                 "overflow pages go beyond",
             ),
             (page(3, 0x40, 1, 0, &leaf), "unexpected page flags 0x40"),
+            (
+                page(3, LEAF_PAGE, 1, 70_000, &leaf)[..PS].to_vec(),
+                "spans 70001 pages",
+            ),
             (page(7, LEAF_PAGE, 1, 0, &leaf), "page 3 says it is page 7"),
             (page(3, BRANCH_PAGE, 0, 0, &[]), "empty branch page"),
             (
