@@ -97,7 +97,9 @@ impl Leadership {
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "cannot revoke the election lease; it expires on its own");
             }
-            Err(_) => tracing::debug!("revoking the election lease timed out; it expires on its own"),
+            Err(_) => {
+                tracing::debug!("revoking the election lease timed out; it expires on its own")
+            }
         }
     }
 }
