@@ -98,7 +98,7 @@ impl Leadership {
                 tracing::debug!(error = %e, "cannot revoke the election lease; it expires on its own");
             }
             Err(_) => {
-                tracing::debug!("revoking the election lease timed out; it expires on its own")
+                tracing::debug!("revoking the election lease timed out; it expires on its own");
             }
         }
     }
