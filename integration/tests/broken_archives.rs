@@ -71,16 +71,12 @@ impl Fixture {
         std::fs::write(path, bytes).unwrap();
     }
 
-    fn segment_key(&self, first: i64, last: i64) -> String {
-        layout::segment_key(GenerationId(1), &name(first, last))
-    }
-
     /// Writes revisions `first..=last` (one put of `/k{rev % 7}` each, with
     /// value `value`) as a segment of generation 1 whose header names
     /// `header_generation`.
     fn put_segment(&self, header_generation: u64, first: i64, last: i64, value: &[u8]) {
         let bytes = segment_bytes(header_generation, first, last, value);
-        self.write(&self.segment_key(first, last), &bytes);
+        self.write(&selsegment_key(first, last), &bytes);
     }
 
     fn run(&self, args: &[&str]) -> (i32, String, u64) {
@@ -136,6 +132,10 @@ impl Fixture {
         }
         result
     }
+}
+
+fn segment_key(first: i64, last: i64) -> String {
+    layout::segment_key(GenerationId(1), &name(first, last))
 }
 
 fn name(first: i64, last: i64) -> SegmentName {
@@ -215,7 +215,7 @@ fn a_sound_fixture_passes() {
 #[test]
 fn a_hole_is_reported_and_targets_past_it_are_refused() {
     let f = Fixture::new();
-    std::fs::remove_file(f.dir.join(f.segment_key(f.base + 1, f.base + 10))).unwrap();
+    std::fs::remove_file(f.dir.join(segment_key(f.base + 1, f.base + 10))).unwrap();
     let missing = format!("revisions {}..={} are missing", f.base + 1, f.base + 10);
     assert_outcome("verify", f.verify(), 4, &[&missing]);
     assert_outcome(
@@ -232,7 +232,7 @@ fn an_overlap_with_other_events_is_an_integrity_problem() {
     let f = Fixture::new();
     // Another copy of revisions 5..=12 holding other values.
     f.put_segment(1, f.base + 5, f.base + 12, b"forged");
-    let other = f.segment_key(f.base + 5, f.base + 12);
+    let other = segment_key(f.base + 5, f.base + 12);
     assert_outcome(
         "verify",
         f.verify(),
@@ -274,7 +274,7 @@ fn strays_inside_the_namespace_are_problems_and_others_are_ignored() {
 fn a_segment_header_naming_another_generation_is_refused() {
     let f = Fixture::new();
     f.put_segment(2, f.base + 11, f.base + 20, b"a");
-    let key = f.segment_key(f.base + 11, f.base + 20);
+    let key = segment_key(f.base + 11, f.base + 20);
     let needles = [key.as_str(), "header names generation 2"];
     assert_outcome("verify", f.verify(), 4, &needles);
     assert_outcome("export", f.export(f.base + 15), 4, &needles);
@@ -284,7 +284,7 @@ fn a_segment_header_naming_another_generation_is_refused() {
 #[test]
 fn a_segment_claiming_fifty_million_records_is_refused_cheaply() {
     let f = Fixture::new();
-    let key = f.segment_key(f.base + 11, f.base + 20);
+    let key = segment_key(f.base + 11, f.base + 20);
     let mut bytes = std::fs::read(f.dir.join(&key)).unwrap();
     bytes[64..72].copy_from_slice(&50_000_000u64.to_le_bytes());
     f.write(&key, &reseal(bytes));
