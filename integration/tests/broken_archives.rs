@@ -76,7 +76,7 @@ impl Fixture {
     /// `header_generation`.
     fn put_segment(&self, header_generation: u64, first: i64, last: i64, value: &[u8]) {
         let bytes = segment_bytes(header_generation, first, last, value);
-        self.write(&selsegment_key(first, last), &bytes);
+        self.write(&segment_key(first, last), &bytes);
     }
 
     fn run(&self, args: &[&str]) -> (i32, String, u64) {
