@@ -44,6 +44,23 @@ async fn leader_pid(client: &etcd_client::Client) -> anyhow::Result<Option<u32>>
     }))
 }
 
+/// Writes the marker key (retrying etcd's transient failures); returns its
+/// revision.
+async fn put_marker(client: &mut etcd_client::Client, round: u64) -> anyhow::Result<i64> {
+    let mut attempts = 0;
+    loop {
+        match client.put("/ha/marker", round.to_string(), None).await {
+            Ok(r) => return Ok(r.header().map_or(0, etcd_client::ResponseHeader::revision)),
+            Err(e) if attempts < 20 => {
+                eprintln!("marker: {e}; retrying");
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -122,8 +139,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
             signal(pid, "-STOP");
         }
         // A write after the fault, archived by the new writer.
-        client.put("/ha/marker", round.to_string(), None).await?;
-        let marker = current_revision(&mut client).await?;
+        let marker = put_marker(&mut client, round).await?;
         if let Err(e) = wait_archived(url, 1, marker, Duration::from_mins(1)).await {
             let tails: Vec<String> = logs
                 .iter()
