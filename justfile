@@ -44,3 +44,8 @@ bench-restorer revisions="1000000": setup
 dev:
     cargo fmt --all
     cargo build --workspace
+
+# Several archivers with the writer killed and frozen, for longer than `just test` does.
+soak-ha seconds="600": setup
+    cargo build --workspace --bins
+    ETCD_PITR_HA_SECS={{seconds}} cargo test -p integration --test ha -- --nocapture --test-threads=1

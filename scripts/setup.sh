@@ -11,6 +11,7 @@ command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 [ -x /usr/bin/etcdctl ] || need_apt+=(etcd-client)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)
+[ -x /usr/bin/time ] || need_apt+=(time)
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)"

@@ -44,6 +44,23 @@ async fn leader_pid(client: &etcd_client::Client) -> anyhow::Result<Option<u32>>
     }))
 }
 
+/// Writes the marker key (retrying etcd's transient failures); returns its
+/// revision.
+async fn put_marker(client: &mut etcd_client::Client, round: u64) -> anyhow::Result<i64> {
+    let mut attempts = 0;
+    loop {
+        match client.put("/ha/marker", round.to_string(), None).await {
+            Ok(r) => return Ok(r.header().map_or(0, etcd_client::ResponseHeader::revision)),
+            Err(e) if attempts < 20 => {
+                eprintln!("marker: {e}; retrying");
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -77,8 +94,22 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut rng = Rng::new(seed);
+            let mut failing_since: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
-                mixed_workload(&mut writer, &mut rng, 10).await?;
+                // The test is about the archivers: a request that etcd
+                // fails under this load is retried, not fatal.
+                match mixed_workload(&mut writer, &mut rng, 10).await {
+                    Ok(()) => failing_since = None,
+                    Err(e)
+                        if failing_since.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) =>
+                    {
+                        return Err(e.context("the workload failed for 30 s"));
+                    }
+                    Err(e) => {
+                        eprintln!("workload: {e:#}; retrying");
+                        failing_since.get_or_insert_with(Instant::now);
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             anyhow::Ok(())
@@ -108,8 +139,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
             signal(pid, "-STOP");
         }
         // A write after the fault, archived by the new writer.
-        client.put("/ha/marker", round.to_string(), None).await?;
-        let marker = current_revision(&mut client).await?;
+        let marker = put_marker(&mut client, round).await?;
         if let Err(e) = wait_archived(url, 1, marker, Duration::from_mins(1)).await {
             let tails: Vec<String> = logs
                 .iter()

@@ -36,6 +36,9 @@ pub struct ElectionConfig {
     pub ttl: Duration,
 }
 
+/// How long resigning may wait for etcd.
+const RESIGN_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Slack subtracted from the proven lease lifetime, for clock-rate
 /// differences between this host and etcd's.
 const SAFETY: Duration = Duration::from_millis(500);
@@ -85,10 +88,18 @@ impl Leadership {
 
     /// Gives leadership up now by revoking the lease (its key goes with it),
     /// so a standby takes over without waiting for the TTL.
+    /// Safe to call when already deposed (the lease may be gone); gives up
+    /// after [`RESIGN_TIMEOUT`] when etcd cannot be reached.
     pub async fn resign(self, client: &mut Client) {
         self.keeper.abort();
-        if let Err(e) = client.lease_revoke(self.lease).await {
-            tracing::warn!(error = %e, "cannot revoke the election lease; it expires on its own");
+        match tokio::time::timeout(RESIGN_TIMEOUT, client.lease_revoke(self.lease)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot revoke the election lease; it expires on its own");
+            }
+            Err(_) => {
+                tracing::debug!("revoking the election lease timed out; it expires on its own");
+            }
         }
     }
 }

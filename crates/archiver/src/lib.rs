@@ -231,15 +231,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             },
         };
         let end = leader::lead(&config, &opened, term.as_ref(), &shutdown, &background).await;
+        // Also when deposed: a lease that is still alive would only delay
+        // this archiver's next campaign behind its own stale key.
         if let Some(Term {
             leadership,
             mut client,
             ..
         }) = term
         {
-            if !matches!(end, Ok(TermEnd::Deposed)) {
-                leadership.resign(&mut client).await;
-            }
+            leadership.resign(&mut client).await;
         }
         match end? {
             TermEnd::Shutdown => break,

@@ -148,7 +148,8 @@ impl SegmentWriter {
             segment.builder.push(&Record::Lease(*lease))?;
         }
         segment.builder.push_revision(&record)?;
-        let full = segment.builder.raw_bytes() >= self.policy.max_bytes;
+        let full =
+            segment.builder.is_full() || segment.builder.raw_bytes() >= self.policy.max_bytes;
         self.known_leases.extend(leases.iter().map(|l| l.id));
         self.last_revision = record.revision;
         self.last_revision_ms = record.observed_ms;

@@ -390,6 +390,8 @@ mod tests {
         FailFirst(usize),
         /// Every write is refused (access denied).
         Deny,
+        /// The store has no create-if-absent puts.
+        NoWriteOnce,
     }
 
     /// An in-memory store that injects write failures.
@@ -418,7 +420,7 @@ mod tests {
                     path: location.to_string(),
                     source: "AccessDenied".into(),
                 }),
-                Fault::FailFirst(_) => Ok(()),
+                Fault::FailFirst(_) | Fault::NoWriteOnce => Ok(()),
             }
         }
     }
@@ -432,6 +434,14 @@ mod tests {
             opts: PutOptions,
         ) -> object_store::Result<PutResult> {
             self.check(location)?;
+            if matches!(self.fault, Fault::NoWriteOnce)
+                && opts.mode == object_store::PutMode::Create
+            {
+                return Err(object_store::Error::NotImplemented {
+                    operation: "PutMode::Create".into(),
+                    implementer: "Faulty".into(),
+                });
+            }
             self.inner.put_opts(location, payload, opts).await
         }
 
@@ -620,6 +630,18 @@ mod tests {
                 .any(|c| matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Conflict(k)) if *k == s.key)),
             "{err:#}"
         );
+        assert!(s.item.path.exists(), "the segment stays in the spool");
+    }
+
+    #[tokio::test]
+    async fn a_store_without_write_once_puts_fails_fast_with_a_clear_error() {
+        let s = setup(Fault::NoWriteOnce);
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 0);
+        assert_eq!(s.store.writes.load(Ordering::SeqCst), 1, "no retry");
+        let err = format!("{:#}", fatal.take().expect("the failure is kept"));
+        assert!(err.contains("does not support write-once puts"), "{err}");
+        assert!(err.contains(&s.key), "{err}");
         assert!(s.item.path.exists(), "the segment stays in the spool");
     }
 

@@ -87,7 +87,7 @@ impl SegmentName {
         let first = parse_rev(parts.next()?)?;
         let last = parse_rev(parts.next()?)?;
         let end_ms = parse_rev(parts.next()?)?;
-        if parts.next().is_some() || first < 1 || first > last + 1 {
+        if parts.next().is_some() || first < 1 || first > last.checked_add(1)? {
             return None;
         }
         Some(Self {
@@ -351,6 +351,8 @@ mod tests {
             "0000000000000000-0000000000000001-0000000000000001.seg",
             "0000000000000005-000000000000012c-0000000000000001-00.seg",
             "+000000000000005-000000000000012c-0000000000000001.seg",
+            // Found by fuzzing: `last + 1` overflowed.
+            "0000000000000001-7fffffffffffffff-0000000000000001.seg",
         ] {
             assert_eq!(SegmentName::parse(bad), None, "{bad}");
         }

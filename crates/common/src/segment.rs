@@ -34,6 +34,19 @@
 //! progress: tag 3, revision i64, observed_ms i64 (the cluster's revision was
 //!           still `revision` at `observed_ms`)
 //! ```
+//!
+//! # Limits
+//!
+//! Everything read from the store is untrusted: a count or length is never
+//! used to size an allocation. Every length is checked against the limits
+//! below (the writer enforces the same limits, so whatever it writes can be
+//! read) and against what the body can still hold; fields are read into
+//! buffers that grow only as data arrives. The *decoded size* of a record
+//! approximates its memory once decoded: [`RECORD_DECODED_OVERHEAD_BYTES`]
+//! per record plus, for each event, [`EVENT_DECODED_OVERHEAD_BYTES`] and its
+//! key and value bytes. A [`RecordReader`] holds one record at a time, so
+//! its memory is bounded by [`MAX_REVISION_DECODED_BYTES`]; [`decode_all`]
+//! holds a whole segment, at most [`MAX_SEGMENT_DECODED_BYTES`].
 
 use std::io::{self, Read, Write};
 
@@ -52,12 +65,46 @@ pub const HEADER_LEN: usize = 80;
 /// Length of the blake3 trailer.
 pub const TRAILER_LEN: usize = 32;
 
+/// Largest key accepted (64 MiB). etcd bounds a whole request by
+/// `--max-request-bytes` (1.5 MiB by default, 10 MiB recommended maximum).
+pub const MAX_KEY_BYTES: u64 = 64 << 20;
+/// Largest value accepted (64 MiB); see [`MAX_KEY_BYTES`].
+pub const MAX_VALUE_BYTES: u64 = 64 << 20;
+/// Most events in one revision. Puts are bounded by etcd's `--max-txn-ops`
+/// (128 by default); a range delete or a lease revoke deletes many keys in
+/// one revision, hence the wide margin.
+pub const MAX_EVENTS_PER_REVISION: u64 = 1 << 20;
+/// Decoded-size charge of one record, on top of its events.
+pub const RECORD_DECODED_OVERHEAD_BYTES: u64 = 64;
+/// Decoded-size charge of one event, on top of its key and value bytes.
+pub const EVENT_DECODED_OVERHEAD_BYTES: u64 = 128;
+/// Largest decoded size of one revision record (192 MiB): room for a
+/// largest key and value plus half a million small events.
+pub const MAX_REVISION_DECODED_BYTES: u64 = 192 << 20;
+/// Largest decoded size of all records of one segment (256 MiB); the
+/// archiver seals segments at 16 MiB of records by default.
+pub const MAX_SEGMENT_DECODED_BYTES: u64 = 256 << 20;
+/// Most records in one segment: the decoded-size limit allows no more.
+pub const MAX_RECORDS_PER_SEGMENT: u64 = MAX_SEGMENT_DECODED_BYTES / RECORD_DECODED_OVERHEAD_BYTES;
+/// Largest decompressed body (256 MiB). A record's encoding is never longer
+/// than its decoded size, so a body within the limits above fits; the cap
+/// stops a small "zstd bomb" from being decompressed any further.
+pub const MAX_BODY_BYTES: u64 = 256 << 20;
+/// Largest zstd window accepted (log2: 8 MiB). The archiver compresses with
+/// levels 1 (segments, 512 KiB window) and 3 (snapshots, 2 MiB); a frame
+/// asking for more would only make the decoder allocate more.
+pub const MAX_ZSTD_WINDOW_LOG: u32 = 23;
+
 const TAG_REVISION: u8 = 1;
 const TAG_LEASE: u8 = 2;
 const TAG_PROGRESS: u8 = 3;
 const FLAG_CATCHING_UP: u8 = 1;
 /// zstd level: level 1 keeps the archiver's CPU far below etcd's own.
 const ZSTD_LEVEL: i32 = 1;
+/// Initial capacity of a field buffer: larger fields grow as data arrives.
+const FIELD_CHUNK: u64 = 64 << 10;
+/// Initial capacity of a revision's event list.
+const EVENTS_CHUNK: u64 = 1024;
 
 /// Errors reading a segment.
 #[derive(Debug, Error)]
@@ -89,6 +136,17 @@ pub enum SegmentError {
         object: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The header names another generation than the one the object is
+    /// listed under.
+    #[error("{object}: header says generation {found}, the object belongs to generation {expected} (object is corrupted or misplaced)")]
+    GenerationMismatch {
+        /// Object the bytes came from.
+        object: String,
+        /// Generation in the header.
+        found: u64,
+        /// Generation the object is listed under.
+        expected: u64,
     },
 }
 
@@ -188,9 +246,47 @@ pub struct SegmentBuilder {
     last_time_ms: i64,
     record_count: u64,
     raw_bytes: u64,
+    decoded_bytes: u64,
     revisions: u64,
     encoder: zstd::Encoder<'static, Vec<u8>>,
     scratch: Vec<u8>,
+}
+
+fn invalid_input(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// The decoded size of a revision record, or why it exceeds the limits.
+fn revision_decoded_bytes(r: &RevisionRecord) -> Result<u64, String> {
+    if r.events.len() as u64 > MAX_EVENTS_PER_REVISION {
+        return Err(format!(
+            "revision {} has {} events, more than the format allows ({MAX_EVENTS_PER_REVISION})",
+            r.revision,
+            r.events.len()
+        ));
+    }
+    let mut size = RECORD_DECODED_OVERHEAD_BYTES;
+    for e in &r.events {
+        let value_len = match e.kind {
+            EventKind::Put => e.value.len() as u64,
+            EventKind::Delete => 0,
+        };
+        if e.key.len() as u64 > MAX_KEY_BYTES || value_len > MAX_VALUE_BYTES {
+            return Err(format!(
+                "revision {}: a key of {} bytes or value of {value_len} bytes is larger than the format allows ({MAX_KEY_BYTES}, {MAX_VALUE_BYTES})",
+                r.revision,
+                e.key.len()
+            ));
+        }
+        size += EVENT_DECODED_OVERHEAD_BYTES + e.key.len() as u64 + value_len;
+    }
+    if size > MAX_REVISION_DECODED_BYTES {
+        return Err(format!(
+            "revision {} decodes to {size} bytes, more than the format allows ({MAX_REVISION_DECODED_BYTES})",
+            r.revision
+        ));
+    }
+    Ok(size)
 }
 
 impl SegmentBuilder {
@@ -204,6 +300,7 @@ impl SegmentBuilder {
             last_time_ms: 0,
             record_count: 0,
             raw_bytes: 0,
+            decoded_bytes: 0,
             revisions: 0,
             encoder: zstd::Encoder::new(Vec::new(), ZSTD_LEVEL)?,
             scratch: Vec::new(),
@@ -214,7 +311,10 @@ impl SegmentBuilder {
     ///
     /// # Errors
     /// `InvalidInput` if a revision does not directly follow the previous one,
-    /// or a revision has no events: the chain must have no holes.
+    /// or a revision has no events: the chain must have no holes. Also
+    /// `InvalidInput` if the record exceeds a format limit (see the module
+    /// documentation), or would make the segment exceed one: seal the segment
+    /// when [`SegmentBuilder::is_full`] says so.
     pub fn push(&mut self, record: &Record) -> io::Result<()> {
         match record {
             Record::Revision(r) => self.push_revision(r),
@@ -225,12 +325,12 @@ impl SegmentBuilder {
                 let time = (*revision == self.last_revision).then_some(*observed_ms);
                 self.scratch.clear();
                 encode_record(record, &mut self.scratch);
-                self.append_scratch(time)
+                self.append_scratch(time, RECORD_DECODED_OVERHEAD_BYTES)
             }
             Record::Lease(_) => {
                 self.scratch.clear();
                 encode_record(record, &mut self.scratch);
-                self.append_scratch(None)
+                self.append_scratch(None, RECORD_DECODED_OVERHEAD_BYTES)
             }
         }
     }
@@ -240,39 +340,56 @@ impl SegmentBuilder {
     /// # Errors
     /// As for [`SegmentBuilder::push`].
     pub fn push_revision(&mut self, r: &RevisionRecord) -> io::Result<()> {
-        if r.revision != self.last_revision + 1 || r.events.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "revision {} ({} events) does not follow {}",
-                    r.revision,
-                    r.events.len(),
-                    self.last_revision
-                ),
-            ));
+        if self.last_revision.checked_add(1) != Some(r.revision) || r.events.is_empty() {
+            return Err(invalid_input(format!(
+                "revision {} ({} events) does not follow {}",
+                r.revision,
+                r.events.len(),
+                self.last_revision
+            )));
         }
-        self.last_revision = r.revision;
-        self.revisions += 1;
+        let decoded = revision_decoded_bytes(r).map_err(invalid_input)?;
         self.scratch.clear();
         encode_revision(r, &mut self.scratch);
-        self.append_scratch(Some(r.observed_ms))
+        self.append_scratch(Some(r.observed_ms), decoded)?;
+        self.last_revision = r.revision;
+        self.revisions += 1;
+        Ok(())
     }
 
     /// Compresses the encoded record in `scratch`, noting its time.
-    fn append_scratch(&mut self, time_ms: Option<i64>) -> io::Result<()> {
+    fn append_scratch(&mut self, time_ms: Option<i64>, decoded: u64) -> io::Result<()> {
+        if self.record_count >= MAX_RECORDS_PER_SEGMENT
+            || self.decoded_bytes + decoded > MAX_SEGMENT_DECODED_BYTES
+            || self.raw_bytes + self.scratch.len() as u64 > MAX_BODY_BYTES
+        {
+            return Err(invalid_input(format!(
+                "segment after revision {} is full: {} records decoding to {} bytes (limits {MAX_RECORDS_PER_SEGMENT} and {MAX_SEGMENT_DECODED_BYTES})",
+                self.prev_revision, self.record_count, self.decoded_bytes
+            )));
+        }
+        self.encoder.write_all(&self.scratch)?;
         if let Some(t) = time_ms {
             self.first_time_ms.get_or_insert(t);
             self.last_time_ms = self.last_time_ms.max(t);
         }
-        self.encoder.write_all(&self.scratch)?;
         self.record_count += 1;
         self.raw_bytes += self.scratch.len() as u64;
+        self.decoded_bytes += decoded;
         Ok(())
     }
 
     /// Uncompressed bytes appended so far.
     pub fn raw_bytes(&self) -> u64 {
         self.raw_bytes
+    }
+
+    /// True when a largest possible revision (and a lease record for each of
+    /// its events) might no longer fit within the segment limits: seal the
+    /// segment before pushing more.
+    pub fn is_full(&self) -> bool {
+        self.decoded_bytes + MAX_REVISION_DECODED_BYTES > MAX_SEGMENT_DECODED_BYTES
+            || self.record_count + MAX_EVENTS_PER_REVISION + 1 > MAX_RECORDS_PER_SEGMENT
     }
 
     /// Number of revisions held.
@@ -319,11 +436,13 @@ impl SegmentBuilder {
 /// compressed body.
 ///
 /// # Errors
-/// A [`SegmentError`] naming `object`.
+/// A [`SegmentError`] naming `object`: bad magic, checksum mismatch, unknown
+/// version or codec, non-zero flags or reserved bytes, an inconsistent
+/// revision range, or a record count beyond [`MAX_RECORDS_PER_SEGMENT`].
 pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8]), SegmentError> {
-    let malformed = |reason: &str| SegmentError::Malformed {
+    let malformed = |reason: String| SegmentError::Malformed {
         object: object.to_owned(),
-        reason: reason.to_owned(),
+        reason,
     };
     if bytes.len() < 8 || &bytes[..8] != MAGIC {
         return Err(SegmentError::BadMagic {
@@ -331,7 +450,7 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         });
     }
     if bytes.len() < HEADER_LEN + TRAILER_LEN {
-        return Err(malformed("shorter than header and trailer"));
+        return Err(malformed("shorter than header and trailer".into()));
     }
     let (content, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
     if blake3::hash(content).as_bytes() != trailer {
@@ -347,7 +466,21 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         });
     }
     if bytes[10] != CODEC_ZSTD {
-        return Err(malformed(&format!("unknown codec {}", bytes[10])));
+        return Err(malformed(format!(
+            "unknown codec {} (header byte 10; this build reads {CODEC_ZSTD} = zstd)",
+            bytes[10]
+        )));
+    }
+    if bytes[11] != 0 {
+        return Err(malformed(format!(
+            "unknown flags {:#04x} (header byte 11 must be 0)",
+            bytes[11]
+        )));
+    }
+    if bytes[12..16] != [0; 4] {
+        return Err(malformed(
+            "reserved header bytes 12..16 are not zero".into(),
+        ));
     }
     let le64 = |at: usize| i64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let header = SegmentHeader {
@@ -358,41 +491,157 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         last_time_ms: le64(56),
         record_count: le64(64) as u64,
     };
-    if le64(32) != header.prev_revision + 1 || header.last_revision < header.prev_revision {
-        return Err(malformed("inconsistent revision range in header"));
+    if header.prev_revision < 0
+        || header.last_revision == Revision::MAX
+        || le64(32) != header.prev_revision + 1
+        || header.last_revision < header.prev_revision
+    {
+        return Err(malformed(format!(
+            "inconsistent revision range in header (prev_revision {}, first_revision {}, last_revision {})",
+            header.prev_revision,
+            le64(32),
+            header.last_revision
+        )));
+    }
+    if header.record_count > MAX_RECORDS_PER_SEGMENT {
+        return Err(malformed(format!(
+            "header claims {} records, more than the format allows ({MAX_RECORDS_PER_SEGMENT})",
+            header.record_count
+        )));
+    }
+    // Every revision is one record.
+    if (header.last_revision - header.prev_revision) as u64 > header.record_count {
+        return Err(malformed(format!(
+            "header claims {} records for {} revisions",
+            header.record_count,
+            header.last_revision - header.prev_revision
+        )));
     }
     let body_len = le64(72) as u64;
     if body_len != (content.len() - HEADER_LEN) as u64 {
-        return Err(malformed("body length does not match object size"));
+        return Err(malformed("body length does not match object size".into()));
     }
     Ok((header, &content[HEADER_LEN..]))
 }
 
+/// Checks that a segment's header names `generation`, the generation its
+/// object is listed under.
+///
+/// # Errors
+/// [`SegmentError::GenerationMismatch`] naming `object` and both generations.
+pub fn check_generation(
+    object: &str,
+    header: &SegmentHeader,
+    generation: u64,
+) -> Result<(), SegmentError> {
+    if header.generation == generation {
+        Ok(())
+    } else {
+        Err(SegmentError::GenerationMismatch {
+            object: object.to_owned(),
+            found: header.generation,
+            expected: generation,
+        })
+    }
+}
+
+/// A segment body being decompressed: refuses to produce more than
+/// [`MAX_BODY_BYTES`], and tells how much it may still produce.
+struct BodyReader<'a> {
+    decoder: zstd::Decoder<'static, io::BufReader<&'a [u8]>>,
+    produced: u64,
+}
+
+impl BodyReader<'_> {
+    /// Bytes the body may still produce.
+    fn room(&self) -> u64 {
+        MAX_BODY_BYTES - self.produced
+    }
+}
+
+impl Read for BodyReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = self.room();
+        if room == 0 {
+            let mut probe = [0u8; 1];
+            return match self.decoder.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("decompressed body is larger than {MAX_BODY_BYTES} bytes"),
+                )),
+            };
+        }
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.decoder.read(&mut buf[..want])?;
+        self.produced += n as u64;
+        Ok(n)
+    }
+}
+
+/// Why a record could not be decoded (the object name is added by the
+/// caller).
+type Reason = String;
+
+fn io_reason(e: &io::Error) -> Reason {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        "truncated record (the body ends inside it)".to_owned()
+    } else {
+        e.to_string()
+    }
+}
+
 /// Streams the records of a checked segment body.
+///
+/// Memory is bounded by one record: at most [`MAX_REVISION_DECODED_BYTES`]
+/// (plus the zstd window, at most 2^[`MAX_ZSTD_WINDOW_LOG`] bytes).
 pub struct RecordReader<'a> {
     object: String,
-    decoder: zstd::Decoder<'static, io::BufReader<&'a [u8]>>,
+    body: BodyReader<'a>,
     remaining: u64,
     expected_next: Revision,
     last_revision: Revision,
+    decoded_bytes: u64,
 }
 
 impl<'a> RecordReader<'a> {
     /// Reads the records of a segment opened with [`open`].
     ///
     /// # Errors
-    /// [`SegmentError::Malformed`] if the body is not a zstd frame.
+    /// [`SegmentError::Malformed`] if the body is not a zstd stream or the
+    /// header is inconsistent.
     pub fn new(object: &str, header: &SegmentHeader, body: &'a [u8]) -> Result<Self, SegmentError> {
-        let decoder = zstd::Decoder::new(body).map_err(|e| SegmentError::Malformed {
+        let malformed = |reason: String| SegmentError::Malformed {
             object: object.to_owned(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        if header.record_count > MAX_RECORDS_PER_SEGMENT {
+            return Err(malformed(format!(
+                "header claims {} records, more than the format allows ({MAX_RECORDS_PER_SEGMENT})",
+                header.record_count
+            )));
+        }
+        let expected_next = header
+            .prev_revision
+            .checked_add(1)
+            .ok_or_else(|| malformed("prev_revision out of range".into()))?;
+        let mut decoder = zstd::Decoder::new(body).map_err(|e| malformed(e.to_string()))?;
+        decoder
+            .window_log_max(MAX_ZSTD_WINDOW_LOG)
+            .map_err(|e| malformed(e.to_string()))?;
         Ok(Self {
             object: object.to_owned(),
-            decoder,
+            body: BodyReader {
+                decoder,
+                produced: 0,
+            },
             remaining: header.record_count,
-            expected_next: header.prev_revision + 1,
+            expected_next,
             last_revision: header.last_revision,
+            decoded_bytes: 0,
         })
     }
 
@@ -407,31 +656,180 @@ impl<'a> RecordReader<'a> {
     ///
     /// # Errors
     /// [`SegmentError::Malformed`] on truncated or inconsistent records,
-    /// including a revision that does not follow its predecessor.
+    /// including a revision that does not follow its predecessor, and on
+    /// any count or length beyond the format's limits.
     pub fn next_record(&mut self) -> Result<Option<Record>, SegmentError> {
         if self.remaining == 0 {
             let mut probe = [0u8; 1];
-            return match self.decoder.read(&mut probe) {
-                Ok(0) if self.expected_next == self.last_revision + 1 => Ok(None),
-                Ok(0) => Err(self.malformed("fewer revisions than the header claims")),
+            return match self.body.read(&mut probe) {
+                Ok(0) if self.expected_next.checked_sub(1) == Some(self.last_revision) => Ok(None),
+                Ok(0) => Err(self.malformed(format!(
+                    "the body ends at revision {} but the header claims {}",
+                    self.expected_next - 1,
+                    self.last_revision
+                ))),
                 Ok(_) => Err(self.malformed("trailing bytes after the last record")),
-                Err(e) => Err(self.malformed(e.to_string())),
+                Err(e) => Err(self.malformed(io_reason(&e))),
             };
         }
         self.remaining -= 1;
-        let record = decode_record(&mut self.decoder).map_err(|e| self.malformed(e.to_string()))?;
-        if let Record::Revision(r) = &record {
-            if r.revision != self.expected_next || r.events.is_empty() {
-                let reason = format!(
-                    "revision {} found where {} was expected",
-                    r.revision, self.expected_next
-                );
-                return Err(self.malformed(reason));
-            }
-            self.expected_next += 1;
-        }
+        let record = self.decode_record().map_err(|r| self.malformed(r))?;
         Ok(Some(record))
     }
+
+    /// Decoded-size budget left for the next record.
+    fn budget(&self) -> u64 {
+        MAX_REVISION_DECODED_BYTES.min(MAX_SEGMENT_DECODED_BYTES - self.decoded_bytes)
+    }
+
+    fn decode_record(&mut self) -> Result<Record, Reason> {
+        let budget = self.budget();
+        let mut size = 0;
+        charge(&mut size, RECORD_DECODED_OVERHEAD_BYTES, budget, "a record")?;
+        let record = match read_u8(&mut self.body)? {
+            TAG_REVISION => Record::Revision(self.decode_revision(&mut size, budget)?),
+            TAG_LEASE => Record::Lease(LeaseRecord {
+                id: read_i64(&mut self.body)?,
+                ttl_secs: read_i64(&mut self.body)?,
+                revision: read_i64(&mut self.body)?,
+            }),
+            TAG_PROGRESS => Record::Progress {
+                revision: read_i64(&mut self.body)?,
+                observed_ms: read_i64(&mut self.body)?,
+            },
+            tag => return Err(format!("unknown record tag {tag}")),
+        };
+        self.decoded_bytes += size;
+        Ok(record)
+    }
+
+    fn decode_revision(&mut self, size: &mut u64, budget: u64) -> Result<RevisionRecord, Reason> {
+        let revision = read_i64(&mut self.body)?;
+        if revision > self.last_revision {
+            return Err(format!(
+                "revision {revision} is beyond the header's last revision {}",
+                self.last_revision
+            ));
+        }
+        if revision != self.expected_next {
+            return Err(format!(
+                "revision {revision} found where {} was expected",
+                self.expected_next
+            ));
+        }
+        let observed_ms = read_i64(&mut self.body)?;
+        let flags = read_u8(&mut self.body)?;
+        if flags & !FLAG_CATCHING_UP != 0 {
+            return Err(format!("revision {revision}: unknown flags {flags:#04x}"));
+        }
+        let count = u64::from(read_u32(&mut self.body)?);
+        if count == 0 {
+            return Err(format!("revision {revision} has no events"));
+        }
+        if count > MAX_EVENTS_PER_REVISION {
+            return Err(format!(
+                "revision {revision} claims {count} events, more than the format allows ({MAX_EVENTS_PER_REVISION})"
+            ));
+        }
+        let mut events = Vec::with_capacity(count.min(EVENTS_CHUNK) as usize);
+        for i in 0..count {
+            let what = |field: &str| format!("revision {revision} event {i}: {field}");
+            charge(size, EVENT_DECODED_OVERHEAD_BYTES, budget, &what("event"))?;
+            let kind = match read_u8(&mut self.body)? {
+                0 => EventKind::Put,
+                1 => EventKind::Delete,
+                k => return Err(what(&format!("unknown event kind {k}"))),
+            };
+            let key = self.read_field(MAX_KEY_BYTES, size, budget, &what("key"))?;
+            let event = if kind == EventKind::Put {
+                let create_revision = read_i64(&mut self.body)?;
+                let mod_revision = read_i64(&mut self.body)?;
+                let version = read_i64(&mut self.body)?;
+                let lease = read_i64(&mut self.body)?;
+                let value = self.read_field(MAX_VALUE_BYTES, size, budget, &what("value"))?;
+                Event {
+                    kind,
+                    key,
+                    value,
+                    create_revision,
+                    mod_revision,
+                    version,
+                    lease,
+                }
+            } else {
+                Event {
+                    kind,
+                    key,
+                    value: Vec::new(),
+                    create_revision: 0,
+                    mod_revision: revision,
+                    version: 0,
+                    lease: 0,
+                }
+            };
+            events.push(event);
+        }
+        self.expected_next = revision
+            .checked_add(1)
+            .ok_or_else(|| "revision out of range".to_owned())?;
+        Ok(RevisionRecord {
+            revision,
+            observed_ms,
+            catching_up: flags & FLAG_CATCHING_UP != 0,
+            events,
+        })
+    }
+
+    /// Reads a length-prefixed field, checking its length against `max`,
+    /// the record's decoded-size budget and what the body can still hold
+    /// before reading; the buffer grows only as data arrives.
+    fn read_field(
+        &mut self,
+        max: u64,
+        size: &mut u64,
+        budget: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, Reason> {
+        let len = u64::from(read_u32(&mut self.body)?);
+        if len > max {
+            return Err(format!(
+                "{what} length {len} exceeds the format's limit of {max} bytes"
+            ));
+        }
+        if len > self.body.room() {
+            return Err(format!(
+                "{what} length {len} exceeds what the body can still hold ({} bytes)",
+                self.body.room()
+            ));
+        }
+        charge(size, len, budget, what)?;
+        let mut v = Vec::with_capacity(len.min(FIELD_CHUNK) as usize);
+        (&mut self.body)
+            .take(len)
+            .read_to_end(&mut v)
+            .map_err(|e| io_reason(&e))?;
+        if v.len() as u64 != len {
+            return Err(format!(
+                "{what} length {len} exceeds the rest of the body ({} bytes)",
+                v.len()
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// Charges `size` more decoded bytes to a record whose budget is `budget`.
+fn charge(total: &mut u64, size: u64, budget: u64, what: &str) -> Result<(), Reason> {
+    *total += size;
+    if *total > budget {
+        let limit = if budget == MAX_REVISION_DECODED_BYTES {
+            format!("a revision's limit of {MAX_REVISION_DECODED_BYTES} decoded bytes")
+        } else {
+            format!("the segment's limit of {MAX_SEGMENT_DECODED_BYTES} decoded bytes")
+        };
+        return Err(format!("{what} exceeds {limit}"));
+    }
+    Ok(())
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -480,113 +878,27 @@ fn encode_record(record: &Record, out: &mut Vec<u8>) {
     }
 }
 
-fn read_u8(r: &mut impl Read) -> io::Result<u8> {
-    let mut b = [0u8; 1];
-    r.read_exact(&mut b)?;
-    Ok(b[0])
+fn read_array<const N: usize>(r: &mut impl Read) -> Result<[u8; N], Reason> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b).map_err(|e| io_reason(&e))?;
+    Ok(b)
 }
 
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
+fn read_u8(r: &mut impl Read) -> Result<u8, Reason> {
+    Ok(read_array::<1>(r)?[0])
 }
 
-fn read_i64(r: &mut impl Read) -> io::Result<i64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(i64::from_le_bytes(b))
+fn read_u32(r: &mut impl Read) -> Result<u32, Reason> {
+    Ok(u32::from_le_bytes(read_array(r)?))
 }
 
-/// Largest key or value length accepted when decoding (etcd's own limits are
-/// far lower); guards allocations against corrupted lengths.
-const MAX_FIELD_LEN: u32 = 1 << 30;
-
-fn read_bytes(r: &mut impl Read) -> io::Result<Vec<u8>> {
-    let len = read_u32(r)?;
-    if len > MAX_FIELD_LEN {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "field too long"));
-    }
-    let mut v = Vec::new();
-    r.take(u64::from(len)).read_to_end(&mut v)?;
-    if v.len() != len as usize {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(v)
+fn read_i64(r: &mut impl Read) -> Result<i64, Reason> {
+    Ok(i64::from_le_bytes(read_array(r)?))
 }
 
-fn decode_record(r: &mut impl Read) -> io::Result<Record> {
-    match read_u8(r)? {
-        TAG_REVISION => {
-            let revision = read_i64(r)?;
-            let observed_ms = read_i64(r)?;
-            let flags = read_u8(r)?;
-            let count = read_u32(r)?;
-            let mut events = Vec::with_capacity(count.min(4096) as usize);
-            for _ in 0..count {
-                let kind = match read_u8(r)? {
-                    0 => EventKind::Put,
-                    1 => EventKind::Delete,
-                    k => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("unknown event kind {k}"),
-                        ))
-                    }
-                };
-                let key = read_bytes(r)?;
-                let event = if kind == EventKind::Put {
-                    let create_revision = read_i64(r)?;
-                    let mod_revision = read_i64(r)?;
-                    let version = read_i64(r)?;
-                    let lease = read_i64(r)?;
-                    let value = read_bytes(r)?;
-                    Event {
-                        kind,
-                        key,
-                        value,
-                        create_revision,
-                        mod_revision,
-                        version,
-                        lease,
-                    }
-                } else {
-                    Event {
-                        kind,
-                        key,
-                        value: Vec::new(),
-                        create_revision: 0,
-                        mod_revision: revision,
-                        version: 0,
-                        lease: 0,
-                    }
-                };
-                events.push(event);
-            }
-            Ok(Record::Revision(RevisionRecord {
-                revision,
-                observed_ms,
-                catching_up: flags & FLAG_CATCHING_UP != 0,
-                events,
-            }))
-        }
-        TAG_LEASE => Ok(Record::Lease(LeaseRecord {
-            id: read_i64(r)?,
-            ttl_secs: read_i64(r)?,
-            revision: read_i64(r)?,
-        })),
-        TAG_PROGRESS => Ok(Record::Progress {
-            revision: read_i64(r)?,
-            observed_ms: read_i64(r)?,
-        }),
-        tag => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unknown record tag {tag}"),
-        )),
-    }
-}
-
-/// Decodes every record of a segment (checks included).
+/// Decodes every record of a segment (checks included). Holds the whole
+/// segment in memory (at most about [`MAX_SEGMENT_DECODED_BYTES`]); use
+/// [`open`] and [`RecordReader`] to stream.
 ///
 /// # Errors
 /// A [`SegmentError`] naming `object`.
@@ -785,6 +1097,315 @@ mod tests {
             }
             let _ = decode_all("fuzz", &bytes);
         }
+    }
+
+    /// A zstd frame of `len` copies of `byte`, made of RLE blocks: four
+    /// bytes per 128 KiB of output, the cheapest possible "zstd bomb".
+    fn rle_frame(byte: u8, len: u64) -> Vec<u8> {
+        // Magic, frame header descriptor (no content size, not single
+        // segment), window descriptor 2^17.
+        let mut f = vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x38];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(128 << 10);
+            left -= n;
+            let header = u32::from(left == 0) | (1 << 1) | ((n as u32) << 3);
+            f.extend_from_slice(&header.to_le_bytes()[..3]);
+            f.push(byte);
+        }
+        f
+    }
+
+    /// A complete, correctly checksummed segment around `body` (already
+    /// compressed), with the given header fields.
+    fn seal(prev: i64, last: i64, record_count: u64, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.push(CODEC_ZSTD);
+        out.extend_from_slice(&[0; 5]);
+        for n in [3, prev, prev + 1, last, 0, 0, record_count as i64] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(body);
+        let hash = blake3::hash(&out);
+        out.extend_from_slice(hash.as_bytes());
+        out
+    }
+
+    /// Re-computes the trailer after a test edited the bytes.
+    fn reseal(bytes: &mut [u8]) {
+        let n = bytes.len() - TRAILER_LEN;
+        let hash = blake3::hash(&bytes[..n]);
+        bytes[n..].copy_from_slice(hash.as_bytes());
+    }
+
+    fn zstd(raw: &[u8]) -> Vec<u8> {
+        zstd::encode_all(raw, 1).unwrap()
+    }
+
+    /// Start of a revision record holding `count` events.
+    fn revision_head(revision: i64, count: u32) -> Vec<u8> {
+        let mut r = vec![TAG_REVISION];
+        r.extend_from_slice(&revision.to_le_bytes());
+        r.extend_from_slice(&0i64.to_le_bytes());
+        r.push(0);
+        r.extend_from_slice(&count.to_le_bytes());
+        r
+    }
+
+    /// Peak resident memory of this test process.
+    fn peak_rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    fn assert_malformed(err: &SegmentError, object: &str, needle: &str) {
+        assert!(
+            matches!(err, SegmentError::Malformed { .. }),
+            "expected Malformed, got {err}"
+        );
+        let text = err.to_string();
+        assert!(text.starts_with(object), "{text}");
+        assert!(text.contains(needle), "{text:?} should mention {needle:?}");
+    }
+
+    /// Issue 6.5 (1): a 23 KB segment claiming 50 million records (and
+    /// decompressing to 850 MB of progress records) used to be decoded into
+    /// a 2.9 GB vector. The header's count is now checked against the limit.
+    #[test]
+    fn a_huge_record_count_is_refused_before_decoding() {
+        let body = rle_frame(TAG_PROGRESS, 50_000_000 * 17);
+        assert!(body.len() < 30_000);
+        let bytes = seal(10, 10, 50_000_000, &body);
+        let err = decode_all("gen-3/segments/bomb.seg", &bytes).unwrap_err();
+        assert_malformed(&err, "gen-3/segments/bomb.seg", "50000000 records");
+        // A forged header handed straight to the reader is refused as well.
+        let header = SegmentHeader {
+            generation: 3,
+            prev_revision: 10,
+            last_revision: 10,
+            first_time_ms: 0,
+            last_time_ms: 0,
+            record_count: 50_000_000,
+        };
+        let err = RecordReader::new("bomb", &header, &body).err().unwrap();
+        assert_malformed(&err, "bomb", "50000000 records");
+    }
+
+    /// Records beyond the header's count stop the reader at once, however
+    /// much more the body would decompress to.
+    #[test]
+    fn a_decompression_bomb_after_the_last_record_is_refused() {
+        let bytes = seal(10, 10, 1000, &rle_frame(TAG_PROGRESS, 1 << 30));
+        let err = decode_all("bomb.seg", &bytes).unwrap_err();
+        assert_malformed(&err, "bomb.seg", "trailing bytes");
+        assert!(peak_rss_bytes() < 1 << 30, "{}", peak_rss_bytes());
+    }
+
+    /// Issue 6.5 (2): a body is never decompressed beyond `MAX_BODY_BYTES`.
+    #[test]
+    fn bodies_are_decompressed_with_a_hard_cap() {
+        let frame = rle_frame(0, MAX_BODY_BYTES + (1 << 20));
+        let mut body = BodyReader {
+            decoder: zstd::Decoder::new(frame.as_slice()).unwrap(),
+            produced: 0,
+        };
+        let err = io::copy(&mut body, &mut io::sink()).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        assert_eq!(body.produced, MAX_BODY_BYTES);
+    }
+
+    /// A revision claiming more events than allowed is refused before any
+    /// event is read.
+    #[test]
+    fn too_many_events_are_refused() {
+        let raw = revision_head(11, 0x0101_0101);
+        let bytes = seal(10, 11, 1, &zstd(&raw));
+        let err = decode_all("many.seg", &bytes).unwrap_err();
+        assert_malformed(&err, "many.seg", "16843009 events");
+    }
+
+    /// Lengths beyond the limits, or beyond what the body still holds, are
+    /// refused without allocating them.
+    #[test]
+    fn lengths_are_checked_before_allocating() {
+        // A key longer than the key limit.
+        let mut raw = revision_head(11, 1);
+        raw.push(1);
+        raw.extend_from_slice(&(MAX_KEY_BYTES as u32 + 1).to_le_bytes());
+        let err = decode_all("key.seg", &seal(10, 11, 1, &zstd(&raw))).unwrap_err();
+        assert_malformed(
+            &err,
+            "key.seg",
+            "key length 67108865 exceeds the format's limit",
+        );
+
+        // A value of 60 MiB of which only 3 bytes exist.
+        let mut raw = revision_head(11, 1);
+        raw.push(0);
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        raw.push(b'k');
+        raw.extend_from_slice(&[0; 32]);
+        raw.extend_from_slice(&(60u32 << 20).to_le_bytes());
+        raw.extend_from_slice(b"abc");
+        let err = decode_all("value.seg", &seal(10, 11, 1, &zstd(&raw))).unwrap_err();
+        assert_malformed(&err, "value.seg", "exceeds the rest of the body (3 bytes)");
+        assert!(peak_rss_bytes() < 1 << 30);
+
+        // Keys whose total exceeds a revision's decoded-size limit: the third
+        // 64 MiB key is refused before it is read. Each key is its own RLE
+        // frame, so the object stays small.
+        let mut body = zstd(&revision_head(11, 3));
+        for _ in 0..3 {
+            let mut event = vec![1];
+            event.extend_from_slice(&(MAX_KEY_BYTES as u32).to_le_bytes());
+            body.extend_from_slice(&zstd(&event));
+            body.extend_from_slice(&rle_frame(b'k', MAX_KEY_BYTES));
+        }
+        let err = decode_all("big.seg", &seal(10, 11, 1, &body)).unwrap_err();
+        assert_malformed(
+            &err,
+            "big.seg",
+            "revision 11 event 2: key exceeds a revision's limit",
+        );
+    }
+
+    /// Issue 6.5 (3): flags and reserved header bytes must be zero.
+    #[test]
+    fn flags_and_reserved_bytes_must_be_zero() {
+        let good = build(&sample_records());
+        for (at, needle) in [(11, "flags"), (12, "reserved"), (15, "reserved")] {
+            let mut bytes = good.clone();
+            bytes[at] = 1;
+            reseal(&mut bytes);
+            let err = decode_all("gen-1/segments/f.seg", &bytes).unwrap_err();
+            assert_malformed(&err, "gen-1/segments/f.seg", needle);
+        }
+    }
+
+    /// Issue 6.5 (7): an unknown codec is a named error.
+    #[test]
+    fn unknown_codec_is_a_named_error() {
+        let mut bytes = build(&sample_records());
+        bytes[10] = 2;
+        reseal(&mut bytes);
+        let err = decode_all("c.seg", &bytes).unwrap_err();
+        assert_malformed(&err, "c.seg", "unknown codec 2");
+    }
+
+    /// Header revision ranges and counts must be consistent.
+    #[test]
+    fn inconsistent_headers_are_refused() {
+        let body = zstd(&[]);
+        for (prev, last, count, needle) in [
+            (-5i64, 1i64, 10, "revision range"),
+            (10, i64::MAX, 10, "revision range"),
+            (10, 20, 3, "3 records for 10 revisions"),
+        ] {
+            let mut bytes = seal(0, 0, count, &body);
+            bytes[24..32].copy_from_slice(&prev.to_le_bytes());
+            bytes[32..40].copy_from_slice(&prev.wrapping_add(1).to_le_bytes());
+            bytes[40..48].copy_from_slice(&last.to_le_bytes());
+            reseal(&mut bytes);
+            let err = decode_all("h.seg", &bytes).unwrap_err();
+            assert_malformed(&err, "h.seg", needle);
+        }
+    }
+
+    /// A revision beyond the header's last revision is refused when read.
+    #[test]
+    fn revisions_beyond_the_header_are_refused() {
+        let mut raw = Vec::new();
+        for rev in [11, 12] {
+            let r = RevisionRecord {
+                revision: rev,
+                observed_ms: 0,
+                catching_up: false,
+                events: vec![Event {
+                    kind: EventKind::Delete,
+                    key: b"k".to_vec(),
+                    value: Vec::new(),
+                    create_revision: 0,
+                    mod_revision: rev,
+                    version: 0,
+                    lease: 0,
+                }],
+            };
+            encode_revision(&r, &mut raw);
+        }
+        let err = decode_all("r.seg", &seal(10, 11, 2, &zstd(&raw))).unwrap_err();
+        assert_malformed(
+            &err,
+            "r.seg",
+            "revision 12 is beyond the header's last revision 11",
+        );
+        let mut flagged = raw.clone();
+        flagged[17] = 0x80;
+        let err = decode_all("r.seg", &seal(10, 12, 2, &zstd(&flagged))).unwrap_err();
+        assert_malformed(&err, "r.seg", "unknown flags 0x80");
+    }
+
+    /// Issue 6.5 (6): the header must name the generation the object is
+    /// listed under.
+    #[test]
+    fn generation_is_checked() {
+        let bytes = build(&sample_records());
+        let (header, _) = open("gen-3/segments/x.seg", &bytes).unwrap();
+        check_generation("gen-3/segments/x.seg", &header, 3).unwrap();
+        let err = check_generation("gen-4/segments/x.seg", &header, 4).unwrap_err();
+        assert!(matches!(
+            err,
+            SegmentError::GenerationMismatch {
+                found: 3,
+                expected: 4,
+                ..
+            }
+        ));
+        let text = err.to_string();
+        assert!(text.starts_with("gen-4/segments/x.seg"), "{text}");
+        assert!(
+            text.contains("generation 3") && text.contains("generation 4"),
+            "{text}"
+        );
+    }
+
+    /// The writer refuses what the reader would refuse, so everything
+    /// written can be read back.
+    #[test]
+    fn the_writer_enforces_the_limits() {
+        let mut b = SegmentBuilder::new(1, 10).unwrap();
+        let big = RevisionRecord {
+            revision: 11,
+            observed_ms: 0,
+            catching_up: false,
+            events: vec![Event {
+                kind: EventKind::Put,
+                key: b"k".to_vec(),
+                value: vec![0; MAX_VALUE_BYTES as usize + 1],
+                create_revision: 11,
+                mod_revision: 11,
+                version: 1,
+                lease: 0,
+            }],
+        };
+        let err = b.push_revision(&big).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(b.last_revision(), 10);
+        assert!(!b.is_full());
+        // The refused revision left nothing behind.
+        let Record::Revision(mut ok) = sample_records()[1].clone() else {
+            unreachable!()
+        };
+        ok.revision = 11;
+        b.push_revision(&ok).unwrap();
+        let (_, bytes) = b.finish().unwrap();
+        assert_eq!(decode_all("w", &bytes).unwrap().1.len(), 1);
     }
 
     /// The stored sample keeps the byte layout in `docs/archive-format.md`

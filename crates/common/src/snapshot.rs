@@ -18,9 +18,12 @@
 //! ```
 
 use std::io::{self, Read, Write};
+use std::path::Path;
 
 use thiserror::Error;
 
+use crate::bbolt::{self, BoltError, BoltReader};
+use crate::segment::MAX_ZSTD_WINDOW_LOG;
 use crate::Revision;
 
 /// Magic bytes of a snapshot object.
@@ -63,6 +66,25 @@ pub enum SnapshotError {
         object: String,
         /// Cause.
         source: io::Error,
+    },
+    /// The etcd snapshot file inside the object is not a valid bbolt file.
+    #[error("{object}: invalid etcd snapshot content: {source}")]
+    Content {
+        /// Object name.
+        object: String,
+        /// What is wrong with the file.
+        source: BoltError,
+    },
+    /// The header's revision is not the revision of the etcd snapshot file
+    /// it holds.
+    #[error("{object}: header says revision {header}, its etcd snapshot content is at revision {content} (object is corrupted)")]
+    RevisionMismatch {
+        /// Object name.
+        object: String,
+        /// Revision in the header.
+        header: Revision,
+        /// Revision read from the bbolt content.
+        content: Revision,
     },
 }
 
@@ -123,7 +145,13 @@ impl SnapshotHeader {
             });
         }
         if bytes[10] != CODEC_ZSTD {
-            return Err(malformed("unknown codec"));
+            return Err(malformed(&format!(
+                "unknown codec {} (byte 10; this build reads {CODEC_ZSTD} = zstd)",
+                bytes[10]
+            )));
+        }
+        if bytes[11..16] != [0; 5] {
+            return Err(malformed("reserved bytes 11..16 are not zero"));
         }
         let le64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         Ok(Self {
@@ -152,10 +180,15 @@ pub fn write_object(
 }
 
 /// Decompresses a snapshot object's body into `out`, checking length and
-/// hash against the header. Streams.
+/// hash against the header. Streams, and stops as soon as the body
+/// decompresses to more than the header's `db_bytes`: at most `db_bytes`
+/// bytes are ever written to `out`.
 ///
 /// # Errors
-/// [`SnapshotError::ChecksumMismatch`] if the content does not match.
+/// [`SnapshotError::ChecksumMismatch`] if the content does not match (in
+/// length, hash, or zstd framing); a header error from
+/// [`SnapshotHeader::decode`]; [`SnapshotError::Io`] if reading the header
+/// or writing `out` fails.
 pub fn read_object(
     object: &str,
     input: &mut impl Read,
@@ -165,34 +198,79 @@ pub fn read_object(
         object: object.to_owned(),
         source,
     };
+    let mismatch = || SnapshotError::ChecksumMismatch {
+        object: object.to_owned(),
+    };
     let mut head = [0u8; HEADER_LEN];
     input.read_exact(&mut head).map_err(io_err)?;
     let header = SnapshotHeader::decode(object, &head)?;
     let mut decoder = zstd::Decoder::new(input).map_err(io_err)?;
+    decoder
+        .window_log_max(MAX_ZSTD_WINDOW_LOG)
+        .map_err(io_err)?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = match decoder.read(&mut buf) {
+        // Ask for at most one byte beyond `db_bytes`: enough to notice a
+        // body that is too long without decompressing (or writing) more.
+        let room = header.db_bytes - total;
+        let want = buf
+            .len()
+            .min(usize::try_from(room.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = match decoder.read(&mut buf[..want]) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => {
-                return Err(SnapshotError::ChecksumMismatch {
-                    object: object.to_owned(),
-                })
-            }
+            Err(_) => return Err(mismatch()),
         };
+        if n as u64 > room {
+            return Err(mismatch());
+        }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(io_err)?;
         total += n as u64;
     }
     if total != header.db_bytes || hasher.finalize().as_bytes() != &header.db_blake3 {
-        return Err(SnapshotError::ChecksumMismatch {
-            object: object.to_owned(),
-        });
+        return Err(mismatch());
     }
     Ok(header)
+}
+
+/// Checks that the etcd snapshot file at `db_path` (decompressed from
+/// `object` by [`read_object`]) is at the revision its header claims: the
+/// revision is read from the bbolt content itself with
+/// [`bbolt::etcd_revision`].
+///
+/// # Errors
+/// [`SnapshotError::RevisionMismatch`] naming the object and both
+/// revisions; [`SnapshotError::Content`] if the file is not a valid etcd
+/// bbolt file; [`SnapshotError::Io`] if it cannot be read.
+pub fn check_content_revision(
+    object: &str,
+    header: &SnapshotHeader,
+    db_path: &Path,
+) -> Result<(), SnapshotError> {
+    let content_err = |e: BoltError| match e {
+        BoltError::Io(source) => SnapshotError::Io {
+            object: object.to_owned(),
+            source,
+        },
+        e @ BoltError::Invalid(_) => SnapshotError::Content {
+            object: object.to_owned(),
+            source: e,
+        },
+    };
+    let reader = BoltReader::open(db_path).map_err(content_err)?;
+    let content = bbolt::etcd_revision(&reader).map_err(content_err)?;
+    if content != header.revision {
+        return Err(SnapshotError::RevisionMismatch {
+            object: object.to_owned(),
+            header: header.revision,
+            content,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,5 +312,144 @@ mod tests {
             read_object("s", &mut bad.as_slice(), &mut Vec::new()),
             Err(SnapshotError::ChecksumMismatch { .. })
         ));
+    }
+    /// A real etcd 3.5.1 snapshot (`etcdctl snapshot save`) at revision 31.
+    const ETCD_SNAPSHOT: &[u8] = include_bytes!("../testdata/etcd-3.5.1-rev31.db");
+
+    fn header_for(db: &[u8], revision: Revision) -> SnapshotHeader {
+        SnapshotHeader {
+            generation: 2,
+            revision,
+            taken_ms: 5,
+            db_bytes: db.len() as u64,
+            db_blake3: *blake3::hash(db).as_bytes(),
+        }
+    }
+
+    /// A writer that counts what it was given.
+    struct Counting(u64);
+
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A zstd frame of `len` zero bytes made of RLE blocks (see the segment
+    /// tests): 4 bytes per 128 KiB.
+    fn rle_zeros(len: u64) -> Vec<u8> {
+        let mut f = vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x38];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(128 << 10);
+            left -= n;
+            let h = u32::from(left == 0) | (1 << 1) | ((n as u32) << 3);
+            f.extend_from_slice(&h.to_le_bytes()[..3]);
+            f.push(0);
+        }
+        f
+    }
+
+    /// Issue 6.5 (2): a body claiming 4 KiB that decompresses to 1 GiB is
+    /// refused after at most 4 KiB were written.
+    #[test]
+    fn decompression_stops_at_the_claimed_length() {
+        let header = header_for(&[0; 4096], 7);
+        let mut obj = header.encode().to_vec();
+        obj.extend_from_slice(&rle_zeros(1 << 30));
+        let mut out = Counting(0);
+        let err = read_object("gen/bomb.snap", &mut obj.as_slice(), &mut out).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::ChecksumMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("gen/bomb.snap"), "{err}");
+        assert!(out.0 <= 4096, "{} bytes written", out.0);
+
+        // The exact length passes; a shorter body is a mismatch.
+        let mut obj = header.encode().to_vec();
+        obj.extend_from_slice(&rle_zeros(4096));
+        read_object("ok", &mut obj.as_slice(), &mut Counting(0)).unwrap();
+        let mut obj = header.encode().to_vec();
+        obj.extend_from_slice(&rle_zeros(4095));
+        assert!(matches!(
+            read_object("short", &mut obj.as_slice(), &mut Counting(0)),
+            Err(SnapshotError::ChecksumMismatch { .. })
+        ));
+    }
+
+    /// Issue 6.5 (3): reserved header bytes must be zero.
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        let header = header_for(b"db", 7);
+        for at in 11..16 {
+            let mut bytes = header.encode();
+            bytes[at] = 1;
+            let check = blake3::hash(&bytes[..80]);
+            bytes[80..88].copy_from_slice(&check.as_bytes()[..8]);
+            let err = SnapshotHeader::decode("gen-1/snapshots/r.snap", &bytes).unwrap_err();
+            assert!(matches!(err, SnapshotError::Malformed { .. }), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with("gen-1/snapshots/r.snap") && text.contains("reserved"),
+                "{text}"
+            );
+        }
+        let mut bytes = header.encode();
+        bytes[10] = 9;
+        let check = blake3::hash(&bytes[..80]);
+        bytes[80..88].copy_from_slice(&check.as_bytes()[..8]);
+        let err = SnapshotHeader::decode("c", &bytes).unwrap_err();
+        assert!(err.to_string().contains("unknown codec 9"), "{err}");
+    }
+
+    /// Issue 6.5 (5): an object re-headed to claim revision 41 while its
+    /// content is at revision 31 is refused, naming the object.
+    #[test]
+    fn content_revision_must_match_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("snapshot.db");
+        for (claimed, ok) in [(31, true), (41, false)] {
+            let mut obj = Vec::new();
+            write_object(
+                &header_for(ETCD_SNAPSHOT, claimed),
+                &mut &ETCD_SNAPSHOT[..],
+                &mut obj,
+            )
+            .unwrap();
+            let mut file = std::fs::File::create(&db_path).unwrap();
+            let header =
+                read_object("gen-2/snapshots/x.snap", &mut obj.as_slice(), &mut file).unwrap();
+            drop(file);
+            let result = check_content_revision("gen-2/snapshots/x.snap", &header, &db_path);
+            if ok {
+                result.unwrap();
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SnapshotError::RevisionMismatch {
+                        header: 41,
+                        content: 31,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(text.starts_with("gen-2/snapshots/x.snap"), "{text}");
+        }
+
+        // Content that is not a bbolt file is a named content error.
+        std::fs::write(&db_path, vec![7u8; 8192]).unwrap();
+        let err = check_content_revision("bad.snap", &header_for(b"", 31), &db_path).unwrap_err();
+        assert!(matches!(err, SnapshotError::Content { .. }), "{err}");
+        assert!(err.to_string().starts_with("bad.snap"), "{err}");
     }
 }

@@ -34,6 +34,15 @@ pub enum StoreError {
     /// The object does not exist.
     #[error("object {0} not found")]
     NotFound(String),
+    /// The store cannot create an object only if it does not exist yet
+    /// (`PutMode::Create`); archives need such write-once puts.
+    #[error("{object}: the object store does not support write-once puts (create-if-absent), which etcd-pitr archives need: {source}")]
+    NoWriteOnce {
+        /// The object being written.
+        object: String,
+        /// The store's answer.
+        source: object_store::Error,
+    },
     /// A write-once object already exists with other content.
     #[error("object {0} already exists with different content")]
     Conflict(String),
@@ -70,7 +79,10 @@ impl StoreError {
                 other => !source_chain_has_permanent_io(other),
             },
             Self::Io(e) => !is_permanent_io(e),
-            Self::InvalidUrl { .. } | Self::NotFound(_) | Self::Conflict(_) => false,
+            Self::InvalidUrl { .. }
+            | Self::NotFound(_)
+            | Self::Conflict(_)
+            | Self::NoWriteOnce { .. } => false,
         }
     }
 }
@@ -443,6 +455,13 @@ impl Archive {
                     Err(StoreError::Conflict(relative.into()))
                 }
             }
+            Err(
+                e @ (object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. }),
+            ) => Err(StoreError::NoWriteOnce {
+                object: relative.into(),
+                source: e,
+            }),
             Err(e) => Err(e.into()),
         }
     }

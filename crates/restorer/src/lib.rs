@@ -91,7 +91,7 @@ fn store_kind(e: &StoreError) -> ExitKind {
     match e {
         StoreError::InvalidUrl { .. } => ExitKind::Usage,
         StoreError::NotFound(_) | StoreError::Conflict(_) => ExitKind::Integrity,
-        StoreError::Backend(_) => ExitKind::StoreUnreachable,
+        StoreError::Backend(_) | StoreError::NoWriteOnce { .. } => ExitKind::StoreUnreachable,
         StoreError::Io(_) => ExitKind::Other,
     }
 }

@@ -18,15 +18,15 @@ use tokio::sync::mpsc;
 use crate::plan::{self, PlanError};
 
 /// Downloads snapshot object `(generation, revision)` to `scratch`, checks
-/// it (length and blake3 against its header, header against its name) and
-/// writes the etcd snapshot file it holds to `out`. The scratch file is
-/// always removed.
+/// it (length and blake3 against its header, header against its name, and
+/// the revision of the bbolt content against the header) and writes the etcd
+/// snapshot file it holds to `db_path`. The scratch file is always removed.
 async fn download_checked(
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
     scratch: &Path,
-    out: Box<dyn std::io::Write + Send>,
+    db_path: &Path,
 ) -> anyhow::Result<SnapshotHeader> {
     let key = layout::snapshot_key(generation, revision);
     let checked = async {
@@ -38,9 +38,11 @@ async fn download_checked(
             .await
             .with_context(|| format!("download {key}"))?;
         drop(file);
-        let (src, key) = (scratch.to_owned(), key.clone());
+        let (src, key, db) = (scratch.to_owned(), key.clone(), db_path.to_owned());
         tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
             let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+            let out =
+                std::fs::File::create(&db).with_context(|| format!("create {}", db.display()))?;
             let mut out = std::io::BufWriter::new(out);
             let header = snapshot::read_object(&key, &mut input, &mut out)?;
             std::io::Write::flush(&mut out)?;
@@ -58,6 +60,9 @@ async fn download_checked(
             header.revision
         );
     }
+    let db = db_path.to_owned();
+    tokio::task::spawn_blocking(move || snapshot::check_content_revision(&key, &header, &db))
+        .await??;
     Ok(header)
 }
 
@@ -72,19 +77,19 @@ pub async fn fetch_snapshot(
     revision: Revision,
     dest: &Path,
 ) -> anyhow::Result<SnapshotHeader> {
-    let out = std::fs::File::create(dest).with_context(|| format!("create {}", dest.display()))?;
     download_checked(
         archive,
         generation,
         revision,
         &dest.with_extension("download"),
-        Box::new(out),
+        dest,
     )
     .await
 }
 
 /// Downloads a snapshot object and checks its content against its header
-/// (length and blake3) without keeping the file. Returns the file's length.
+/// (length, blake3 and the revision of the bbolt content) without keeping
+/// the file. Returns the file's length.
 ///
 /// # Errors
 /// Store failures or an integrity error naming the object.
@@ -94,14 +99,10 @@ pub async fn verify_snapshot(
     revision: Revision,
     scratch: &Path,
 ) -> anyhow::Result<u64> {
-    let header = download_checked(
-        archive,
-        generation,
-        revision,
-        scratch,
-        Box::new(std::io::sink()),
-    )
-    .await?;
+    // The content check reads the decompressed file: keep it in a private
+    // temporary file, removed when dropped.
+    let db = tempfile::NamedTempFile::new().context("create a temporary file")?;
+    let header = download_checked(archive, generation, revision, scratch, db.path()).await?;
     Ok(header.db_bytes)
 }
 
@@ -563,5 +564,61 @@ mod tests {
         assert!(e.to_string().contains("wall clock stepped"), "{e}");
         let e = resolve(&a, 9_000).await.unwrap_err();
         assert!(!e.to_string().contains("wall clock stepped"), "{e}");
+    }
+
+    /// A real etcd 3.5.1 snapshot at revision 31.
+    const ETCD_SNAPSHOT: &[u8] = include_bytes!("../../common/testdata/etcd-3.5.1-rev31.db");
+
+    /// Stores the snapshot as object `(generation 2, claimed)`, as if
+    /// re-headed and renamed to claim that revision.
+    async fn store_snapshot(archive: &Archive, claimed: Revision) {
+        let header = SnapshotHeader {
+            generation: 2,
+            revision: claimed,
+            taken_ms: 0,
+            db_bytes: ETCD_SNAPSHOT.len() as u64,
+            db_blake3: *blake3::hash(ETCD_SNAPSHOT).as_bytes(),
+        };
+        let mut obj = Vec::new();
+        snapshot::write_object(&header, &mut &ETCD_SNAPSHOT[..], &mut obj).unwrap();
+        let key = layout::snapshot_key(GenerationId(2), claimed);
+        archive.put_once(&key, obj.into()).await.unwrap();
+    }
+
+    /// Issue 6.5 (5): restore and verify both refuse a snapshot whose
+    /// content is at another revision than its header and name claim.
+    #[tokio::test]
+    async fn content_revision_is_checked_by_fetch_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("archive").display());
+        let archive = Archive::open(&url).unwrap();
+        store_snapshot(&archive, 31).await;
+        store_snapshot(&archive, 41).await;
+        let scratch = dir.path().join("scratch");
+        let dest = dir.path().join("out.db");
+
+        let g = GenerationId(2);
+        assert_eq!(
+            verify_snapshot(&archive, g, 31, &scratch).await.unwrap(),
+            ETCD_SNAPSHOT.len() as u64
+        );
+        fetch_snapshot(&archive, g, 31, &dest).await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), ETCD_SNAPSHOT);
+
+        let key = layout::snapshot_key(g, 41);
+        for err in [
+            verify_snapshot(&archive, g, 41, &scratch)
+                .await
+                .unwrap_err(),
+            fetch_snapshot(&archive, g, 41, &dest).await.unwrap_err(),
+        ] {
+            let text = format!("{err:#}");
+            assert!(
+                text.contains(&key) && text.contains("revision 31"),
+                "{text}"
+            );
+            assert_eq!(crate::classify(&err), crate::ExitKind::Integrity);
+        }
+        assert!(!scratch.exists());
     }
 }

@@ -393,7 +393,7 @@ async fn remove_on_interrupt() {
 /// path.
 pub(super) struct ScratchFile {
     path: PathBuf,
-    _scratch: Option<Scratch>,
+    _scratch: Scratch,
 }
 
 impl std::ops::Deref for ScratchFile {
@@ -406,24 +406,15 @@ impl std::ops::Deref for ScratchFile {
 /// A path for scratch file `what`, in a new private scratch directory of the
 /// system temp dir, removed when the returned value is dropped.
 ///
-/// If no scratch directory can be made, the error is logged and the path
-/// returned cannot be created (it holds a NUL byte), so the caller fails
-/// when it creates the file rather than writing somewhere predictable.
-/// Prefer [`Scratch::new_in`], which returns the error.
-pub(super) fn tempfile_path(what: &str) -> ScratchFile {
-    match Scratch::new_in(&std::env::temp_dir()) {
-        Ok(scratch) => ScratchFile {
-            path: scratch.file(what),
-            _scratch: Some(scratch),
-        },
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "no private scratch directory");
-            ScratchFile {
-                path: std::env::temp_dir().join(format!("etcd-restorer-no-scratch\0{what}")),
-                _scratch: None,
-            }
-        }
-    }
+/// # Errors
+/// When no private scratch directory can be made (nothing is written
+/// anywhere predictable instead).
+pub(super) fn scratch_file(what: &str) -> anyhow::Result<ScratchFile> {
+    let scratch = Scratch::new_in(&std::env::temp_dir())?;
+    Ok(ScratchFile {
+        path: scratch.file(what),
+        _scratch: scratch,
+    })
 }
 
 /// An exclusive lock on a restore's output path, held for the whole
@@ -527,8 +518,8 @@ mod tests {
     }
 
     #[test]
-    fn tempfile_path_is_private_and_removed() {
-        let f = tempfile_path("verify");
+    fn scratch_file_is_private_and_removed() {
+        let f = scratch_file("verify").unwrap();
         let dir = f.parent().unwrap().to_owned();
         assert_ne!(dir, std::env::temp_dir());
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();

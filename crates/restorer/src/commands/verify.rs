@@ -13,7 +13,7 @@ use etcdpitr_common::segment::Record;
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
 
-use super::{load, tempfile_path};
+use super::{load, scratch_file};
 use crate::source;
 
 /// What `verify` counted and found.
@@ -255,7 +255,7 @@ pub async fn verify(url: &str, out: &mut dyn Write) -> anyhow::Result<()> {
             listing.foreign.join(", ")
         ));
     }
-    let scratch = tempfile_path("verify");
+    let scratch = scratch_file("verify")?;
     for g in &listing.generations {
         verify_generation(&archive, g, &scratch, &mut report).await?;
     }
