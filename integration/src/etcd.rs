@@ -213,7 +213,9 @@ impl EtcdCluster {
         Ok(etcd_client::Client::connect(eps, Some(opts)).await?)
     }
 
-    /// Waits until the cluster accepts writes (after start, or a member failure).
+    /// Waits until the cluster accepts writes and every live member serves
+    /// reads itself (after start, a member failure or a restart), so that a
+    /// client over the live members never meets one still starting.
     ///
     /// # Errors
     /// After 30 s without a successful write.
@@ -221,7 +223,8 @@ impl EtcdCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut c) = self.client().await {
-                if c.put("/pitr-test/ready", "1", None).await.is_ok() {
+                if c.put("/pitr-test/ready", "1", None).await.is_ok() && self.members_serve().await
+                {
                     return Ok(());
                 }
             }
@@ -230,6 +233,20 @@ impl EtcdCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether every live member answers a read on its own endpoint.
+    async fn members_serve(&self) -> bool {
+        for m in self.members.iter().filter(|m| m.child.is_some()) {
+            let Ok(mut c) = etcd_client::Client::connect([m.client_url.as_str()], None).await
+            else {
+                return false;
+            };
+            if c.get("/pitr-test/ready", None).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Saves a snapshot of the cluster with etcdctl.
