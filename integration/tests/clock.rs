@@ -209,12 +209,12 @@ async fn deploy_under_a_stepping_clock(s: Scenario) -> anyhow::Result<()> {
 /// written meanwhile, then the clock corrected.
 #[tokio::test]
 async fn a_clock_behind_then_corrected_never_shows_a_later_deploy() -> anyhow::Result<()> {
-    deploy_under_a_stepping_clock(Scenario {
+    Box::pin(deploy_under_a_stepping_clock(Scenario {
         start: "-60s",
         before_deploy: None,
         after_deploy: "+0s",
         steps: 1,
-    })
+    }))
     .await
 }
 
@@ -222,11 +222,11 @@ async fn a_clock_behind_then_corrected_never_shows_a_later_deploy() -> anyhow::R
 /// corrected.
 #[tokio::test]
 async fn a_clock_stepped_back_then_corrected_never_shows_a_later_deploy() -> anyhow::Result<()> {
-    deploy_under_a_stepping_clock(Scenario {
+    Box::pin(deploy_under_a_stepping_clock(Scenario {
         start: "+0s",
         before_deploy: Some("-60s"),
         after_deploy: "+0s",
         steps: 2,
-    })
+    }))
     .await
 }
