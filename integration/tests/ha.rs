@@ -228,7 +228,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
 async fn three_archivers_survive_killed_and_frozen_writers_on_local_files() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let url = format!("file://{}/archive", tmp.path().display());
-    ha_round(&url, &[], 61).await
+    Box::pin(ha_round(&url, &[], 61)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,5 +238,5 @@ async fn three_archivers_survive_killed_and_frozen_writers_on_s3() -> anyhow::Re
     for (k, v) in &env {
         std::env::set_var(k, v);
     }
-    ha_round("s3://ha-archive/cluster", &env, 62).await
+    Box::pin(ha_round("s3://ha-archive/cluster", &env, 62)).await
 }
