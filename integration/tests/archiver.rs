@@ -94,12 +94,12 @@ async fn lossless_across_restarts(version: EtcdVersion) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossless_across_restarts_etcd_3_5() -> anyhow::Result<()> {
-    lossless_across_restarts(EtcdVersion::V35).await
+    Box::pin(lossless_across_restarts(EtcdVersion::V35)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossless_across_restarts_etcd_3_4() -> anyhow::Result<()> {
-    lossless_across_restarts(EtcdVersion::V34).await
+    Box::pin(lossless_across_restarts(EtcdVersion::V34)).await
 }
 
 /// A member of a 3-member cluster dies (twice, different members): the
