@@ -44,3 +44,11 @@ bench-restorer revisions="1000000": setup
 dev:
     cargo fmt --all
     cargo build --workspace
+
+# Fuzz one decoder (segment, names, snapshot, bbolt) for `seconds`; see
+# docs/fuzzing.md. Not part of `test`. Needs cargo-fuzz; stable Rust runs
+# it with RUSTC_BOOTSTRAP=1.
+fuzz target="segment" seconds="600":
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    mkdir -p fuzz/target/corpus/{{target}}
+    RUSTC_BOOTSTRAP=1 ASAN_OPTIONS=quarantine_size_mb=16 cargo fuzz run {{target}} fuzz/target/corpus/{{target}} fuzz/corpus/{{target}} -- -max_total_time={{seconds}} -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=20
