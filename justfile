@@ -45,9 +45,9 @@ dev:
     cargo fmt --all
     cargo build --workspace
 
-# Fuzz one decoder (segment, names, snapshot, bbolt) for `seconds`; see
-# docs/fuzzing.md. Not part of `test`. Needs cargo-fuzz; stable Rust runs
-# it with RUSTC_BOOTSTRAP=1.
+# cargo-fuzz needs nightly flags: stable Rust runs it with RUSTC_BOOTSTRAP=1.
+
+# Fuzz one decoder (segment, names, snapshot or bbolt; docs/fuzzing.md). Not part of `test`.
 fuzz target="segment" seconds="600":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     mkdir -p fuzz/target/corpus/{{target}}
