@@ -49,3 +49,10 @@ dev:
 soak-ha seconds="600": setup
     cargo build --workspace --bins
     ETCD_PITR_HA_SECS={{seconds}} cargo test -p integration --test ha -- --nocapture --test-threads=1
+
+# Fuzz one decoder (segment, names, snapshot or bbolt; docs/fuzzing.md). Not part of `test`;
+# cargo-fuzz needs nightly flags, which stable Rust accepts with RUSTC_BOOTSTRAP=1.
+fuzz target="segment" seconds="600":
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    mkdir -p fuzz/target/corpus/{{target}}
+    RUSTC_BOOTSTRAP=1 ASAN_OPTIONS=quarantine_size_mb=16 cargo fuzz run {{target}} fuzz/target/corpus/{{target}} fuzz/corpus/{{target}} -- -max_total_time={{seconds}} -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=20

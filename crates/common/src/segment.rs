@@ -137,17 +137,6 @@ pub enum SegmentError {
         /// What is wrong.
         reason: String,
     },
-    /// The header names another generation than the one the object is
-    /// listed under.
-    #[error("{object}: header says generation {found}, the object belongs to generation {expected} (object is corrupted or misplaced)")]
-    GenerationMismatch {
-        /// Object the bytes came from.
-        object: String,
-        /// Generation in the header.
-        found: u64,
-        /// Generation the object is listed under.
-        expected: u64,
-    },
 }
 
 /// Put or delete.
@@ -522,27 +511,6 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         return Err(malformed("body length does not match object size".into()));
     }
     Ok((header, &content[HEADER_LEN..]))
-}
-
-/// Checks that a segment's header names `generation`, the generation its
-/// object is listed under.
-///
-/// # Errors
-/// [`SegmentError::GenerationMismatch`] naming `object` and both generations.
-pub fn check_generation(
-    object: &str,
-    header: &SegmentHeader,
-    generation: u64,
-) -> Result<(), SegmentError> {
-    if header.generation == generation {
-        Ok(())
-    } else {
-        Err(SegmentError::GenerationMismatch {
-            object: object.to_owned(),
-            found: header.generation,
-            expected: generation,
-        })
-    }
 }
 
 /// A segment body being decompressed: refuses to produce more than
@@ -1349,30 +1317,6 @@ mod tests {
         flagged[17] = 0x80;
         let err = decode_all("r.seg", &seal(10, 12, 2, &zstd(&flagged))).unwrap_err();
         assert_malformed(&err, "r.seg", "unknown flags 0x80");
-    }
-
-    /// Issue 6.5 (6): the header must name the generation the object is
-    /// listed under.
-    #[test]
-    fn generation_is_checked() {
-        let bytes = build(&sample_records());
-        let (header, _) = open("gen-3/segments/x.seg", &bytes).unwrap();
-        check_generation("gen-3/segments/x.seg", &header, 3).unwrap();
-        let err = check_generation("gen-4/segments/x.seg", &header, 4).unwrap_err();
-        assert!(matches!(
-            err,
-            SegmentError::GenerationMismatch {
-                found: 3,
-                expected: 4,
-                ..
-            }
-        ));
-        let text = err.to_string();
-        assert!(text.starts_with("gen-4/segments/x.seg"), "{text}");
-        assert!(
-            text.contains("generation 3") && text.contains("generation 4"),
-            "{text}"
-        );
     }
 
     /// The writer refuses what the reader would refuse, so everything
