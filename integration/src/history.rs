@@ -272,3 +272,36 @@ pub fn base64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
 }
+
+/// Runs `etcd-restorer export` at `target` and checks that it exits 0 and
+/// prints exactly etcd's own read at that revision.
+///
+/// # Errors
+/// A failed export or the first difference, naming the revision.
+pub async fn check_export(
+    url: &str,
+    env: &[(String, String)],
+    client: &etcd_client::Client,
+    target: i64,
+) -> anyhow::Result<()> {
+    let (code, out, err) = crate::run_restorer(
+        &[
+            "export",
+            "--archive",
+            url,
+            "--revision",
+            &target.to_string(),
+        ],
+        env,
+    )?;
+    anyhow::ensure!(
+        code == 0,
+        "export at revision {target} exited {code}: {err}"
+    );
+    let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+    anyhow::ensure!(
+        lines == oracle_export(client, target).await?,
+        "export at revision {target} differs from etcd's read"
+    );
+    Ok(())
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration::{
-    current_revision, mixed_workload, oracle_export, read_archive, run_restorer, verify_generation,
+    check_export, current_revision, mixed_workload, read_archive, run_restorer, verify_generation,
     wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, Rng, S3Server,
 };
 
@@ -203,23 +203,7 @@ async fn ha_round(url: &str, env: &[(String, String)], seed: u64) -> anyhow::Res
     let mut rng = Rng::new(seed ^ 0x5eed);
     for _ in 0..20 {
         let target = first + rng.below((last - first + 1) as u64) as i64;
-        let (code, out, err) = run_restorer(
-            &[
-                "export",
-                "--archive",
-                url,
-                "--revision",
-                &target.to_string(),
-            ],
-            env,
-        )?;
-        assert_eq!(code, 0, "export at {target}: {err}");
-        let lines: Vec<String> = out.lines().map(str::to_owned).collect();
-        assert_eq!(
-            lines,
-            oracle_export(&client, target).await?,
-            "export at {target}"
-        );
+        check_export(url, env, &client, target).await?;
     }
     Ok(())
 }

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use integration::{
-    archive_while, archiver_args, current_revision, mixed_workload, oracle_export, read_archive,
-    run_restorer, wait_archived, ArchiverProcess, EtcdVersion, RestoredEtcd, Rng, TestBed,
+    archive_while, archiver_args, check_export, current_revision, mixed_workload, oracle_export,
+    read_archive, run_restorer, wait_archived, ArchiverProcess, EtcdVersion, RestoredEtcd, Rng,
+    TestBed,
 };
 
 /// A (moment, revision) pair: the revision was the newest one at the moment.
@@ -86,23 +87,7 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
     targets.dedup();
     assert!(targets.len() >= 20);
     for &target in &targets {
-        let (code, out, err) = run_restorer(
-            &[
-                "export",
-                "--archive",
-                &url,
-                "--revision",
-                &target.to_string(),
-            ],
-            &[],
-        )?;
-        assert_eq!(code, 0, "export {target}: {err}");
-        let lines: Vec<String> = out.lines().map(str::to_owned).collect();
-        assert_eq!(
-            lines,
-            oracle_export(&client, target).await?,
-            "export at revision {target}"
-        );
+        check_export(&url, &[], &client, target).await?;
     }
 
     // Several full restores through the release's own tools and a started etcd.

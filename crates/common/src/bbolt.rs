@@ -54,7 +54,8 @@ pub const MAX_PAGE_RUN_BYTES: u64 = 256 << 20;
 /// Guards against runaway recursion on a corrupted file.
 const MAX_DEPTH: usize = 64;
 /// Length of the meta fields after the page header.
-const META_LEN: usize = 64;
+/// Bytes of the meta record after a meta page's header.
+pub const META_LEN: usize = 64;
 
 /// Errors reading a bbolt file.
 #[derive(Debug, Error)]
@@ -724,6 +725,33 @@ pub fn revision_main(key: &[u8]) -> Result<i64, BoltError> {
     Ok(rev)
 }
 
+/// The first bytes of meta page `pgid` (page header and meta, checksum
+/// included) as etcd writes them: root bucket at `root`, no freelist
+/// (bbolt rebuilds it), `high_water` pages, transaction `txid`. The rest of
+/// the page is zero.
+pub fn encode_meta_page(
+    pgid: u64,
+    page_size: u32,
+    root: u64,
+    high_water: u64,
+    txid: u64,
+) -> [u8; PAGE_HEADER_LEN + META_LEN] {
+    let mut p = [0u8; PAGE_HEADER_LEN + META_LEN];
+    p[..8].copy_from_slice(&pgid.to_le_bytes());
+    p[8..10].copy_from_slice(&META_PAGE.to_le_bytes());
+    let m = &mut p[PAGE_HEADER_LEN..];
+    m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    m[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    m[8..12].copy_from_slice(&page_size.to_le_bytes());
+    m[16..24].copy_from_slice(&root.to_le_bytes());
+    m[32..40].copy_from_slice(&NO_FREELIST.to_le_bytes());
+    m[40..48].copy_from_slice(&high_water.to_le_bytes());
+    m[48..56].copy_from_slice(&txid.to_le_bytes());
+    let sum = fnv1a64(&m[..56]);
+    m[56..64].copy_from_slice(&sum.to_le_bytes());
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,18 +762,8 @@ mod tests {
 
     fn meta_page(n: u64, page_size: u32, root: u64, high_water: u64, txid: u64) -> Vec<u8> {
         let mut p = vec![0u8; PS];
-        p[..8].copy_from_slice(&n.to_le_bytes());
-        p[8..10].copy_from_slice(&META_PAGE.to_le_bytes());
-        let m = &mut p[PAGE_HEADER_LEN..PAGE_HEADER_LEN + META_LEN];
-        m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        m[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        m[8..12].copy_from_slice(&page_size.to_le_bytes());
-        m[16..24].copy_from_slice(&root.to_le_bytes());
-        m[32..40].copy_from_slice(&NO_FREELIST.to_le_bytes());
-        m[40..48].copy_from_slice(&high_water.to_le_bytes());
-        m[48..56].copy_from_slice(&txid.to_le_bytes());
-        let sum = fnv1a64(&m[..56]);
-        m[56..64].copy_from_slice(&sum.to_le_bytes());
+        p[..PAGE_HEADER_LEN + META_LEN]
+            .copy_from_slice(&encode_meta_page(n, page_size, root, high_water, txid));
         p
     }
 

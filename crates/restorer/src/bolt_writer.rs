@@ -12,13 +12,11 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use etcdpitr_common::bbolt::{
-    fnv1a64, BRANCH_PAGE, BUCKET_LEAF_FLAG, ELEMENT_LEN, LEAF_PAGE, MAGIC, META_PAGE,
-    PAGE_HEADER_LEN, VERSION,
+    self, BRANCH_PAGE, BUCKET_LEAF_FLAG, ELEMENT_LEN, LEAF_PAGE, PAGE_HEADER_LEN,
 };
 
 /// Page size of the files written (the size etcd uses on common platforms).
 pub const PAGE_SIZE: usize = 4096;
-const NO_FREELIST: u64 = u64::MAX;
 /// bbolt keeps element counts in a u16.
 const MAX_ELEMENTS: usize = 0xFFFF - 1;
 
@@ -81,18 +79,8 @@ impl PageWriter {
             .map_err(io::IntoInnerError::into_error)?;
         for (pgid, txid) in [(0u64, 2u64), (1, 1)] {
             let mut page = vec![0u8; PAGE_SIZE];
-            page[..8].copy_from_slice(&pgid.to_le_bytes());
-            page[8..10].copy_from_slice(&META_PAGE.to_le_bytes());
-            let m = &mut page[PAGE_HEADER_LEN..PAGE_HEADER_LEN + 64];
-            m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-            m[4..8].copy_from_slice(&VERSION.to_le_bytes());
-            m[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-            m[16..24].copy_from_slice(&root_pgid.to_le_bytes());
-            m[32..40].copy_from_slice(&NO_FREELIST.to_le_bytes());
-            m[40..48].copy_from_slice(&high_water.to_le_bytes());
-            m[48..56].copy_from_slice(&txid.to_le_bytes());
-            let checksum = fnv1a64(&m[..56]);
-            m[56..64].copy_from_slice(&checksum.to_le_bytes());
+            let meta = bbolt::encode_meta_page(pgid, PAGE_SIZE as u32, root_pgid, high_water, txid);
+            page[..meta.len()].copy_from_slice(&meta);
             file.seek(SeekFrom::Start(pgid * PAGE_SIZE as u64))?;
             file.write_all(&page)?;
         }

@@ -241,27 +241,20 @@ fn describe_doubt(
     let step = match doubt {
         TimeDoubt::ChosenMayBeLater { step, .. } | TimeDoubt::NextMayBeEarlier { step, .. } => step,
     };
-    let mut around = Vec::new();
-    if let Some(c) = chosen {
-        let u = timeline.uncertainty(c.revision);
-        around.push(format!(
-            "revision {} was observed at {} and committed between {} and {}",
-            c.revision,
-            crate::format_ms(c.observed_ms),
-            crate::format_ms(c.observed_ms - u.back_ms),
-            crate::format_ms(c.observed_ms + u.fwd_ms)
-        ));
-    }
-    if let Some(n) = next {
-        let u = timeline.uncertainty(n.revision);
-        around.push(format!(
-            "revision {} was observed at {} and committed between {} and {}",
-            n.revision,
-            crate::format_ms(n.observed_ms),
-            crate::format_ms(n.observed_ms - u.back_ms),
-            crate::format_ms(n.observed_ms + u.fwd_ms)
-        ));
-    }
+    let around: Vec<String> = [chosen, next]
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let u = timeline.uncertainty(r.revision);
+            format!(
+                "revision {} was observed at {} and committed between {} and {}",
+                r.revision,
+                crate::format_ms(r.observed_ms),
+                crate::format_ms(r.observed_ms - u.back_ms),
+                crate::format_ms(r.observed_ms + u.fwd_ms)
+            )
+        })
+        .collect();
     format!("{}; {}", describe_step(generation, step), around.join("; "))
 }
 
