@@ -36,6 +36,9 @@ pub struct ElectionConfig {
     pub ttl: Duration,
 }
 
+/// Pause before another keep-alive attempt after one failed.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// How long resigning may wait for etcd.
 const RESIGN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -170,13 +173,18 @@ async fn keep_alive(
     let mut valid_until = granted_at + ttl.saturating_sub(SAFETY);
     let mut channel = None;
     loop {
-        let now = Instant::now();
-        if now >= valid_until {
+        if Instant::now() >= valid_until {
             break;
         }
+        // Nothing here may wait past `valid_until`: etcd being unreachable
+        // must end leadership in time, not hang the watchdog.
         if channel.is_none() {
-            channel = client.lease_keep_alive(lease).await.ok();
+            channel = tokio::time::timeout_at(valid_until, client.lease_keep_alive(lease))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
+        let mut answered_ok = false;
         if let Some((keeper, stream)) = &mut channel {
             let sent = Instant::now();
             let answered = async {
@@ -187,13 +195,16 @@ async fn keep_alive(
                 Ok(Some(r)) if r.ttl() > 0 => {
                     let proven = Duration::from_secs(r.ttl().unsigned_abs());
                     valid_until = sent + proven.saturating_sub(SAFETY);
+                    answered_ok = true;
                 }
                 // The lease is gone (expired or revoked underneath us).
                 Ok(Some(_)) => break,
                 Ok(None) | Err(_) => channel = None,
             }
         }
-        tokio::time::sleep_until(valid_until.min(Instant::now() + period)).await;
+        // After a failed attempt, try again soon rather than a period later.
+        let pause = if answered_ok { period } else { RETRY_PAUSE };
+        tokio::time::sleep_until(valid_until.min(Instant::now() + pause)).await;
     }
     tracing::warn!("leadership lost: the election lease could not be kept alive");
     lost.cancel();
