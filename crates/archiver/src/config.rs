@@ -351,6 +351,11 @@ impl Settings {
             if ttl < MIN_ELECTION_TTL {
                 bail!("--election-ttl: must be at least {MIN_ELECTION_TTL:?}");
             }
+            if ttl.subsec_nanos() != 0 {
+                // etcd leases count whole seconds; a fraction would be
+                // believed alive longer than etcd keeps it.
+                bail!("--election-ttl: must be whole seconds (etcd leases count seconds)");
+            }
             Some(ElectionConfig {
                 name: election_name(&prefix, &archive),
                 ttl,
@@ -441,6 +446,9 @@ mod tests {
         let mut s = base();
         s.election_ttl = Some("1s".into());
         assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--election-ttl"));
+        let mut s = base();
+        s.election_ttl = Some("2900ms".into());
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("whole seconds"));
     }
 
     #[test]

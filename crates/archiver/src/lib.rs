@@ -301,5 +301,5 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
         manifest.start_revision,
     )
     .await
-    .map(|fingerprint| fingerprint.revision)
+    .map(|(revision, _)| revision)
 }

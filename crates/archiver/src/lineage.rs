@@ -23,8 +23,7 @@ use etcdpitr_common::{now_ms, Revision};
 pub enum Verdict {
     /// Same hash at the same compaction revision: the same history.
     Same,
-    /// Another hash at the same compaction revision, or the revision lies in
-    /// the cluster's future: another history.
+    /// Another hash at the same compaction revision: another history.
     Differs(String),
     /// The cluster compacted since, so the hashes cannot be compared.
     Unverifiable(String),
@@ -57,22 +56,33 @@ async fn hash_at(client: &mut Client, revision: Revision) -> anyhow::Result<Hash
 }
 
 /// Asks the cluster for its `HashKV` at `revision` (a snapshot just taken)
-/// and writes the fingerprint to the archive.
+/// and writes the fingerprint to the archive. `None` when etcd compacted
+/// past the revision meanwhile (a long snapshot of a large database): the
+/// snapshot is still a valid base, only without a fingerprint of its own.
 ///
 /// # Errors
-/// etcd or store failures; a revision already compacted or in the future.
+/// etcd or store failures; a revision the member asked has not applied.
 pub async fn record(
     client: &mut Client,
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
-) -> anyhow::Result<LineageFingerprint> {
-    let HashAt::Hash {
-        hash,
-        compact_revision,
-    } = hash_at(client, revision).await?
-    else {
-        anyhow::bail!("etcd cannot hash revision {revision} (compacted or not reached)");
+) -> anyhow::Result<Option<LineageFingerprint>> {
+    let (hash, compact_revision) = match hash_at(client, revision).await? {
+        HashAt::Hash {
+            hash,
+            compact_revision,
+        } => (hash, compact_revision),
+        HashAt::Compacted => {
+            tracing::warn!(
+                revision,
+                "etcd compacted past the snapshot's revision before its HashKV could be asked; archiving the snapshot without a lineage fingerprint"
+            );
+            return Ok(None);
+        }
+        HashAt::Future => {
+            anyhow::bail!("the etcd member asked has not applied revision {revision} yet")
+        }
     };
     let fingerprint = LineageFingerprint {
         revision,
@@ -83,13 +93,13 @@ pub async fn record(
     let key = layout::lineage_key(generation, revision);
     let json = serde_json::to_vec_pretty(&fingerprint).expect("fingerprint serializes");
     match archive.put_once(&key, Bytes::from(json)).await {
-        Ok(()) => Ok(fingerprint),
+        Ok(()) => Ok(Some(fingerprint)),
         // Another writer recorded this revision first (its `taken_ms`
         // differs): keep theirs if it states the same hash.
         Err(etcdpitr_common::store::StoreError::Conflict(_)) => {
             let theirs = newest_at(archive, generation, revision).await?;
             match theirs {
-                Some(f) if (f.hash, f.compact_revision) == (hash, compact_revision) => Ok(f),
+                Some(f) if (f.hash, f.compact_revision) == (hash, compact_revision) => Ok(Some(f)),
                 _ => anyhow::bail!("{key} already records another hash for revision {revision}"),
             }
         }
@@ -147,9 +157,12 @@ pub async fn check(
 ) -> anyhow::Result<Verdict> {
     let rev = fingerprint.revision;
     Ok(match hash_at(client, rev).await? {
-        HashAt::Future => Verdict::Differs(format!(
-            "revision {rev} (a base snapshot) is in the cluster's future"
-        )),
+        // The caller has already read (linearizably) that the cluster is at
+        // or past this revision: a member that has not applied it yet is
+        // lagging, which a retry outlives; it is no proof of another history.
+        HashAt::Future => anyhow::bail!(
+            "the etcd member asked has not applied revision {rev} yet; asking again"
+        ),
         HashAt::Compacted => Verdict::Unverifiable(format!(
             "revision {rev} (a base snapshot) was compacted, so its HashKV cannot be asked again"
         )),

@@ -20,8 +20,7 @@ use tokio::io::AsyncWriteExt;
 
 /// Takes one snapshot into `generation`, refusing it if its revision is
 /// below `min_revision` (the generation's start: such a file would belong
-/// to an older history). Returns its lineage fingerprint (which names its
-/// revision).
+/// to an older history). Returns its revision and lineage fingerprint.
 ///
 /// Dropping it midway leaves at most scratch files, removed on the next run.
 ///
@@ -34,7 +33,7 @@ pub async fn take(
     data_dir: &Path,
     generation: GenerationId,
     min_revision: Revision,
-) -> anyhow::Result<LineageFingerprint> {
+) -> anyhow::Result<(Revision, Option<LineageFingerprint>)> {
     let started = std::time::Instant::now();
     let taken_ms = now_ms();
     let db_path = data_dir.join("snapshot.db.tmp");
@@ -135,7 +134,7 @@ pub async fn take(
         seconds = started.elapsed().as_secs_f64(),
         "snapshot archived"
     );
-    Ok(fingerprint)
+    Ok((header.revision, fingerprint))
 }
 
 /// How long nothing may have written to a staging file of a `file://`

@@ -32,7 +32,7 @@ pub struct SnapshotSchedule {
     min_revision: Revision,
     interval: Duration,
     next_due: Instant,
-    task: JoinSet<anyhow::Result<LineageFingerprint>>,
+    task: JoinSet<anyhow::Result<(Revision, Option<LineageFingerprint>)>>,
     fingerprint: Option<LineageFingerprint>,
     fatal: Fatal,
 }
@@ -101,7 +101,9 @@ impl SnapshotSchedule {
 
     /// Waits for the running snapshot to finish; never returns if none runs.
     /// Safe to drop.
-    pub async fn next_done(&mut self) -> Result<anyhow::Result<LineageFingerprint>, JoinError> {
+    pub async fn next_done(
+        &mut self,
+    ) -> Result<anyhow::Result<(Revision, Option<LineageFingerprint>)>, JoinError> {
         match self.task.join_next().await {
             Some(r) => r,
             None => std::future::pending().await,
@@ -109,11 +111,14 @@ impl SnapshotSchedule {
     }
 
     /// Records the outcome of a snapshot and schedules the next one.
-    pub fn finished(&mut self, result: Result<anyhow::Result<LineageFingerprint>, JoinError>) {
+    pub fn finished(
+        &mut self,
+        result: Result<anyhow::Result<(Revision, Option<LineageFingerprint>)>, JoinError>,
+    ) {
         let now = Instant::now();
         match result {
-            Ok(Ok(fingerprint)) => {
-                self.fingerprint = Some(fingerprint);
+            Ok(Ok((_, fingerprint))) => {
+                self.fingerprint = fingerprint.or(self.fingerprint);
                 self.next_due = now + self.interval;
             }
             Ok(Err(e)) if is_permanent_store_error(&e) => {

@@ -336,13 +336,17 @@ impl Chain {
 /// generation it follows (so that one was still being continued by the
 /// rightful writer), or when the generation it follows is void. Terms are
 /// claimed write-once in increasing order (see [`crate::manifest::TermRecord`]);
-/// archives written without an election carry term 0 and are never void.
+/// a generation started without an election carries term 0 and is void
+/// only when the generation it follows is.
 pub fn void_generations(generations: &[GenerationListing]) -> Vec<GenerationId> {
     let mut void: Vec<GenerationId> = Vec::new();
     for g in generations {
         let Some(m) = &g.manifest else { continue };
         let Some(previous) = m.previous else { continue };
+        // A generation started without an election (term 0) is not fenced:
+        // only an elected writer's generations can be void.
         let stale = void.contains(&previous.generation)
+            || m.term > 0
             || generations
                 .iter()
                 .find(|p| p.id == Some(previous.generation))
@@ -793,8 +797,9 @@ mod tests {
             void_generations(&gens),
             vec![GenerationId(2), GenerationId(3)]
         );
-        // Without elections every term is 0: nothing is void.
-        let legacy = vec![gen(1, 0, None, vec![]), gen(2, 0, Some(1), vec![])];
+        // Without elections every term is 0: nothing is void, also after
+        // an elected writer marked the generation before.
+        let legacy = vec![gen(1, 0, None, vec![3]), gen(2, 0, Some(1), vec![])];
         assert!(void_generations(&legacy).is_empty());
     }
 

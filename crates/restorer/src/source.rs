@@ -54,11 +54,14 @@ async fn download_checked(
     tokio::fs::remove_file(scratch).await.ok();
     let header = checked?;
     if header.revision != revision || header.generation != generation.0 {
-        anyhow::bail!(
-            "{key}: header says generation {} revision {}, its name says generation {generation} revision {revision} (object is corrupted)",
-            header.generation,
-            header.revision
-        );
+        return Err(chain::IntegrityError::new(
+            key,
+            format!(
+                "header says generation {} revision {}, its name says generation {generation} revision {revision}",
+                header.generation, header.revision
+            ),
+        )
+        .into());
     }
     let db = db_path.to_owned();
     tokio::task::spawn_blocking(move || snapshot::check_content_revision(&key, &header, &db))
