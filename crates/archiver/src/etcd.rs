@@ -148,32 +148,28 @@ pub async fn check_lineage(
     client: &mut Client,
     record: &RevisionRecord,
 ) -> anyhow::Result<Lineage> {
-    let mut kv = client
+    let kv = client
         .kv_client()
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     for event in record.events.iter().rev().take(LINEAGE_SAMPLE) {
-        let resp = match kv
-            .get(
-                event.key.clone(),
-                Some(GetOptions::new().with_revision(record.revision)),
-            )
-            .await
-        {
-            Ok(r) => r,
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
-                return Ok(Lineage::Compacted)
-            }
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("future revision") => {
-                return Ok(Lineage::Diverged(format!(
-                    "revision {} is in the cluster's future",
-                    record.revision
-                )))
-            }
-            Err(e) => return Err(e).context("read the last archived revision back"),
+        let at = |revision: Revision| {
+            let opts = GetOptions::new().with_revision(revision);
+            let mut kv = kv.clone();
+            let key = event.key.clone();
+            async move { kv.get(key, Some(opts)).await }
         };
-        let kv = resp.kvs().first();
-        let same = match (event.kind, kv) {
-            (EventKind::Delete, None) => true,
+        let resp = match at(record.revision).await {
+            Ok(r) => r,
+            Err(e) => return lineage_error(e, record.revision),
+        };
+        let same = match (event.kind, resp.kvs().first()) {
+            // A deleted key must also have existed just before: a delete of
+            // a key the cluster never had reads the same "absent" at the
+            // revision itself, whatever the history.
+            (EventKind::Delete, None) => match at(record.revision - 1).await {
+                Ok(before) => !before.kvs().is_empty(),
+                Err(e) => return lineage_error(e, record.revision),
+            },
             (EventKind::Put, Some(kv)) => same_put(event, kv),
             _ => false,
         };
@@ -186,6 +182,19 @@ pub async fn check_lineage(
         }
     }
     Ok(Lineage::Same)
+}
+
+/// What a failed read-back says about lineage.
+fn lineage_error(e: etcd_client::Error, revision: Revision) -> anyhow::Result<Lineage> {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted") => {
+            Ok(Lineage::Compacted)
+        }
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("future revision") => Ok(
+            Lineage::Diverged(format!("revision {revision} is in the cluster's future")),
+        ),
+        e => Err(e).context("read the last archived revision back"),
+    }
 }
 
 fn same_put(event: &Event, kv: &etcd_client::KeyValue) -> bool {

@@ -505,6 +505,7 @@ impl Session<'_> {
                         ),
                     ));
                 }
+                SessionEnd::Fatal(e) => return Err(e),
                 SessionEnd::Diverged(detail) => {
                     tracing::error!(%detail, "the watch does not continue the archived history");
                     forced = Some((StartReason::LineageBroken, detail));

@@ -42,6 +42,9 @@ pub enum SessionEnd {
     Diverged(String),
     /// The connection failed; reconnecting may help.
     Disconnected(anyhow::Error),
+    /// A revision cannot be archived (e.g. it exceeds the format's limits);
+    /// reading it again would fail again, so the archiver stops.
+    Fatal(anyhow::Error),
 }
 
 /// How often to ask for a progress notification while no events arrive.
@@ -486,9 +489,10 @@ async fn complete(
             });
         }
     }
+    let revision = record.revision;
     writer
         .append(&leases, record)
-        .map_err(SessionEnd::Disconnected)
+        .map_err(|e| SessionEnd::Fatal(e.context(format!("archive revision {revision}"))))
 }
 
 /// Granted TTL of a lease. A lease that already expired reports no TTL;
