@@ -244,6 +244,19 @@ fn an_overlap_with_other_events_is_an_integrity_problem() {
 }
 
 #[test]
+fn overlapping_links_with_other_events_are_never_spliced() {
+    let f = Fixture::new();
+    // A copy of 5..=25 that reaches further than the chain, so it becomes a
+    // link, and holds other values for 5..=10 than the link before it.
+    f.put_segment(1, f.base + 5, f.base + 25, b"forged");
+    let forged = segment_key(f.base + 5, f.base + 25);
+    let needles = [forged.as_str(), "holds other events than in"];
+    assert_outcome("verify", f.verify(), 4, &needles);
+    assert_outcome("export", f.export(f.base + 15), 4, &needles);
+    assert_outcome("restore", f.restore(f.base + 15), 4, &needles);
+}
+
+#[test]
 fn an_identical_overlap_is_benign() {
     let f = Fixture::new();
     f.put_segment(1, f.base + 5, f.base + 12, b"a");

@@ -11,6 +11,7 @@ pub use list::{list, list_view, ListGap, ListGeneration, ListOutput, ListRange};
 pub use restore::restore;
 pub use verify::verify;
 
+use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use etcdpitr_common::chain::{Continuity, IntegrityError};
+use etcdpitr_common::chain::{self, Continuity, IntegrityError};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord};
@@ -131,28 +132,54 @@ impl EventSource for ArchiveEvents {
         on_revision: &mut dyn FnMut(&RevisionRecord) -> anyhow::Result<()>,
         on_lease: &mut dyn FnMut(LeaseRecord),
     ) -> anyhow::Result<()> {
-        let target = self.target;
-        // Links may overlap (several writers): replay each revision once.
-        let mut continuity = Continuity::after(self.base);
+        let (base, target) = (self.base, self.target);
+        // Links may overlap (several writers): replay each revision once,
+        // and check that the copies of a revision agree (the chain rules
+        // make an overlap benign only then).
+        let mut continuity = Continuity::after(base);
+        let mut shared: HashMap<Revision, ([u8; 32], String)> = HashMap::new();
         let mut last_key = String::new();
-        for name in &self.segments {
+        for (i, name) in self.segments.iter().enumerate() {
             let (key, bytes) = self
                 .rx
                 .blocking_recv()
                 .context("segment download stopped")??;
+            // Revisions the next link holds too are remembered to compare.
+            let next_first = self.segments.get(i + 1).map_or(Revision::MAX, |n| n.first);
             source::for_each_record(&key, &bytes, self.generation, name, &mut |record| {
                 match record {
-                    Record::Revision(r)
-                        if r.revision <= target && continuity.admit(&key, r.revision)? =>
-                    {
-                        on_revision(&r)?;
-                        self.progress.inc(1);
+                    Record::Revision(r) if r.revision <= target => {
+                        let admitted = continuity.admit(&key, r.revision)?;
+                        if r.revision >= next_first || (!admitted && r.revision > base) {
+                            let digest = chain::revision_digest(&r);
+                            match shared.get(&r.revision) {
+                                Some((d, other)) if *d != digest => {
+                                    return Err(IntegrityError::new(
+                                        key.clone(),
+                                        format!(
+                                            "revision {} holds other events than in {other}",
+                                            r.revision
+                                        ),
+                                    )
+                                    .into())
+                                }
+                                Some(_) => {}
+                                None => {
+                                    shared.insert(r.revision, (digest, key.clone()));
+                                }
+                            }
+                        }
+                        if admitted {
+                            on_revision(&r)?;
+                            self.progress.inc(1);
+                        }
                     }
                     Record::Lease(l) if l.revision <= target => on_lease(l),
                     _ => {}
                 }
                 Ok(())
             })?;
+            shared.retain(|&rev, _| rev >= next_first);
             last_key = key;
         }
         if continuity.last() != target {
