@@ -328,9 +328,14 @@ pub async fn resolve_time(
             .get(&key)
             .await
             .with_context(|| format!("download {key}"))?;
+        // Links may overlap: revisions an earlier link holds are replayed
+        // from it (and were observed before `time_ms`, as its `end_ms` is),
+        // so this link's own copies of them do not count.
+        let earlier = links[..i].iter().rev().find(|s| !s.is_empty()).copied();
+        let floor = earlier.map_or(name.prev(), |e| e.last.max(name.prev()));
         let mut choice = TimeChoice {
             generation: g.generation(),
-            revision: name.prev(),
+            revision: floor,
             observed_ms: None,
             uncertain_after_ms: None,
         };
@@ -338,6 +343,9 @@ pub async fn resolve_time(
         let mut seen: Vec<Observed> = Vec::new();
         for_each_record(&key, &bytes, g.generation(), &name, &mut |record| {
             if let Record::Revision(r) = record {
+                if r.revision <= floor {
+                    return Ok(());
+                }
                 seen.push(Observed {
                     revision: r.revision,
                     observed_ms: r.observed_ms,
@@ -359,9 +367,9 @@ pub async fn resolve_time(
         })?;
         if choice.observed_ms.is_none() {
             // The chosen revision ends an earlier segment: read its time there.
-            if let Some(earlier) = links[..i].iter().rev().find(|s| !s.is_empty()) {
+            if let Some(earlier) = earlier {
                 choice.observed_ms =
-                    observed_in(archive, g.generation(), earlier, choice.revision).await?;
+                    observed_in(archive, g.generation(), &earlier, choice.revision).await?;
             }
         }
         let chosen = choice.observed_ms.map(|observed_ms| Observed {
