@@ -346,11 +346,11 @@ pub fn void_generations(generations: &[GenerationListing]) -> Vec<GenerationId> 
         // A generation started without an election (term 0) is not fenced:
         // only an elected writer's generations can be void.
         let stale = void.contains(&previous.generation)
-            || m.term > 0
-            || generations
-                .iter()
-                .find(|p| p.id == Some(previous.generation))
-                .is_some_and(|p| p.terms.iter().any(|&t| t > m.term));
+            || (m.term > 0
+                && generations
+                    .iter()
+                    .find(|p| p.id == Some(previous.generation))
+                    .is_some_and(|p| p.terms.iter().any(|&t| t > m.term)));
         if stale {
             void.push(g.generation());
         }
