@@ -163,9 +163,11 @@ pub fn compare_with_source(
     for (a, s) in archived.revisions.iter().zip(source) {
         if a.revision != s.revision || a.events != s.events {
             bail!(
-                "revision {} differs from the source's {}",
+                "revision {} differs from the source's {}:\narchived {:?}\nsource   {:?}",
                 a.revision,
-                s.revision
+                s.revision,
+                a.events,
+                s.events
             );
         }
         for e in &a.events {
