@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::chain::{self, Chain};
+use etcdpitr_common::layout::GenerationObject;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
-use etcdpitr_common::listing::GenerationListing;
+use etcdpitr_common::listing::{list_generation_dir, GenerationListing};
 use etcdpitr_common::manifest::{GenerationManifest, LineageFingerprint};
 use etcdpitr_common::segment::{self, Record, RevisionRecord};
 use etcdpitr_common::store::Archive;
@@ -128,14 +129,12 @@ async fn newest_live_generation(archive: &Archive) -> anyhow::Result<Option<Newe
             continue;
         };
         let manifest = GenerationManifest::parse_in(&key, &bytes, id)?;
-        let terms_dir = format!("{}/terms", id.dir_name());
-        let terms = archive
-            .list(&terms_dir, None)
+        let terms = list_generation_dir(archive, id, "terms")
             .await
-            .with_context(|| format!("list {terms_dir}"))?
-            .iter()
-            .filter_map(|k| match layout::classify(k) {
-                Some((g, layout::GenerationObject::Term(t))) if g == id => Some(t),
+            .with_context(|| format!("list {}/terms", id.dir_name()))?
+            .into_iter()
+            .filter_map(|o| match o {
+                GenerationObject::Term(t) => Some(t),
                 _ => None,
             })
             .collect();
@@ -203,14 +202,12 @@ pub async fn load(
     let listing = GenerationListing {
         id: Some(generation),
         manifest: Some(manifest.clone()),
-        snapshots: archive
-            .list(&format!("{}/snapshots", generation.dir_name()), None)
+        snapshots: list_generation_dir(archive, generation, "snapshots")
             .await?
-            .iter()
-            .filter_map(|k| {
-                k.rsplit('/')
-                    .next()
-                    .and_then(layout::parse_snapshot_file_name)
+            .into_iter()
+            .filter_map(|o| match o {
+                GenerationObject::Snapshot(rev) => Some(rev),
+                _ => None,
             })
             .collect(),
         segments,

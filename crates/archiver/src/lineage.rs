@@ -14,6 +14,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use etcd_client::Client;
 use etcdpitr_common::layout::{self, GenerationId};
+use etcdpitr_common::listing::list_generation_dir;
 use etcdpitr_common::manifest::LineageFingerprint;
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::{now_ms, Revision};
@@ -128,15 +129,12 @@ pub async fn newest(
     generation: GenerationId,
     at_most: Revision,
 ) -> anyhow::Result<Option<LineageFingerprint>> {
-    let dir = format!("{}/lineage", generation.dir_name());
-    let keys = archive
-        .list(&dir, None)
+    let newest = list_generation_dir(archive, generation, "lineage")
         .await
-        .with_context(|| format!("list {dir}"))?;
-    let newest = keys
-        .iter()
-        .filter_map(|k| match layout::classify(k) {
-            Some((g, layout::GenerationObject::Lineage(rev))) if g == generation => Some(rev),
+        .with_context(|| format!("list {}/lineage", generation.dir_name()))?
+        .into_iter()
+        .filter_map(|o| match o {
+            layout::GenerationObject::Lineage(rev) => Some(rev),
             _ => None,
         })
         .filter(|&rev| rev <= at_most)

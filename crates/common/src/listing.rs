@@ -56,6 +56,29 @@ impl GenerationListing {
     }
 }
 
+/// The objects in one subdirectory of a generation (`snapshots`,
+/// `lineage`, `terms`, …), classified by [`layout::classify`]; names that do
+/// not parse are left out (`verify` reports them from a full listing).
+///
+/// # Errors
+/// A store error.
+pub async fn list_generation_dir(
+    archive: &Archive,
+    generation: GenerationId,
+    subdir: &str,
+) -> Result<Vec<GenerationObject>, StoreError> {
+    let dir = format!("{}/{subdir}", generation.dir_name());
+    Ok(archive
+        .list(&dir, None)
+        .await?
+        .iter()
+        .filter_map(|k| match layout::classify(k) {
+            Some((g, object)) if g == generation => Some(object),
+            _ => None,
+        })
+        .collect())
+}
+
 /// All generations of an archive.
 #[derive(Clone, Debug, Default)]
 pub struct ArchiveListing {
