@@ -21,6 +21,10 @@
 //! - When no segment links at `cur` but later ones exist, revisions up to the
 //!   next segment's `first - 1` are a [`Gap`]; the chain resumes there as a
 //!   new [`Run`].
+//! - A hole covered by retention records (`pruned/` objects, written before
+//!   retention deletes anything) is pruned history, not damage: it separates
+//!   runs like a gap, but [`Chain::gaps`] leaves it out ([`Chain::pruned_gaps`]
+//!   lists it).
 //! - A restore point R needs a base snapshot S <= R inside the same run as R
 //!   (or R == S): see [`Chain::restorable`].
 //! - Observed times come from one clock epoch per writer process and
@@ -36,7 +40,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::layout::{GenerationId, SegmentName};
+use crate::layout::{GenerationId, PrunedRange, SegmentName};
 use crate::listing::GenerationListing;
 use crate::manifest::ClockStep;
 use crate::segment::{EventKind, RevisionRecord, SegmentHeader};
@@ -151,13 +155,24 @@ pub struct Chain {
     pub superseded: Vec<SegmentName>,
     /// Base snapshot revisions, ascending.
     pub snapshots: Vec<Revision>,
+    /// Revision ranges retention deleted on purpose, ascending.
+    pub pruned: Vec<PrunedRange>,
 }
 
 impl Chain {
     /// Chooses the chain of a listed generation (see the module rules).
     pub fn of(g: &GenerationListing) -> Self {
         let start = g.manifest.as_ref().map(|m| m.start_revision);
-        Self::build(g.generation(), start, &g.segments, &g.snapshots)
+        Self::build(g.generation(), start, &g.segments, &g.snapshots).with_pruned(&g.pruned)
+    }
+
+    /// The same chain, with holes inside `pruned` ranges counted as pruned.
+    #[must_use]
+    pub fn with_pruned(mut self, pruned: &[PrunedRange]) -> Self {
+        self.pruned = pruned.to_vec();
+        self.pruned.sort_unstable();
+        self.pruned.dedup();
+        self
     }
 
     /// Chooses the chain of `segments` (in any order) starting after
@@ -182,6 +197,7 @@ impl Chain {
             runs: Vec::new(),
             superseded: Vec::new(),
             snapshots,
+            pruned: Vec::new(),
         };
         let Some(mut cur) = start else {
             return chain;
@@ -256,9 +272,41 @@ impl Chain {
         self.runs.iter().map(|r| r.end_ms).max().unwrap_or(0)
     }
 
-    /// Holes inside the chain, oldest first, including missing first
-    /// segments (the first run starting after the generation's start).
+    /// Holes inside the chain that retention did not make (damage), oldest
+    /// first, including missing first segments (the first run starting
+    /// after the generation's start).
     pub fn gaps(&self) -> Vec<Gap> {
+        self.holes()
+            .into_iter()
+            .filter(|g| !self.is_pruned(g))
+            .collect()
+    }
+
+    /// Holes retention made on purpose: every missing revision lies in a
+    /// retention record's range.
+    pub fn pruned_gaps(&self) -> Vec<Gap> {
+        self.holes()
+            .into_iter()
+            .filter(|g| self.is_pruned(g))
+            .collect()
+    }
+
+    /// Whether the retention records cover every revision `gap` misses.
+    fn is_pruned(&self, gap: &Gap) -> bool {
+        let mut next = gap.after + 1;
+        for r in &self.pruned {
+            if next > gap.resumes_after {
+                break;
+            }
+            if r.first <= next && r.last >= next {
+                next = r.last + 1;
+            }
+        }
+        next > gap.resumes_after
+    }
+
+    /// Every hole, pruned or not.
+    fn holes(&self) -> Vec<Gap> {
         let mut gaps = Vec::new();
         let mut before = self.start;
         for run in &self.runs {

@@ -12,6 +12,8 @@
 //! {prefix}/gen-{gen:016x}/clock/{first:016x}.json            a clock epoch began at revision `first`
 //! {prefix}/gen-{gen:016x}/clock/{first:016x}-{at:016x}-{anchored_ms:016x}.json
 //!                                                           a wall-clock step seen in that epoch
+//! {prefix}/gen-{gen:016x}/pruned/{first:016x}-{last:016x}.json
+//!                                                           retention deleted revisions first..=last
 //! {prefix}/terms/{term:016x}.json                            writer terms, claimed write-once in order
 //! ```
 //!
@@ -233,6 +235,54 @@ pub fn clock_step_key(generation: GenerationId, name: &ClockStepName) -> String 
     format!("{}/{CLOCK_DIR}/{}", generation.dir_name(), name.file_name())
 }
 
+/// Directory of a generation's retention records.
+pub const PRUNED_DIR: &str = "pruned";
+
+/// Revisions `first..=last` of a generation whose segments retention
+/// deleted on purpose (see [`crate::retention`]): a hole there is pruned
+/// history, not damage. Written before the first deletion, write-once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PrunedRange {
+    /// First pruned revision.
+    pub first: Revision,
+    /// Last pruned revision (`>= first`).
+    pub last: Revision,
+}
+
+impl PrunedRange {
+    /// The object file name, without directories.
+    pub fn file_name(&self) -> String {
+        format!("{:016x}-{:016x}.json", self.first, self.last)
+    }
+
+    /// Parses a retention record's file name strictly.
+    pub fn parse(name: &str) -> Option<Self> {
+        let (first, last) = name.strip_suffix(".json")?.split_once('-')?;
+        let (first, last) = (parse_rev(first)?, parse_rev(last)?);
+        (first >= 1 && first <= last).then_some(Self { first, last })
+    }
+
+    /// Whether the range holds `revision`.
+    pub fn contains(&self, revision: Revision) -> bool {
+        self.first <= revision && revision <= self.last
+    }
+}
+
+impl fmt::Display for PrunedRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..={}", self.first, self.last)
+    }
+}
+
+/// Relative object key of a retention record of `generation`.
+pub fn pruned_key(generation: GenerationId, range: &PrunedRange) -> String {
+    format!(
+        "{}/{PRUNED_DIR}/{}",
+        generation.dir_name(),
+        range.file_name()
+    )
+}
+
 /// One object of a generation, classified by its relative name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GenerationObject {
@@ -250,6 +300,8 @@ pub enum GenerationObject {
     ClockEpoch(Revision),
     /// A wall-clock step seen in a clock epoch.
     ClockStep(ClockStepName),
+    /// Retention deleted the segments holding these revisions.
+    Pruned(PrunedRange),
 }
 
 /// Classifies a key relative to the archive root (`gen-…/…`).
@@ -268,6 +320,8 @@ pub fn classify(relative: &str) -> Option<(GenerationId, GenerationObject)> {
         GenerationObject::Lineage(parse_rev(file.strip_suffix(".json")?)?)
     } else if let Some(file) = rest.strip_prefix("terms/") {
         GenerationObject::Term(parse_hex16(file.strip_suffix(".json")?)?)
+    } else if let Some(file) = rest.strip_prefix(&format!("{PRUNED_DIR}/")) {
+        GenerationObject::Pruned(PrunedRange::parse(file)?)
     } else if let Some(file) = rest.strip_prefix("clock/") {
         let stem = file.strip_suffix(".json")?;
         if stem.len() == 16 {
@@ -377,6 +431,33 @@ mod tests {
         assert_eq!(parse_term_key(&term_key(7)), Some(7));
         assert_eq!(parse_term_key("terms/7.json"), None);
         assert!(in_namespace("terms/x") && !in_namespace("lost+found/x"));
+    }
+
+    #[test]
+    fn pruned_names_round_trip_and_parse_strictly() {
+        let r = PrunedRange {
+            first: 0x11,
+            last: 0x24,
+        };
+        let key = pruned_key(GenerationId(2), &r);
+        assert_eq!(
+            key,
+            "gen-0000000000000002/pruned/0000000000000011-0000000000000024.json"
+        );
+        assert_eq!(
+            classify(&key),
+            Some((GenerationId(2), GenerationObject::Pruned(r)))
+        );
+        for bad in [
+            "0000000000000024-0000000000000011.json",
+            "0000000000000000-0000000000000011.json",
+            "0000000000000011-0000000000000024",
+            "11-24.json",
+            "0000000000000011-0000000000000024-00.json",
+        ] {
+            assert_eq!(PrunedRange::parse(bad), None, "{bad}");
+        }
+        assert!(r.contains(0x11) && r.contains(0x24) && !r.contains(0x25));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`manifest`]: the archive and generation manifests.
 //! - [`listing`]: an archive's listing turned into generations.
 //! - [`chain`]: the chain rules: links, gaps, overlaps, restorable ranges.
+//! - [`retention`]: which restore points a policy keeps, what a prune deletes.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod layout;
 pub mod listing;
 pub mod manifest;
+pub mod retention;
 pub mod segment;
 pub mod snapshot;
 pub mod store;

@@ -6,7 +6,9 @@
 use thiserror::Error;
 
 use crate::chain::Chain;
-use crate::layout::{self, ClockStepName, GenerationId, GenerationObject, SegmentName};
+use crate::layout::{
+    self, ClockStepName, GenerationId, GenerationObject, PrunedRange, SegmentName,
+};
 use crate::manifest::{ArchiveManifest, GenerationManifest, ManifestError};
 use crate::store::{Archive, StoreError};
 use crate::Revision;
@@ -42,6 +44,8 @@ pub struct GenerationListing {
     /// Wall-clock steps recorded in those epochs, in name order (their
     /// offsets are in the objects; see [`crate::chain::Timeline`]).
     pub clock_steps: Vec<ClockStepName>,
+    /// Revision ranges retention deleted on purpose, in name order.
+    pub pruned: Vec<PrunedRange>,
 }
 
 impl GenerationListing {
@@ -149,6 +153,7 @@ impl ArchiveListing {
                 GenerationObject::Term(term) => g.terms.push(term),
                 GenerationObject::ClockEpoch(first) => g.clock_epochs.push(first),
                 GenerationObject::ClockStep(name) => g.clock_steps.push(name),
+                GenerationObject::Pruned(range) => g.pruned.push(range),
             }
         }
         let void = crate::chain::void_generations(&listing.generations);

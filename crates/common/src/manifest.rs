@@ -226,6 +226,48 @@ impl TermRecord {
     }
 }
 
+/// `gen-…/pruned/{first}-{last}.json`: retention deleted the segments
+/// holding revisions `first..=last` of the generation on purpose. The name
+/// carries the range; the content says when and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PruneRecord {
+    /// First pruned revision (as in the name).
+    pub first: Revision,
+    /// Last pruned revision (as in the name).
+    pub last: Revision,
+    /// When the prune that wrote it planned its deletions (Unix ms).
+    pub pruned_ms: i64,
+    /// The retention policy that decided it, as given.
+    pub policy: String,
+}
+
+impl PruneRecord {
+    /// Parses a retention record and checks it against its name.
+    ///
+    /// # Errors
+    /// [`ManifestError::Malformed`] naming the object.
+    pub fn parse_named(
+        object: &str,
+        bytes: &[u8],
+        range: crate::layout::PrunedRange,
+    ) -> Result<Self, ManifestError> {
+        let record: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed {
+            object: object.into(),
+            reason: e.to_string(),
+        })?;
+        if (record.first, record.last) != (range.first, range.last) {
+            return Err(ManifestError::Malformed {
+                object: object.into(),
+                reason: format!(
+                    "records revisions {}..={}, its name {range}",
+                    record.first, record.last
+                ),
+            });
+        }
+        Ok(record)
+    }
+}
+
 /// `gen-…/clock/{epoch_first}.json`: a clock epoch began. An epoch is one
 /// archiver process writing one generation with its anchored clock (wall
 /// time read once, then advanced by the monotonic clock); it holds the
