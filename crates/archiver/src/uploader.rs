@@ -368,130 +368,14 @@ pub async fn run_uploader(
 
 #[cfg(test)]
 mod tests {
-    use std::fmt;
     use std::os::unix::fs::PermissionsExt;
-    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
-    use futures::stream::BoxStream;
-    use object_store::memory::InMemory;
+    use etcdpitr_common::testing::{Fault, Faulty};
     use object_store::path::Path as StorePath;
-    use object_store::{
-        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-        ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
-    };
+    use object_store::ObjectStoreExt;
 
     use super::*;
-
-    /// How the test store treats writes.
-    #[derive(Debug, Clone, Copy)]
-    enum Fault {
-        /// The first `n` writes fail with a transient error.
-        FailFirst(usize),
-        /// Every write is refused (access denied).
-        Deny,
-        /// The store has no create-if-absent puts.
-        NoWriteOnce,
-    }
-
-    /// An in-memory store that injects write failures.
-    #[derive(Debug)]
-    struct Faulty {
-        inner: InMemory,
-        fault: Fault,
-        writes: AtomicUsize,
-    }
-
-    impl fmt::Display for Faulty {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "Faulty({})", self.inner)
-        }
-    }
-
-    impl Faulty {
-        fn check(&self, location: &StorePath) -> object_store::Result<()> {
-            let n = self.writes.fetch_add(1, Ordering::SeqCst);
-            match self.fault {
-                Fault::FailFirst(k) if n < k => Err(object_store::Error::Generic {
-                    store: "Faulty",
-                    source: "connection reset".into(),
-                }),
-                Fault::Deny => Err(object_store::Error::PermissionDenied {
-                    path: location.to_string(),
-                    source: "AccessDenied".into(),
-                }),
-                Fault::FailFirst(_) | Fault::NoWriteOnce => Ok(()),
-            }
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for Faulty {
-        async fn put_opts(
-            &self,
-            location: &StorePath,
-            payload: PutPayload,
-            opts: PutOptions,
-        ) -> object_store::Result<PutResult> {
-            self.check(location)?;
-            if matches!(self.fault, Fault::NoWriteOnce)
-                && opts.mode == object_store::PutMode::Create
-            {
-                return Err(object_store::Error::NotImplemented {
-                    operation: "PutMode::Create".into(),
-                    implementer: "Faulty".into(),
-                });
-            }
-            self.inner.put_opts(location, payload, opts).await
-        }
-
-        async fn put_multipart_opts(
-            &self,
-            location: &StorePath,
-            opts: PutMultipartOptions,
-        ) -> object_store::Result<Box<dyn MultipartUpload>> {
-            self.check(location)?;
-            self.inner.put_multipart_opts(location, opts).await
-        }
-
-        async fn get_opts(
-            &self,
-            location: &StorePath,
-            options: GetOptions,
-        ) -> object_store::Result<GetResult> {
-            self.inner.get_opts(location, options).await
-        }
-
-        fn delete_stream(
-            &self,
-            locations: BoxStream<'static, object_store::Result<StorePath>>,
-        ) -> BoxStream<'static, object_store::Result<StorePath>> {
-            self.inner.delete_stream(locations)
-        }
-
-        fn list(
-            &self,
-            prefix: Option<&StorePath>,
-        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-            self.inner.list(prefix)
-        }
-
-        async fn list_with_delimiter(
-            &self,
-            prefix: Option<&StorePath>,
-        ) -> object_store::Result<ListResult> {
-            self.inner.list_with_delimiter(prefix).await
-        }
-
-        async fn copy_opts(
-            &self,
-            from: &StorePath,
-            to: &StorePath,
-            options: CopyOptions,
-        ) -> object_store::Result<()> {
-            self.inner.copy_opts(from, to, options).await
-        }
-    }
 
     struct Setup {
         _dir: tempfile::TempDir,
@@ -548,11 +432,7 @@ mod tests {
         Setup {
             _dir: dir,
             data_dir,
-            store: Arc::new(Faulty {
-                inner: InMemory::new(),
-                fault,
-                writes: AtomicUsize::new(0),
-            }),
+            store: Arc::new(Faulty::new(fault)),
             spool,
             catalog: Arc::new(Mutex::new(catalog)),
             key: layout::segment_key(GenerationId(1), &name),
@@ -585,12 +465,12 @@ mod tests {
 
     #[tokio::test]
     async fn transient_failures_are_retried() {
-        let s = setup(Fault::FailFirst(2));
+        let s = setup(Fault::FailFirstWrites(2));
         let (uploaded, fatal) = upload(&s).await;
         assert_eq!(uploaded, 1);
         assert!(!fatal.failed());
-        assert_eq!(s.store.writes.load(Ordering::SeqCst), 3);
-        let stored = s.store.inner.get(&StorePath::from(s.key.as_str())).await;
+        assert_eq!(s.store.writes(), 3);
+        let stored = s.store.inner().get(&StorePath::from(s.key.as_str())).await;
         assert_eq!(
             stored.unwrap().bytes().await.unwrap().as_ref(),
             b"segment bytes"
@@ -601,12 +481,12 @@ mod tests {
 
     #[tokio::test]
     async fn access_denied_fails_fast_and_keeps_the_segment() {
-        let s = setup(Fault::Deny);
+        let s = setup(Fault::DenyWrites);
         let started = std::time::Instant::now();
         let (uploaded, fatal) = upload(&s).await;
         assert_eq!(uploaded, 0);
         assert!(started.elapsed() < crate::retry::RETRY_MIN, "no retry");
-        assert_eq!(s.store.writes.load(Ordering::SeqCst), 1);
+        assert_eq!(s.store.writes(), 1);
         assert!(fatal.token().is_cancelled(), "the archiver is stopped");
         let err = fatal.take().expect("the failure is kept");
         assert!(is_permanent_store_error(&err));
@@ -616,9 +496,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_conflicting_object_is_a_typed_error_not_a_retry_loop() {
-        let s = setup(Fault::FailFirst(0));
+        let s = setup(Fault::FailFirstWrites(0));
         s.store
-            .inner
+            .inner()
             .put(&StorePath::from(s.key.as_str()), "other content".into())
             .await
             .unwrap();
@@ -638,7 +518,7 @@ mod tests {
         let s = setup(Fault::NoWriteOnce);
         let (uploaded, fatal) = upload(&s).await;
         assert_eq!(uploaded, 0);
-        assert_eq!(s.store.writes.load(Ordering::SeqCst), 1, "no retry");
+        assert_eq!(s.store.writes(), 1, "no retry");
         let err = format!("{:#}", fatal.take().expect("the failure is kept"));
         assert!(err.contains("does not support write-once puts"), "{err}");
         assert!(err.contains(&s.key), "{err}");
@@ -647,10 +527,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_of_the_same_history_from_another_writer_is_kept_not_fatal() {
-        let s = setup_with(Fault::FailFirst(0), &segment(7, b"v"));
+        let s = setup_with(Fault::FailFirstWrites(0), &segment(7, b"v"));
         let theirs = segment(9, b"v");
         s.store
-            .inner
+            .inner()
             .put(&StorePath::from(s.key.as_str()), theirs.clone().into())
             .await
             .unwrap();
@@ -658,15 +538,15 @@ mod tests {
         assert_eq!(uploaded, 1);
         assert!(!fatal.failed());
         assert!(!s.item.path.exists(), "the redundant copy left the spool");
-        let stored = s.store.inner.get(&StorePath::from(s.key.as_str())).await;
+        let stored = s.store.inner().get(&StorePath::from(s.key.as_str())).await;
         assert_eq!(stored.unwrap().bytes().await.unwrap().as_ref(), &theirs[..]);
     }
 
     #[tokio::test]
     async fn a_copy_with_other_events_is_an_integrity_error() {
-        let s = setup_with(Fault::FailFirst(0), &segment(7, b"ours"));
+        let s = setup_with(Fault::FailFirstWrites(0), &segment(7, b"ours"));
         s.store
-            .inner
+            .inner()
             .put(
                 &StorePath::from(s.key.as_str()),
                 segment(7, b"theirs").into(),
@@ -682,7 +562,7 @@ mod tests {
 
     #[test]
     fn spool_and_data_dir_are_owner_only() {
-        let s = setup(Fault::FailFirst(0));
+        let s = setup(Fault::FailFirstWrites(0));
         for path in [s.data_dir.clone(), s.data_dir.join("spool")] {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700, "{}", path.display());

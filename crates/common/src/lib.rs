@@ -7,9 +7,11 @@
 //! - [`listing`]: an archive's listing turned into generations.
 //! - [`chain`]: the chain rules: links, gaps, overlaps, restorable ranges.
 //! - [`retention`]: which restore points a policy keeps, what a prune deletes.
+//! - [`prune`]: carrying out a retention plan, crash-safe.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
+//! - `testing` (feature `testing`): a fault-injecting in-memory store.
 //! - [`cli`]: logging, runtime and exit codes shared by the binaries.
 
 pub mod bbolt;
@@ -19,10 +21,13 @@ pub mod cli;
 pub mod layout;
 pub mod listing;
 pub mod manifest;
+pub mod prune;
 pub mod retention;
 pub mod segment;
 pub mod snapshot;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 /// An etcd revision (main revision number).
 pub type Revision = i64;

@@ -405,6 +405,35 @@ impl Archive {
         }
     }
 
+    /// Reads bytes `range` of an object (a ranged read: only those bytes
+    /// travel).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or a backend error (also when the object is
+    /// shorter than the range).
+    pub async fn get_range(
+        &self,
+        relative: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        match self.store.get_range(&self.path(relative), range).await {
+            Ok(b) => Ok(b),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(relative.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes an object; one already gone counts as deleted.
+    ///
+    /// # Errors
+    /// A backend error (e.g. the store refuses: retention lock, permissions).
+    pub async fn delete(&self, relative: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(relative)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads an object if it exists.
     ///
     /// # Errors

@@ -1,0 +1,185 @@
+//! Carrying out a retention plan ([`crate::retention`]) on an archive.
+//!
+//! Order makes it crash-safe: the retention records of every range to be
+//! deleted are written (write-once) before the first deletion, then
+//! objects go oldest first. Interrupted at any moment, the archive restores
+//! every kept point and counts its holes as pruned; the next run finishes
+//! the job. Objects are only ever deleted from the listing the plan was
+//! made from, and the plan always keeps the archive's head, so a running
+//! archiver (which only appends after its head) never loses what it needs.
+//!
+//! A store that refuses a deletion (an S3 Object Lock retention, a bucket
+//! policy) does not fail the prune: the object is reported and stays, and a
+//! later run tries again.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::chain::IntegrityError;
+use crate::layout::{self, GenerationId};
+use crate::listing::{ArchiveListing, ListingError};
+use crate::manifest::PruneRecord;
+use crate::retention::{self, Policy, PrunePlan};
+use crate::snapshot::{SnapshotHeader, HEADER_LEN};
+use crate::store::{Archive, StoreError};
+use crate::Revision;
+
+/// Snapshot headers read at once.
+const HEADER_READS_IN_FLIGHT: usize = 16;
+/// Deletions in flight.
+const DELETES_IN_FLIGHT: usize = 16;
+
+/// Errors of a prune.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    /// Listing the archive failed.
+    #[error(transparent)]
+    Listing(#[from] ListingError),
+    /// The store failed (other than refusing a deletion).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A snapshot's header is damaged or does not match its name.
+    #[error(transparent)]
+    Integrity(#[from] IntegrityError),
+}
+
+/// An object the store refused to delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Archive-relative key.
+    pub object: String,
+    /// The store's answer.
+    pub reason: String,
+}
+
+/// What a prune planned and did.
+#[derive(Clone, Debug)]
+pub struct PruneReport {
+    /// The policy applied.
+    pub policy: Policy,
+    /// The plan.
+    pub plan: PrunePlan,
+    /// Whether deletions were carried out (`false`: a dry run).
+    pub confirmed: bool,
+    /// Objects deleted.
+    pub deleted: usize,
+    /// Objects the store refused to delete; a later run tries again.
+    pub refused: Vec<Refused>,
+}
+
+/// Plans a prune of `archive` under `policy` and, when `confirm`, carries
+/// it out.
+///
+/// # Errors
+/// Listing, store or snapshot-header failures. A store's refusal to delete
+/// one object is not an error: see [`PruneReport::refused`].
+pub async fn prune(
+    archive: &Archive,
+    policy: &Policy,
+    confirm: bool,
+) -> Result<PruneReport, PruneError> {
+    let listing = ArchiveListing::load(archive).await?;
+    let times = if policy.needs_snapshot_times() {
+        snapshot_times(archive, &listing).await?
+    } else {
+        BTreeMap::new()
+    };
+    let plan = retention::plan(&listing, policy, &times);
+    let mut report = PruneReport {
+        policy: policy.clone(),
+        plan,
+        confirmed: confirm,
+        deleted: 0,
+        refused: Vec::new(),
+    };
+    if !confirm {
+        return Ok(report);
+    }
+    let planned_ms = crate::now_ms();
+    for &(generation, range) in &report.plan.records {
+        let record = PruneRecord {
+            first: range.first,
+            last: range.last,
+            pruned_ms: planned_ms,
+            policy: policy.to_string(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record).expect("a record serializes");
+        match archive
+            .put_once(&layout::pruned_key(generation, &range), Bytes::from(bytes))
+            .await
+        {
+            // Another prune recorded the same range first.
+            Ok(()) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut results = futures::stream::iter(report.plan.delete.clone().into_iter().map(
+        |key| async move {
+            let result = archive.delete(&key).await;
+            (key, result)
+        },
+    ))
+    .buffered(DELETES_IN_FLIGHT);
+    while let Some((key, result)) = results.next().await {
+        match result {
+            Ok(()) => report.deleted += 1,
+            Err(e) if refuses_deletion(&e) => report.refused.push(Refused {
+                object: key,
+                reason: e.to_string(),
+            }),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(report)
+}
+
+/// Whether the store refused to delete (rather than failed to answer):
+/// retrying now does not help, but a later prune may succeed.
+fn refuses_deletion(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Backend(
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Precondition { .. }
+                | object_store::Error::NotSupported { .. }
+        )
+    )
+}
+
+/// Each live base snapshot's recorded time, read from its header (a ranged
+/// read of the header alone).
+async fn snapshot_times(
+    archive: &Archive,
+    listing: &ArchiveListing,
+) -> Result<BTreeMap<(GenerationId, Revision), i64>, PruneError> {
+    let wanted: Vec<(GenerationId, Revision)> = listing
+        .generations
+        .iter()
+        .flat_map(|g| g.snapshots.iter().map(|&s| (g.generation(), s)))
+        .collect();
+    futures::stream::iter(wanted.into_iter().map(|(g, s)| async move {
+        let key = layout::snapshot_key(g, s);
+        let bytes = archive.get_range(&key, 0..HEADER_LEN as u64).await?;
+        let header = SnapshotHeader::decode(&key, &bytes)
+            .map_err(|e| IntegrityError::new(&key, e.to_string()))?;
+        if header.generation != g.0 || header.revision != s {
+            return Err(IntegrityError::new(
+                &key,
+                format!(
+                    "header says generation {} revision {}",
+                    header.generation, header.revision
+                ),
+            )
+            .into());
+        }
+        Ok(((g, s), header.taken_ms))
+    }))
+    .buffer_unordered(HEADER_READS_IN_FLIGHT)
+    .try_collect()
+    .await
+}
+
+#[cfg(test)]
+mod tests;
