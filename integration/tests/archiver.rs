@@ -131,6 +131,7 @@ async fn continues_through_member_failures() -> anyhow::Result<()> {
     let rev = current_revision(&mut client).await?;
     wait_archived(&url, 1, rev, Duration::from_mins(1)).await?;
     archiver.terminate(Duration::from_secs(20))?;
+    cluster.check_members_agree(rev).await?;
     let generations = read_archive(&url).await?;
     assert_eq!(generations.len(), 1, "{}", std::fs::read_to_string(&log)?);
     verify_generation(&mut client, &generations[0], rev).await?;
