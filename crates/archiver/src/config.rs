@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::election::ElectionConfig;
+use crate::prune::{PolicyArgs, DEFAULT_PRUNE_INTERVAL};
+use etcdpitr_common::retention::Policy;
 use serde::Deserialize;
 
 /// Default etcd endpoint.
@@ -93,6 +95,13 @@ pub struct Settings {
     /// writes this archive).
     #[arg(long)]
     pub no_election: bool,
+    /// Retention policy applied while this archiver writes (none: keep
+    /// everything).
+    #[command(flatten)]
+    pub retention: PolicyArgs,
+    /// Interval between prunes under the retention policy (e.g. 1h).
+    #[arg(long)]
+    pub prune_interval: Option<String>,
 }
 
 /// The TOML file's shape.
@@ -116,6 +125,14 @@ struct FileSettings {
     election_prefix: Option<String>,
     election_ttl: Option<String>,
     election: Option<bool>,
+    keep_within: Option<String>,
+    keep_last: Option<u32>,
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    keep_yearly: Option<u32>,
+    prune_interval: Option<String>,
 }
 
 /// TLS material for etcd, loaded and checked.
@@ -164,6 +181,10 @@ pub struct Config {
     pub auth: Option<(String, Secret)>,
     /// The election among archivers of this archive (`None`: write alone).
     pub election: Option<ElectionConfig>,
+    /// Retention policy applied every `prune_interval` while writing.
+    pub retention: Policy,
+    /// Interval between prunes.
+    pub prune_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -179,6 +200,7 @@ impl std::fmt::Debug for Config {
             .field("tls", &self.tls.is_some())
             .field("user", &self.auth.as_ref().map(|a| (&a.0, &a.1)))
             .field("election", &self.election)
+            .field("retention", &self.retention.to_string())
             .finish_non_exhaustive()
     }
 }
@@ -361,7 +383,26 @@ impl Settings {
                 ttl,
             })
         };
+        let retention = self
+            .retention
+            .or(PolicyArgs {
+                keep_within: file.keep_within,
+                keep_last: file.keep_last,
+                keep_hourly: file.keep_hourly,
+                keep_daily: file.keep_daily,
+                keep_weekly: file.keep_weekly,
+                keep_monthly: file.keep_monthly,
+                keep_yearly: file.keep_yearly,
+            })
+            .resolve()?;
         Ok(Config {
+            retention,
+            prune_interval: duration(
+                "prune-interval",
+                self.prune_interval,
+                file.prune_interval,
+                DEFAULT_PRUNE_INTERVAL,
+            )?,
             election,
             endpoints,
             archive,

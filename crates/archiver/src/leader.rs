@@ -199,6 +199,15 @@ pub async fn lead(
     let _loss = LossWatch::start(term, &stop);
     let pipeline = Pipeline::start(config, opened, fatal)?;
     pipeline.drain_leftovers(&stop).await;
+    // Only the writer prunes; a prune stopped midway is safe by design.
+    let _pruning = (!config.retention.is_empty()).then(|| {
+        crate::watch::AbortOnDrop(tokio::spawn(crate::prune::periodically(
+            opened.archive.clone(),
+            config.retention.clone(),
+            config.prune_interval,
+            stop.clone(),
+        )))
+    });
     let mut session = Session {
         config,
         opened,

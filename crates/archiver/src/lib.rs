@@ -27,6 +27,7 @@ pub mod generation;
 pub mod head;
 pub mod leader;
 pub mod lineage;
+pub mod prune;
 mod retry;
 pub mod segment_writer;
 pub mod snapshot;

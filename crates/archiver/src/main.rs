@@ -21,6 +21,8 @@ enum Command {
     Run(Settings),
     /// Take one full snapshot into the archive now and exit.
     Snapshot(Settings),
+    /// Delete what a retention policy no longer needs (a dry run without --confirm).
+    Prune(etcd_archiver::prune::PruneArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,9 +41,27 @@ fn main() -> ExitCode {
                 println!("snapshot archived at revision {revision}");
                 Ok(())
             }
+            Command::Prune(args) => etcd_archiver::prune::command(args).await,
         }
     };
-    etcdpitr_common::cli::run_main("ETCD_ARCHIVER_LOG", "info", command, |_| 1)
+    etcdpitr_common::cli::run_main("ETCD_ARCHIVER_LOG", "info", command, exit_code)
+}
+
+/// 4 for a damaged archive, 1 for anything else.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let damaged = error.chain().any(|c| {
+        c.downcast_ref::<etcdpitr_common::chain::IntegrityError>()
+            .is_some()
+            || matches!(
+                c.downcast_ref::<etcdpitr_common::prune::PruneError>(),
+                Some(etcdpitr_common::prune::PruneError::Integrity(_))
+            )
+    });
+    if damaged {
+        4
+    } else {
+        1
+    }
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -407,8 +407,9 @@ type Received = (
     Option<OwnedSemaphorePermit>,
 );
 
-/// Aborts the receiver task when the session ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped (e.g. the watch receiver when its session
+/// ends).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

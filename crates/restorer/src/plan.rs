@@ -9,7 +9,7 @@
 
 use etcdpitr_common::chain::describe;
 pub use etcdpitr_common::chain::RestorableRange;
-use etcdpitr_common::layout::{GenerationId, SegmentName};
+use etcdpitr_common::layout::{GenerationId, PrunedRange, SegmentName};
 use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
 use etcdpitr_common::Revision;
 use thiserror::Error;
@@ -59,6 +59,18 @@ pub enum PlanError {
         /// The step (generation, epoch, revision, size, times) and the
         /// revisions around the time.
         detail: String,
+    },
+    /// Retention deleted what restoring the target needs.
+    #[error("revision {target} was pruned by the archive's retention policy (generation {generation}, revisions {pruned}); restorable: {}", describe(.ranges))]
+    Pruned {
+        /// Requested revision.
+        target: Revision,
+        /// The generation it was pruned from.
+        generation: GenerationId,
+        /// The pruned range holding it.
+        pruned: PrunedRange,
+        /// Restorable ranges.
+        ranges: Vec<RestorableRange>,
     },
     /// Inside a gap between generations or inside a generation.
     #[error("revision {target} falls in a gap of the archive; restorable: {}", describe(.ranges))]
@@ -119,6 +131,16 @@ pub fn plan(
                 snapshot_revision,
                 segments: chain.links_between(snapshot_revision, target),
                 target,
+            });
+        }
+    }
+    for g in &candidates {
+        if let Some(&pruned) = g.pruned.iter().find(|r| r.contains(target)) {
+            return Err(PlanError::Pruned {
+                target,
+                generation: g.generation(),
+                pruned,
+                ranges: all,
             });
         }
     }
@@ -237,5 +259,34 @@ mod tests {
             plan(&ArchiveListing::default(), 1, None),
             Err(PlanError::Empty)
         );
+    }
+
+    #[test]
+    fn a_pruned_target_is_named_as_pruned() {
+        // Retention deleted snapshot 12 and segment 11..=40 of generation 1.
+        let mut l = listing();
+        let g = &mut l.generations[0];
+        g.snapshots.retain(|&s| s != 12);
+        g.segments.retain(|&s| s != seg(11, 40));
+        let pruned = PrunedRange {
+            first: 11,
+            last: 40,
+        };
+        g.pruned.push(pruned);
+        let err = plan(&l, 30, None).unwrap_err();
+        assert_eq!(
+            err,
+            PlanError::Pruned {
+                target: 30,
+                generation: GenerationId(1),
+                pruned,
+                ranges: ranges(&l),
+            }
+        );
+        assert!(
+            err.to_string().contains("was pruned") && err.to_string().contains("50..=100"),
+            "{err}"
+        );
+        assert_eq!(plan(&l, 50, None).unwrap().snapshot_revision, 50);
     }
 }

@@ -50,6 +50,17 @@ pub struct ListGeneration {
     pub last_time: Option<String>,
     /// Restorable revision ranges.
     pub restorable: Vec<ListRange>,
+    /// Revision ranges retention deleted on purpose.
+    pub pruned: Vec<ListPruned>,
+}
+
+/// Revisions retention deleted, in `list --json`.
+#[derive(Serialize)]
+pub struct ListPruned {
+    /// First pruned revision.
+    pub first_revision: Revision,
+    /// Last pruned revision.
+    pub last_revision: Revision,
 }
 
 /// A restorable range in `list --json`.
@@ -131,6 +142,14 @@ pub fn list_view(url: &str, listing: &ArchiveListing) -> ListOutput {
                     last_time: (r.end_ms > 0).then(|| format_ms(r.end_ms)),
                 })
                 .collect(),
+            pruned: chain
+                .pruned_gaps()
+                .iter()
+                .map(|gap| ListPruned {
+                    first_revision: gap.after + 1,
+                    last_revision: gap.resumes_after,
+                })
+                .collect(),
         });
     }
     ListOutput {
@@ -183,6 +202,13 @@ pub async fn list(url: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<
                 r.first_revision,
                 r.last_revision,
                 r.last_time.as_deref().unwrap_or("(no segment yet)")
+            )?;
+        }
+        for p in &g.pruned {
+            writeln!(
+                out,
+                "  revisions {}..={} pruned by retention",
+                p.first_revision, p.last_revision
             )?;
         }
     }

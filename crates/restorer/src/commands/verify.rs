@@ -8,7 +8,7 @@ use anyhow::Context;
 use etcdpitr_common::chain::{self, Chain, Continuity};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::GenerationListing;
-use etcdpitr_common::manifest::ClockEpoch;
+use etcdpitr_common::manifest::{ClockEpoch, PruneRecord};
 use etcdpitr_common::segment::Record;
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
@@ -150,6 +150,24 @@ async fn verify_segments(
     Ok(())
 }
 
+/// Checks that a generation's retention records parse and match their
+/// names: a forged or damaged record is a problem, since records decide
+/// which holes count as pruned.
+async fn verify_prune_records(
+    archive: &Archive,
+    g: &GenerationListing,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    for range in &g.pruned {
+        let key = layout::pruned_key(g.generation(), range);
+        let bytes = archive.get(&key).await?;
+        if let Err(e) = PruneRecord::parse_named(&key, &bytes, *range) {
+            report.problems.push(e.to_string());
+        }
+    }
+    Ok(())
+}
+
 /// Checks a generation's clock records (epochs and steps parse and match
 /// their names) and notes the steps.
 async fn verify_clock(
@@ -210,6 +228,14 @@ async fn verify_generation(
     for gap in chain.gaps() {
         report.problems.push(format!("generation {id}: {gap}"));
     }
+    for gap in chain.pruned_gaps() {
+        report.notes.push(format!(
+            "generation {id}: revisions {}..={} were pruned by retention",
+            gap.after + 1,
+            gap.resumes_after
+        ));
+    }
+    verify_prune_records(archive, g, report).await?;
     verify_segments(archive, id, &chain, report).await?;
     verify_clock(archive, g, report).await?;
     for &rev in &g.snapshots {
