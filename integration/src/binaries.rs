@@ -138,12 +138,32 @@ pub fn run_restorer(
     args: &[&str],
     env: &[(String, String)],
 ) -> anyhow::Result<(i32, String, String)> {
-    let mut cmd = Command::new(binary("etcd-restorer"));
+    run_to_end("etcd-restorer", args, env)
+}
+
+/// Runs an `etcd-archiver` command that ends by itself (`prune`,
+/// `snapshot`), returning (exit code, stdout, stderr).
+///
+/// # Errors
+/// If it cannot be spawned.
+pub fn run_archiver(
+    args: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<(i32, String, String)> {
+    run_to_end("etcd-archiver", args, env)
+}
+
+fn run_to_end(
+    name: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<(i32, String, String)> {
+    let mut cmd = Command::new(binary(name));
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().context("run etcd-restorer")?;
+    let out = cmd.output().with_context(|| format!("run {name}"))?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

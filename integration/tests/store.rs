@@ -70,6 +70,18 @@ async fn suite(archive: &Archive) -> anyhow::Result<()> {
     let n = archive.download("gen-1/snapshots/big", &mut back).await?;
     assert_eq!(n, big.len() as u64);
     assert!(back == big, "the downloaded object differs");
+
+    // Ranged reads fetch only the bytes asked for.
+    let head = archive.get_range("gen-1/snapshots/big", 4..12).await?;
+    assert_eq!(head.as_ref(), &big[4..12]);
+
+    // Deletion; an object already gone counts as deleted.
+    archive.delete("gen-1/segments/b").await?;
+    archive.delete("gen-1/segments/b").await?;
+    assert_eq!(
+        archive.list("gen-1/segments", None).await?,
+        vec!["gen-1/segments/a", "gen-1/segments/c"]
+    );
     Ok(())
 }
 
