@@ -69,7 +69,7 @@ fn raw_records(params: &[u8], raw: &[u8]) {
         Err(e) => return named(&e),
     };
     // What the reader accepts, the writer accepts and writes back the same.
-    let mut builder = SegmentBuilder::new(3, prev).unwrap();
+    let mut builder = SegmentBuilder::new(3, prev, [0; 32]).unwrap();
     for r in &records {
         builder
             .push(r)

@@ -51,6 +51,7 @@ impl Fixture {
             previous: None,
             detail: String::new(),
             term: 0,
+            previous_digest: None,
         };
         f.write(
             &layout::generation_manifest_key(GenerationId(1)),
@@ -147,7 +148,7 @@ fn name(first: i64, last: i64) -> SegmentName {
 }
 
 fn segment_bytes(generation: u64, first: i64, last: i64, value: &[u8]) -> Vec<u8> {
-    let mut b = SegmentBuilder::new(generation, first - 1).unwrap();
+    let mut b = SegmentBuilder::new(generation, first - 1, [0; 32]).unwrap();
     for revision in first..=last {
         b.push_revision(&RevisionRecord {
             revision,
@@ -177,6 +178,8 @@ fn snapshot_object(generation: u64, revision: i64, db: &[u8]) -> Vec<u8> {
         taken_ms: 1,
         db_bytes: db.len() as u64,
         db_blake3: *blake3::hash(db).as_bytes(),
+        prev_digest: [0; 32],
+        prev_revision: 0,
     };
     let mut out = Vec::new();
     snapshot::write_object(&header, &mut &db[..], &mut out).unwrap();
@@ -345,6 +348,8 @@ fn a_decompression_bomb_is_stopped_at_the_declared_length() {
         taken_ms: 1,
         db_bytes: 4096,
         db_blake3: [0; 32],
+        prev_digest: [0; 32],
+        prev_revision: 0,
     };
     let mut object = header.encode().to_vec();
     let mut encoder = zstd::Encoder::new(&mut object, 19).unwrap();

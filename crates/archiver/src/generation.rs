@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use etcd_client::Client;
 use etcdpitr_common::catalog::Catalog;
+use etcdpitr_common::hashchain::{self, Digest};
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::{GapStart, GenerationManifest, LineageFingerprint, StartReason};
 use etcdpitr_common::segment::RevisionRecord;
@@ -125,9 +126,12 @@ pub struct NewGeneration {
     pub reason: StartReason,
     /// Detail of why.
     pub detail: String,
+    /// The hash-chain head of the generation it follows, if any.
+    pub previous_digest: Option<Digest>,
 }
 
-/// Writes the manifest of a new generation and returns it.
+/// Writes the manifest of a new generation; returns it and its digest
+/// (the generation's anchor in the hash chain).
 ///
 /// # Errors
 /// [`GenerationTaken`] if the id is taken; store failures.
@@ -136,7 +140,7 @@ pub async fn start_generation(
     catalog: &Arc<Mutex<Catalog>>,
     new: NewGeneration,
     info: ClusterInfo,
-) -> anyhow::Result<GenerationManifest> {
+) -> anyhow::Result<(GenerationManifest, Digest)> {
     let NewGeneration {
         id,
         previous,
@@ -144,6 +148,7 @@ pub async fn start_generation(
         started_ms,
         reason,
         detail,
+        previous_digest,
     } = new;
     let manifest = GenerationManifest {
         generation: id,
@@ -154,9 +159,11 @@ pub async fn start_generation(
         previous,
         detail,
         term,
+        previous_digest: previous_digest.as_ref().map(hashchain::hex),
     };
     let key = layout::generation_manifest_key(id);
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    let anchor = hashchain::anchor(&json);
     match archive.put_once(&key, Bytes::from(json)).await {
         Ok(()) => {}
         Err(StoreError::Conflict(_)) => return Err(GenerationTaken(id).into()),
@@ -178,5 +185,5 @@ pub async fn start_generation(
     } else {
         tracing::info!(generation = %id, start_revision = info.revision, "started the first generation");
     }
-    Ok(manifest)
+    Ok((manifest, anchor))
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::chain::{self, Chain};
+use etcdpitr_common::hashchain::{self, Digest};
 use etcdpitr_common::layout::GenerationObject;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::{list_generation_dir, GenerationListing};
@@ -13,6 +14,8 @@ use etcdpitr_common::manifest::{GenerationManifest, LineageFingerprint};
 use etcdpitr_common::segment::{self, Record, RevisionRecord};
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
+
+use crate::tip::Tip;
 
 /// The end of the newest generation's chain.
 #[derive(Clone, Debug)]
@@ -32,6 +35,8 @@ pub struct ChainHead {
     /// The id a new generation takes (one past every generation directory,
     /// void ones included).
     pub next_generation: GenerationId,
+    /// The generation's newest archived objects in the hash chain.
+    pub tip: Tip,
 }
 
 impl ChainHead {
@@ -96,6 +101,8 @@ async fn last_record_of(
 struct NewestGeneration {
     generation: GenerationId,
     manifest: GenerationManifest,
+    /// The digest of its manifest's bytes.
+    anchor: Digest,
     next_generation: GenerationId,
 }
 
@@ -138,27 +145,32 @@ async fn newest_live_generation(archive: &Archive) -> anyhow::Result<Option<Newe
                 _ => None,
             })
             .collect();
-        generations.push(GenerationListing {
-            id: Some(id),
-            manifest: Some(manifest),
-            terms,
-            ..GenerationListing::default()
-        });
+        generations.push((
+            GenerationListing {
+                id: Some(id),
+                manifest: Some(manifest),
+                terms,
+                ..GenerationListing::default()
+            },
+            hashchain::anchor(&bytes),
+        ));
     }
     let Some(next_generation) = next_generation else {
         return Ok(None);
     };
-    let void = chain::void_generations(&generations);
+    let listings: Vec<GenerationListing> = generations.iter().map(|(g, _)| g.clone()).collect();
+    let void = chain::void_generations(&listings);
     for id in &void {
         tracing::warn!(generation = %id, "ignoring a generation started by an archiver that had lost leadership");
     }
     Ok(generations
         .into_iter()
         .rev()
-        .find(|g| !void.contains(&g.generation()))
-        .map(|g| NewestGeneration {
+        .find(|(g, _)| !void.contains(&g.generation()))
+        .map(|(g, anchor)| NewestGeneration {
             generation: g.generation(),
             manifest: g.manifest.expect("loaded above"),
+            anchor,
             next_generation,
         }))
 }
@@ -177,6 +189,7 @@ pub async fn load(
     let NewestGeneration {
         generation,
         manifest,
+        anchor,
         next_generation,
     } = newest;
 
@@ -236,7 +249,9 @@ pub async fn load(
         .expect("catalog lock")
         .sync_generation(&listing)?;
     let fingerprint = crate::lineage::newest(archive, generation, last_revision).await?;
+    let tip = Tip::load(archive, &chain, anchor).await?;
     Ok(Some(ChainHead {
+        tip,
         manifest,
         last_revision,
         end_ms: chain.end_ms(),

@@ -23,6 +23,7 @@ use crate::head::{self, ChainHead};
 use crate::retry::{pause, retry, RETRY_MIN};
 use crate::segment_writer::{SealPolicy, SegmentWriter, Sink};
 use crate::snapshot_schedule::SnapshotSchedule;
+use crate::tip::{SharedTip, Tip};
 use crate::uploader::{self, Fatal, Spool};
 use crate::watch::{self, SessionEnd};
 use crate::{store_retryable, term, Opened};
@@ -67,7 +68,12 @@ struct Pipeline {
 
 impl Pipeline {
     /// Opens the spool and starts uploading what an earlier run left in it.
-    fn start(config: &Config, opened: &Opened, fatal: &Fatal) -> anyhow::Result<Self> {
+    fn start(
+        config: &Config,
+        opened: &Opened,
+        fatal: &Fatal,
+        tip: &SharedTip,
+    ) -> anyhow::Result<Self> {
         let (spool, leftovers) = Spool::open(&config.data_dir, config.spool_max_bytes)?;
         let (uploads, rx) = tokio::sync::mpsc::unbounded_channel();
         if !leftovers.is_empty() {
@@ -87,6 +93,7 @@ impl Pipeline {
             rx,
             abort.clone(),
             fatal.clone(),
+            tip.clone(),
         ));
         let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
         let spooler = tokio::spawn(uploader::run_spooler(
@@ -197,7 +204,9 @@ pub async fn lead(
 ) -> anyhow::Result<TermEnd> {
     let stop = shutdown.child_token();
     let _loss = LossWatch::start(term, &stop);
-    let pipeline = Pipeline::start(config, opened, fatal)?;
+    // Until the head is read, nothing of a generation is known.
+    let tip = SharedTip::new(Tip::start(GenerationId(0), 0, [0; 32]));
+    let pipeline = Pipeline::start(config, opened, fatal, &tip)?;
     pipeline.drain_leftovers(&stop).await;
     // Only the writer prunes; a prune stopped midway is safe by design.
     let _pruning = (!config.retention.is_empty()).then(|| {
@@ -224,6 +233,7 @@ pub async fn lead(
         next_id: GenerationId(1),
         schedule: None,
         fatal: fatal.clone(),
+        tip,
     };
     let outcome = session.run().await;
     let deposed = !shutdown.is_cancelled() && stop.is_cancelled()
@@ -265,6 +275,8 @@ struct Session<'a> {
     next_id: GenerationId,
     schedule: Option<SnapshotSchedule>,
     fatal: Fatal,
+    /// The current generation's newest archived objects (hash chain).
+    tip: SharedTip,
 }
 
 impl Session<'_> {
@@ -334,6 +346,7 @@ impl Session<'_> {
     }
 
     fn resume(&self, h: ChainHead, clock: EpochClock) -> Current {
+        self.tip.reset(h.tip);
         Current {
             has_snapshot: !h.snapshots.is_empty(),
             writer: SegmentWriter::new(
@@ -343,6 +356,7 @@ impl Session<'_> {
                 self.policy,
                 self.sink.clone(),
                 clock,
+                self.tip.clone(),
             ),
             manifest: h.manifest,
             fingerprint: h.fingerprint,
@@ -382,9 +396,11 @@ impl Session<'_> {
                 return Ok(false);
             }
         }
+        let mut previous_digest = None;
         let previous = match &mut self.current {
             Some(c) => {
                 c.writer.seal()?;
+                previous_digest = Some(c.writer.head_digest());
                 // Steps the ending epoch saw and could not record yet.
                 let (archive, stop) = (&self.opened.archive, self.stop);
                 let generation = c.manifest.generation;
@@ -405,8 +421,9 @@ impl Session<'_> {
             started_ms: self.opened.clock.now_ms(),
             reason,
             detail,
+            previous_digest,
         };
-        let manifest =
+        let (manifest, anchor) =
             match generation::start_generation(&self.opened.archive, &self.opened.catalog, new, info)
                 .await
             {
@@ -429,6 +446,8 @@ impl Session<'_> {
         else {
             anyhow::bail!("shutdown requested before the clock epoch was recorded");
         };
+        self.tip
+            .reset(Tip::start(manifest.generation, info.revision, anchor));
         let writer = SegmentWriter::new(
             manifest.generation,
             info.revision,
@@ -436,6 +455,7 @@ impl Session<'_> {
             self.policy,
             self.sink.clone(),
             clock,
+            self.tip.clone(),
         );
         self.current = Some(Current {
             manifest,
@@ -547,6 +567,7 @@ impl Session<'_> {
                 current.has_snapshot,
                 current.fingerprint,
                 self.fatal.clone(),
+                self.tip.clone(),
             )
         });
         schedule.start_if_due(client);

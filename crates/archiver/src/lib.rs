@@ -33,6 +33,7 @@ pub mod segment_writer;
 pub mod snapshot;
 pub mod snapshot_schedule;
 pub mod term;
+pub mod tip;
 pub mod uploader;
 pub mod watch;
 
@@ -52,6 +53,7 @@ use crate::election::ElectionConfig;
 use crate::generation::{NewGeneration, Resume};
 use crate::leader::{Term, TermEnd};
 use crate::retry::{pause, retry, RETRY_MIN};
+use crate::tip::{SharedTip, Tip};
 
 /// Store errors worth retrying (network, throttling), as opposed to bad
 /// credentials, unknown formats or corrupted objects.
@@ -276,9 +278,14 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
         last_record: h.last_record.as_ref(),
         fingerprint: h.fingerprint,
     });
-    let manifest = match generation::must_start_generation(&mut client, info, resume).await? {
-        None => head.expect("resuming needs a head").manifest,
+    let (manifest, tip) = match generation::must_start_generation(&mut client, info, resume).await?
+    {
+        None => {
+            let h = head.expect("resuming needs a head");
+            (h.manifest, h.tip)
+        }
         Some((reason, detail)) => {
+            let previous_digest = head.as_ref().map(|h| h.tip.segment.1);
             let new = NewGeneration {
                 id: head.as_ref().map_or(GenerationId(1), |h| h.next_generation),
                 previous: head.map(|h| GapStart {
@@ -289,8 +296,12 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
                 started_ms: now_ms(),
                 reason,
                 detail,
+                previous_digest,
             };
-            generation::start_generation(&opened.archive, &opened.catalog, new, info).await?
+            let (manifest, anchor) =
+                generation::start_generation(&opened.archive, &opened.catalog, new, info).await?;
+            let tip = Tip::start(manifest.generation, manifest.start_revision, anchor);
+            (manifest, tip)
         }
     };
     snapshot::take(
@@ -300,6 +311,7 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
         &config.data_dir,
         manifest.generation,
         manifest.start_revision,
+        &SharedTip::new(tip),
     )
     .await
     .map(|(revision, _)| revision)

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use etcdpitr_common::hashchain::Digest;
 use etcdpitr_common::layout::GenerationId;
-use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord, SegmentBuilder};
+use etcdpitr_common::segment::{self, LeaseRecord, Record, RevisionRecord, SegmentBuilder};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
 use crate::clock::EpochClock;
+use crate::tip::SharedTip;
 use crate::uploader::{Sealed, Spool};
 
 /// Limits that decide when a segment is sealed.
@@ -51,6 +53,9 @@ pub struct SegmentWriter {
     last_revision_ms: i64,
     known_leases: HashSet<i64>,
     clock: EpochClock,
+    /// Digest of the segment sealed last (the next one's predecessor).
+    prev_digest: Digest,
+    tip: SharedTip,
 }
 
 /// Leases remembered per generation before the set is reset (a lease seen
@@ -60,6 +65,8 @@ const MAX_KNOWN_LEASES: usize = 1 << 20;
 impl SegmentWriter {
     /// A writer continuing `generation` after `last_revision`, observing
     /// times with `clock` (the epoch beginning at `last_revision + 1`).
+    /// Its first segment follows `tip`'s newest segment in the hash chain;
+    /// every segment commits to `tip`'s newest snapshot.
     pub fn new(
         generation: GenerationId,
         last_revision: Revision,
@@ -67,8 +74,12 @@ impl SegmentWriter {
         policy: SealPolicy,
         sink: Sink,
         clock: EpochClock,
+        tip: SharedTip,
     ) -> Self {
+        let prev_digest = tip.get().segment.1;
         Self {
+            prev_digest,
+            tip,
             generation,
             policy,
             sink,
@@ -127,7 +138,11 @@ impl SegmentWriter {
     fn open_segment(&mut self) -> anyhow::Result<&mut OpenSegment> {
         if self.open.is_none() {
             self.open = Some(OpenSegment {
-                builder: SegmentBuilder::new(self.generation.0, self.last_revision)?,
+                builder: SegmentBuilder::new(
+                    self.generation.0,
+                    self.last_revision,
+                    self.prev_digest,
+                )?,
                 opened: Instant::now(),
             });
         }
@@ -203,6 +218,12 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// Digest of the segment sealed last (the start of the chain when none
+    /// was sealed): the generation's head in the hash chain.
+    pub fn head_digest(&self) -> Digest {
+        self.prev_digest
+    }
+
     /// Seals the open segment (adding the latest progress) and hands it to
     /// the spooler. Does nothing if no segment is open.
     ///
@@ -221,7 +242,13 @@ impl SegmentWriter {
                 self.last_revision_ms = ms;
             }
         }
+        let tip = self.tip.get();
+        if let (true, Some((revision, digest))) = (tip.generation == self.generation, tip.snapshot)
+        {
+            open.builder.commit_snapshot(revision, digest);
+        }
         let (name, data) = open.builder.finish().context("seal segment")?;
+        self.prev_digest = segment::digest(&data);
         tracing::debug!(
             first = name.first,
             last = name.last,

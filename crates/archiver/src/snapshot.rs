@@ -18,9 +18,13 @@ use etcdpitr_common::store::{Archive, PRIVATE_FILE_MODE};
 use etcdpitr_common::{now_ms, Revision};
 use tokio::io::AsyncWriteExt;
 
+use crate::tip::SharedTip;
+
 /// Takes one snapshot into `generation`, refusing it if its revision is
 /// below `min_revision` (the generation's start: such a file would belong
-/// to an older history). Returns its revision and lineage fingerprint.
+/// to an older history). Its header names `tip`'s newest archived segment
+/// as its predecessor in the hash chain; once archived, it becomes `tip`'s
+/// newest snapshot. Returns its revision and lineage fingerprint.
 ///
 /// Dropping it midway leaves at most scratch files, removed on the next run.
 ///
@@ -33,6 +37,7 @@ pub async fn take(
     data_dir: &Path,
     generation: GenerationId,
     min_revision: Revision,
+    tip: &SharedTip,
 ) -> anyhow::Result<(Revision, Option<LineageFingerprint>)> {
     let started = std::time::Instant::now();
     let taken_ms = now_ms();
@@ -65,6 +70,11 @@ pub async fn take(
     drop(file);
 
     let header_db = db_path.clone();
+    let newest = tip.get();
+    if newest.generation != generation {
+        bail!("generation {generation} is no longer being written");
+    }
+    let (prev_revision, prev_digest) = newest.segment;
     let header = tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
         let reader = BoltReader::open(&header_db).context("read the snapshot's revision")?;
         let revision = bbolt::etcd_revision(&reader).context("read the snapshot's revision")?;
@@ -74,6 +84,8 @@ pub async fn take(
             taken_ms,
             db_bytes,
             db_blake3: *hasher.finalize().as_bytes(),
+            prev_digest,
+            prev_revision,
         })
     })
     .await??;
@@ -110,14 +122,24 @@ pub async fn take(
     // A snapshot name carries its revision: an existing object at that name
     // is a complete snapshot of the same revision (multipart uploads appear
     // atomically), so it is kept rather than overwritten.
-    match archive.exists(&key).await {
-        Ok(true) => tracing::info!(snapshot = %key, "snapshot of this revision already archived"),
-        Ok(false) => archive
-            .upload_file(&key, &obj_path)
-            .await
-            .with_context(|| format!("upload snapshot {key}"))?,
+    let digest = match archive.exists(&key).await {
+        Ok(true) => {
+            tracing::info!(snapshot = %key, "snapshot of this revision already archived");
+            format::read_header(archive, generation, header.revision)
+                .await
+                .with_context(|| format!("read the header of {key}"))?
+                .digest()
+        }
+        Ok(false) => {
+            archive
+                .upload_file(&key, &obj_path)
+                .await
+                .with_context(|| format!("upload snapshot {key}"))?;
+            header.digest()
+        }
         Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),
-    }
+    };
+    tip.snapshot_archived(generation, header.revision, digest);
     tokio::fs::remove_file(&obj_path).await.ok();
     remove_abandoned_uploads(archive, generation).await;
     catalog.lock().expect("catalog lock").put_snapshot(

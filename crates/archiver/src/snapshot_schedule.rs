@@ -18,6 +18,7 @@ use etcdpitr_common::Revision;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
+use crate::tip::SharedTip;
 use crate::uploader::{is_permanent_store_error, Fatal};
 
 /// Delay before retrying a failed snapshot.
@@ -35,6 +36,7 @@ pub struct SnapshotSchedule {
     task: JoinSet<anyhow::Result<(Revision, Option<LineageFingerprint>)>>,
     fingerprint: Option<LineageFingerprint>,
     fatal: Fatal,
+    tip: SharedTip,
 }
 
 impl SnapshotSchedule {
@@ -52,6 +54,7 @@ impl SnapshotSchedule {
         has_snapshot: bool,
         fingerprint: Option<LineageFingerprint>,
         fatal: Fatal,
+        tip: SharedTip,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -65,6 +68,7 @@ impl SnapshotSchedule {
             task: JoinSet::new(),
             fingerprint,
             fatal,
+            tip,
         }
     }
 
@@ -86,6 +90,7 @@ impl SnapshotSchedule {
             self.data_dir.clone(),
         );
         let (generation, min_revision) = (self.generation, self.min_revision);
+        let tip = self.tip.clone();
         self.task.spawn(async move {
             crate::snapshot::take(
                 &mut client,
@@ -94,6 +99,7 @@ impl SnapshotSchedule {
                 &data_dir,
                 generation,
                 min_revision,
+                &tip,
             )
             .await
         });

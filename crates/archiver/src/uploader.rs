@@ -24,12 +24,15 @@ use anyhow::Context;
 use bytes::Bytes;
 use etcdpitr_common::catalog::{Catalog, ObjectState};
 use etcdpitr_common::chain;
+use etcdpitr_common::hashchain::Digest;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
+use etcdpitr_common::segment;
 use etcdpitr_common::store::{self, Archive, StoreError};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::retry;
+use crate::tip::SharedTip;
 
 /// Whether an error chain holds a store failure that retrying cannot fix.
 pub fn is_permanent_store_error(error: &anyhow::Error) -> bool {
@@ -293,13 +296,13 @@ pub async fn run_spooler(
 /// revisions at other times). By the chain rules that is benign when both
 /// hold the same events for every revision: the stored copy stands and the
 /// spooled one is dropped. Anything else is an integrity error.
-async fn resolve_conflict(archive: &Archive, key: &str, ours: &[u8]) -> anyhow::Result<()> {
+async fn resolve_conflict(archive: &Archive, key: &str, ours: &[u8]) -> anyhow::Result<Digest> {
     let theirs = archive.get(key).await?;
     let conflict = || anyhow::Error::from(StoreError::Conflict(key.to_owned()));
     match chain::same_history(key, &theirs, ours) {
         Ok(true) => {
             tracing::info!(segment = %key, "the store already holds this segment's revisions from another writer; keeping that copy");
-            Ok(())
+            Ok(segment::digest(&theirs))
         }
         Ok(false) => Err(conflict().context(chain::IntegrityError::new(
             key,
@@ -327,6 +330,7 @@ pub async fn run_uploader(
     mut rx: mpsc::UnboundedReceiver<SpoolItem>,
     abort: CancellationToken,
     fatal: Fatal,
+    tip: SharedTip,
 ) -> u64 {
     let mut uploaded = 0;
     while let Some(item) = rx.recv().await {
@@ -342,13 +346,14 @@ pub async fn run_uploader(
                     .with_context(|| format!("read spooled {}", item.path.display()))?;
                 match archive.put_once(&key, Bytes::from(data.clone())).await {
                     Err(StoreError::Conflict(_)) => resolve_conflict(&archive, &key, &data).await,
-                    other => Ok(other?),
+                    Err(e) => Err(e.into()),
+                    Ok(()) => Ok(segment::digest(&data)),
                 }
             },
         )
         .await;
         match done {
-            Ok(Some(())) => {}
+            Ok(Some(digest)) => tip.segment_archived(item.generation, item.name.last, digest),
             Ok(None) => return uploaded,
             Err(e) => {
                 fatal.fail(e);
@@ -394,7 +399,7 @@ mod tests {
     /// Revisions 11..=20 of generation 1, observed at `observed_ms`.
     fn segment(observed_ms: i64, value: &[u8]) -> Vec<u8> {
         use etcdpitr_common::segment::{Event, EventKind, RevisionRecord, SegmentBuilder};
-        let mut b = SegmentBuilder::new(1, 10).unwrap();
+        let mut b = SegmentBuilder::new(1, 10, [0; 32]).unwrap();
         for revision in 11..=20 {
             b.push_revision(&RevisionRecord {
                 revision,
@@ -447,6 +452,7 @@ mod tests {
         tx.send(s.item.clone()).unwrap();
         drop(tx);
         let fatal = Fatal::new(&CancellationToken::new());
+        let tip = SharedTip::new(crate::tip::Tip::start(GenerationId(1), 10, [0; 32]));
         let uploaded = tokio::time::timeout(
             Duration::from_secs(20),
             run_uploader(
@@ -456,10 +462,14 @@ mod tests {
                 rx,
                 CancellationToken::new(),
                 fatal.clone(),
+                tip.clone(),
             ),
         )
         .await
         .expect("the uploader stops");
+        // An uploaded segment becomes the generation's newest in the chain.
+        let newest = if uploaded == 1 { 20 } else { 10 };
+        assert_eq!(tip.get().segment.0, newest);
         (uploaded, fatal)
     }
 

@@ -247,6 +247,7 @@ mod tests {
             previous: None,
             detail: String::new(),
             term: 0,
+            previous_digest: None,
         };
         {
             let c = Catalog::open(&path).unwrap();

@@ -829,6 +829,7 @@ mod tests {
                 }),
                 detail: String::new(),
                 term,
+                previous_digest: None,
             }),
             terms,
             ..GenerationListing::default()
@@ -974,6 +975,9 @@ mod tests {
             first_time_ms: 0,
             last_time_ms: 1,
             record_count: 1,
+            version: 2,
+            prev_digest: [0; 32],
+            snapshot: None,
         };
         assert!(check_segment_header("o", GenerationId(2), &name, &header).is_ok());
         let e = check_segment_header("o", GenerationId(3), &name, &header).unwrap_err();

@@ -8,6 +8,7 @@
 //! - [`chain`]: the chain rules: links, gaps, overlaps, restorable ranges.
 //! - [`retention`]: which restore points a policy keeps, what a prune deletes.
 //! - [`prune`]: carrying out a retention plan, crash-safe.
+//! - [`hashchain`]: tamper evidence: the links between objects, and their proof.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
@@ -18,6 +19,7 @@ pub mod bbolt;
 pub mod catalog;
 pub mod chain;
 pub mod cli;
+pub mod hashchain;
 pub mod layout;
 pub mod listing;
 pub mod manifest;

@@ -119,6 +119,11 @@ pub struct GenerationManifest {
     /// The writer term that started it (0: written without an election).
     #[serde(default)]
     pub term: u64,
+    /// Hex digest of the previous generation's last segment (its head in
+    /// the hash chain, see [`crate::hashchain`]); absent in archives
+    /// written before the hash chain and for the first generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_digest: Option<String>,
 }
 
 impl GenerationManifest {
@@ -239,6 +244,11 @@ pub struct PruneRecord {
     pub pruned_ms: i64,
     /// The retention policy that decided it, as given.
     pub policy: String,
+    /// Hex digests of the deleted segments that end at `last` (one of them
+    /// is the predecessor of the first segment after the range, see
+    /// [`crate::hashchain`]).
+    #[serde(default)]
+    pub cut_digests: Vec<String>,
 }
 
 impl PruneRecord {

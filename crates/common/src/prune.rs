@@ -18,11 +18,11 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::chain::IntegrityError;
-use crate::layout::{self, GenerationId};
+use crate::layout::{self, GenerationId, GenerationObject, PrunedRange};
 use crate::listing::{ArchiveListing, ListingError};
 use crate::manifest::PruneRecord;
 use crate::retention::{self, Policy, PrunePlan};
-use crate::snapshot::{SnapshotHeader, HEADER_LEN};
+use crate::snapshot::HeaderReadError;
 use crate::store::{Archive, StoreError};
 use crate::Revision;
 
@@ -43,6 +43,15 @@ pub enum PruneError {
     /// A snapshot's header is damaged or does not match its name.
     #[error(transparent)]
     Integrity(#[from] IntegrityError),
+}
+
+impl From<HeaderReadError> for PruneError {
+    fn from(e: HeaderReadError) -> Self {
+        match e {
+            HeaderReadError::Store(e) => Self::Store(e),
+            HeaderReadError::Integrity(e) => Self::Integrity(e),
+        }
+    }
 }
 
 /// An object the store refused to delete.
@@ -104,6 +113,7 @@ pub async fn prune(
             last: range.last,
             pruned_ms: planned_ms,
             policy: policy.to_string(),
+            cut_digests: cut_digests(archive, &report.plan, generation, range).await?,
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("a record serializes");
         match archive
@@ -135,6 +145,31 @@ pub async fn prune(
     Ok(report)
 }
 
+/// The digests of the segments the plan deletes that end at `range.last`
+/// (see [`crate::hashchain`]): one of them is the predecessor of the first
+/// segment after the range. Read before anything is deleted.
+async fn cut_digests(
+    archive: &Archive,
+    plan: &PrunePlan,
+    generation: GenerationId,
+    range: PrunedRange,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for key in &plan.delete {
+        match layout::classify(key) {
+            Some((g, GenerationObject::Segment(n))) if g == generation && n.last == range.last => {
+                let tail = archive
+                    .tail(key, crate::segment::TRAILER_LEN as u64)
+                    .await?;
+                let digest = crate::segment::digest(&tail);
+                out.push(crate::hashchain::hex(&digest));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Whether the store refused to delete (rather than failed to answer):
 /// retrying now does not help, but a later prune may succeed.
 fn refuses_deletion(e: &StoreError) -> bool {
@@ -160,20 +195,7 @@ async fn snapshot_times(
         .flat_map(|g| g.snapshots.iter().map(|&s| (g.generation(), s)))
         .collect();
     futures::stream::iter(wanted.into_iter().map(|(g, s)| async move {
-        let key = layout::snapshot_key(g, s);
-        let bytes = archive.get_range(&key, 0..HEADER_LEN as u64).await?;
-        let header = SnapshotHeader::decode(&key, &bytes)
-            .map_err(|e| IntegrityError::new(&key, e.to_string()))?;
-        if header.generation != g.0 || header.revision != s {
-            return Err(IntegrityError::new(
-                &key,
-                format!(
-                    "header says generation {} revision {}",
-                    header.generation, header.revision
-                ),
-            )
-            .into());
-        }
+        let header = crate::snapshot::read_header(archive, g, s).await?;
         Ok(((g, s), header.taken_ms))
     }))
     .buffer_unordered(HEADER_READS_IN_FLIGHT)

@@ -4,7 +4,7 @@
 //! ```text
 //! offset size field
 //!      0    8 magic            b"EPITRSEG"
-//!      8    2 format version   u16 LE (1)
+//!      8    2 format version   u16 LE (2; version 1 ends the header at 80)
 //!     10    1 codec            u8 (1 = zstd)
 //!     11    1 flags            u8 (0)
 //!     12    4 reserved         zero
@@ -16,8 +16,15 @@
 //!     56    8 last_time_ms     i64 LE, time `last_revision` was last known current
 //!     64    8 record_count     u64 LE
 //!     72    8 body_len         u64 LE, bytes of compressed body
-//!     80    … body             zstd frame of records
-//!  80+n    32 checksum         blake3 of every byte before it
+//!     80   32 prev_digest      digest of the segment the writer sealed before
+//!                              this one in the generation, or the generation's
+//!                              anchor (see `crate::hashchain`)
+//!    112    8 snapshot_revision i64 LE, newest base snapshot of the generation
+//!                              the writer knew archived when sealing (0: none)
+//!    120   32 snapshot_digest  that snapshot's digest (zero: none)
+//!    152    … body             zstd frame of records
+//! 152+n    32 checksum         blake3 of every byte before it (the segment's
+//!                              digest)
 //! ```
 //!
 //! Records (little-endian, inside the body):
@@ -56,12 +63,15 @@ use crate::Revision;
 
 /// Magic bytes at the start of every segment.
 pub const MAGIC: &[u8; 8] = b"EPITRSEG";
-/// The only segment format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The segment format version this build writes; it also reads version 1
+/// (written before the hash chain, without its three fields).
+pub const FORMAT_VERSION: u16 = 2;
+/// Length of the fixed header of format version 1.
+pub const HEADER_LEN_V1: usize = 80;
 /// Codec id of zstd.
 pub const CODEC_ZSTD: u8 = 1;
 /// Length of the fixed header.
-pub const HEADER_LEN: usize = 80;
+pub const HEADER_LEN: usize = 152;
 /// Length of the blake3 trailer.
 pub const TRAILER_LEN: usize = 32;
 
@@ -116,7 +126,7 @@ pub enum SegmentError {
         object: String,
     },
     /// A format version this build does not know.
-    #[error("{object}: unsupported segment format version {version} (this build reads {FORMAT_VERSION})")]
+    #[error("{object}: unsupported segment format version {version} (this build reads 1 and {FORMAT_VERSION})")]
     UnsupportedVersion {
         /// Object the bytes came from.
         object: String,
@@ -222,6 +232,14 @@ pub struct SegmentHeader {
     pub last_time_ms: i64,
     /// Number of records in the body.
     pub record_count: u64,
+    /// The format version it was written in.
+    pub version: u16,
+    /// Digest of its predecessor in the generation's hash chain (zero in
+    /// format version 1).
+    pub prev_digest: [u8; 32],
+    /// The newest base snapshot (revision, digest) the writer knew
+    /// archived when sealing it, if any.
+    pub snapshot: Option<(Revision, [u8; 32])>,
 }
 
 /// Builds one segment in memory, compressing as records arrive.
@@ -239,6 +257,8 @@ pub struct SegmentBuilder {
     revisions: u64,
     encoder: zstd::Encoder<'static, Vec<u8>>,
     scratch: Vec<u8>,
+    prev_digest: [u8; 32],
+    snapshot: Option<(Revision, [u8; 32])>,
 }
 
 fn invalid_input(msg: String) -> io::Error {
@@ -279,8 +299,13 @@ fn revision_decoded_bytes(r: &RevisionRecord) -> Result<u64, String> {
 }
 
 impl SegmentBuilder {
-    /// Starts a segment that follows `prev_revision`.
-    pub fn new(generation: u64, prev_revision: Revision) -> io::Result<Self> {
+    /// Starts a segment that follows `prev_revision` and, in the
+    /// generation's hash chain, the object with digest `prev_digest`.
+    pub fn new(
+        generation: u64,
+        prev_revision: Revision,
+        prev_digest: [u8; 32],
+    ) -> io::Result<Self> {
         Ok(Self {
             generation,
             prev_revision,
@@ -293,7 +318,15 @@ impl SegmentBuilder {
             revisions: 0,
             encoder: zstd::Encoder::new(Vec::new(), ZSTD_LEVEL)?,
             scratch: Vec::new(),
+            prev_digest,
+            snapshot: None,
         })
+    }
+
+    /// Commits the segment to a base snapshot of its generation (the newest
+    /// known archived; see `crate::hashchain`).
+    pub fn commit_snapshot(&mut self, revision: Revision, digest: [u8; 32]) {
+        self.snapshot = Some((revision, digest));
     }
 
     /// Appends a record.
@@ -408,6 +441,10 @@ impl SegmentBuilder {
         out.extend_from_slice(&self.last_time_ms.to_le_bytes());
         out.extend_from_slice(&self.record_count.to_le_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.prev_digest);
+        let (snap_rev, snap_digest) = self.snapshot.unwrap_or((0, [0; 32]));
+        out.extend_from_slice(&snap_rev.to_le_bytes());
+        out.extend_from_slice(&snap_digest);
         debug_assert_eq!(out.len(), HEADER_LEN);
         out.extend_from_slice(&body);
         let hash = blake3::hash(&out);
@@ -438,7 +475,7 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
             object: object.to_owned(),
         });
     }
-    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+    if bytes.len() < HEADER_LEN_V1 + TRAILER_LEN {
         return Err(malformed("shorter than header and trailer".into()));
     }
     let (content, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
@@ -448,11 +485,18 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         });
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != FORMAT_VERSION {
-        return Err(SegmentError::UnsupportedVersion {
-            object: object.to_owned(),
-            version,
-        });
+    let header_len = match version {
+        1 => HEADER_LEN_V1,
+        FORMAT_VERSION => HEADER_LEN,
+        _ => {
+            return Err(SegmentError::UnsupportedVersion {
+                object: object.to_owned(),
+                version,
+            })
+        }
+    };
+    if content.len() < header_len {
+        return Err(malformed("shorter than header and trailer".into()));
     }
     if bytes[10] != CODEC_ZSTD {
         return Err(malformed(format!(
@@ -472,14 +516,36 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         ));
     }
     let le64 = |at: usize| i64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-    let header = SegmentHeader {
+    let mut header = SegmentHeader {
         generation: le64(16) as u64,
         prev_revision: le64(24),
         last_revision: le64(40),
         first_time_ms: le64(48),
         last_time_ms: le64(56),
         record_count: le64(64) as u64,
+        version,
+        prev_digest: [0; 32],
+        snapshot: None,
     };
+    if version == FORMAT_VERSION {
+        header.prev_digest = bytes[80..112].try_into().expect("32 bytes");
+        let snap_rev = le64(112);
+        let snap_digest: [u8; 32] = bytes[120..152].try_into().expect("32 bytes");
+        header.snapshot = match (snap_rev, snap_digest == [0; 32]) {
+            (0, true) => None,
+            (r, false) if r > 0 => Some((r, snap_digest)),
+            _ => {
+                return Err(malformed(format!(
+                    "snapshot commitment with revision {snap_rev} and {} digest",
+                    if snap_digest == [0; 32] {
+                        "a zero"
+                    } else {
+                        "a"
+                    }
+                )))
+            }
+        };
+    }
     if header.prev_revision < 0
         || header.last_revision == Revision::MAX
         || le64(32) != header.prev_revision + 1
@@ -507,10 +573,19 @@ pub fn open<'a>(object: &str, bytes: &'a [u8]) -> Result<(SegmentHeader, &'a [u8
         )));
     }
     let body_len = le64(72) as u64;
-    if body_len != (content.len() - HEADER_LEN) as u64 {
+    if body_len != (content.len() - header_len) as u64 {
         return Err(malformed("body length does not match object size".into()));
     }
-    Ok((header, &content[HEADER_LEN..]))
+    Ok((header, &content[header_len..]))
+}
+
+/// A checked segment's digest: its trailing checksum, the blake3 of
+/// everything before it (header included). Only meaningful for bytes
+/// [`open`] accepted.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    bytes[bytes.len().saturating_sub(TRAILER_LEN)..]
+        .try_into()
+        .unwrap_or([0; 32])
 }
 
 /// A segment body being decompressed: refuses to produce more than
@@ -941,7 +1016,7 @@ mod tests {
     }
 
     fn build(records: &[Record]) -> Vec<u8> {
-        let mut b = SegmentBuilder::new(3, 10).unwrap();
+        let mut b = SegmentBuilder::new(3, 10, [0; 32]).unwrap();
         for r in records {
             b.push(r).unwrap();
         }
@@ -951,7 +1026,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let records = sample_records();
-        let mut b = SegmentBuilder::new(3, 10).unwrap();
+        let mut b = SegmentBuilder::new(3, 10, [0; 32]).unwrap();
         for r in &records {
             b.push(r).unwrap();
         }
@@ -971,7 +1046,7 @@ mod tests {
 
     #[test]
     fn progress_only_segment_is_empty_range() {
-        let mut b = SegmentBuilder::new(1, 99).unwrap();
+        let mut b = SegmentBuilder::new(1, 99, [0; 32]).unwrap();
         b.push(&Record::Progress {
             revision: 99,
             observed_ms: 5,
@@ -987,7 +1062,7 @@ mod tests {
 
     #[test]
     fn holes_are_refused_when_writing() {
-        let mut b = SegmentBuilder::new(1, 10).unwrap();
+        let mut b = SegmentBuilder::new(1, 10, [0; 32]).unwrap();
         let Record::Revision(mut r) = sample_records()[2].clone() else {
             unreachable!()
         };
@@ -1031,6 +1106,46 @@ mod tests {
         assert!(err
             .to_string()
             .contains("unsupported segment format version 9"));
+    }
+
+    #[test]
+    fn the_hash_chain_fields_round_trip_and_version_1_still_reads() {
+        let mut b = SegmentBuilder::new(3, 10, [7; 32]).unwrap();
+        for r in sample_records() {
+            b.push(&r).unwrap();
+        }
+        b.commit_snapshot(9, [8; 32]);
+        let (_, bytes) = b.finish().unwrap();
+        let (header, records) = decode_all("v2", &bytes).unwrap();
+        assert_eq!(header.version, 2);
+        assert_eq!(header.prev_digest, [7; 32]);
+        assert_eq!(header.snapshot, Some((9, [8; 32])));
+        assert_eq!(
+            digest(&bytes),
+            *blake3::hash(&bytes[..bytes.len() - TRAILER_LEN]).as_bytes()
+        );
+
+        // The same segment as format 1 wrote it: no chain fields.
+        let mut v1 = bytes[..HEADER_LEN_V1].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&bytes[HEADER_LEN..bytes.len() - TRAILER_LEN]);
+        let hash = blake3::hash(&v1);
+        v1.extend_from_slice(hash.as_bytes());
+        let (old, old_records) = decode_all("v1", &v1).unwrap();
+        assert_eq!(
+            (old.version, old.prev_digest, old.snapshot),
+            (1, [0; 32], None)
+        );
+        assert_eq!(old_records, records);
+
+        // A commitment must name both a revision and a digest.
+        let mut bad = bytes.clone();
+        bad[120..152].fill(0);
+        let n = bad.len() - TRAILER_LEN;
+        let hash = blake3::hash(&bad[..n]);
+        bad[n..].copy_from_slice(hash.as_bytes());
+        let err = decode_all("bad", &bad).unwrap_err();
+        assert!(err.to_string().contains("snapshot commitment"), "{err}");
     }
 
     /// Decoding never panics, whatever the bytes: mutated, truncated and
@@ -1096,6 +1211,8 @@ mod tests {
             out.extend_from_slice(&n.to_le_bytes());
         }
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        // No hash chain: zero digest, no snapshot commitment.
+        out.extend_from_slice(&[0; HEADER_LEN - HEADER_LEN_V1]);
         out.extend_from_slice(body);
         let hash = blake3::hash(&out);
         out.extend_from_slice(hash.as_bytes());
@@ -1161,6 +1278,9 @@ mod tests {
             first_time_ms: 0,
             last_time_ms: 0,
             record_count: 50_000_000,
+            version: 2,
+            prev_digest: [0; 32],
+            snapshot: None,
         };
         let err = RecordReader::new("bomb", &header, &body).err().unwrap();
         assert_malformed(&err, "bomb", "50000000 records");
@@ -1323,7 +1443,7 @@ mod tests {
     /// written can be read back.
     #[test]
     fn the_writer_enforces_the_limits() {
-        let mut b = SegmentBuilder::new(1, 10).unwrap();
+        let mut b = SegmentBuilder::new(1, 10, [0; 32]).unwrap();
         let big = RevisionRecord {
             revision: 11,
             observed_ms: 0,

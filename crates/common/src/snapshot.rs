@@ -5,7 +5,8 @@
 //! ```text
 //! offset size field
 //!      0    8 magic            b"EPITRSNP"
-//!      8    2 format version   u16 LE (1)
+//!      8    2 format version   u16 LE (2; version 1 has no prev_digest and
+//!                              its header_check at 80)
 //!     10    1 codec            u8 (1 = zstd)
 //!     11    5 reserved         zero
 //!     16    8 generation       u64 LE
@@ -13,9 +14,18 @@
 //!     32    8 taken_ms         i64 LE
 //!     40    8 db_bytes         u64 LE, length of the uncompressed file
 //!     48   32 db_blake3        blake3 of the uncompressed file
-//!     80    8 header_check     first 8 bytes of blake3(bytes 0..80)
-//!     88    … body             zstd frame(s) of the file
+//!     80   32 prev_digest      digest of the newest segment of the generation
+//!                              archived when the header was written, or the
+//!                              generation's anchor (see `crate::hashchain`)
+//!    112    8 prev_revision    i64 LE, the last revision of that segment (the
+//!                              generation's start for the anchor)
+//!    120    8 header_check     first 8 bytes of blake3(bytes 0..120)
+//!    128    … body             zstd frame(s) of the file
 //! ```
+//!
+//! A snapshot's digest is the blake3 of its header's bytes 0..120 (as format
+//! 2 encodes them, also for a format 1 object): it covers `db_blake3`, so
+//! the whole content.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -23,15 +33,22 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::bbolt::{self, BoltError, BoltReader};
+use crate::chain::IntegrityError;
+use crate::layout::GenerationId;
 use crate::segment::MAX_ZSTD_WINDOW_LOG;
+use crate::store::{Archive, StoreError};
 use crate::Revision;
 
 /// Magic bytes of a snapshot object.
 pub const MAGIC: &[u8; 8] = b"EPITRSNP";
-/// The snapshot format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The snapshot format version this build writes; it also reads version 1.
+pub const FORMAT_VERSION: u16 = 2;
 /// Length of the fixed header.
-pub const HEADER_LEN: usize = 88;
+pub const HEADER_LEN: usize = 128;
+/// Length of the fixed header of format version 1.
+pub const HEADER_LEN_V1: usize = 88;
+/// Bytes of the header covered by its check (and by the digest).
+const CHECKED_LEN: usize = 120;
 const CODEC_ZSTD: u8 = 1;
 
 /// Errors reading a snapshot object.
@@ -46,7 +63,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// A format version this build does not know.
-    #[error("{object}: unsupported snapshot format version {version} (this build reads {FORMAT_VERSION})")]
+    #[error("{object}: unsupported snapshot format version {version} (this build reads 1 and {FORMAT_VERSION})")]
     UnsupportedVersion {
         /// Object name.
         object: String,
@@ -101,6 +118,11 @@ pub struct SnapshotHeader {
     pub db_bytes: u64,
     /// blake3 of the uncompressed file.
     pub db_blake3: [u8; 32],
+    /// Digest of its predecessor in the generation's hash chain (zero in
+    /// format version 1).
+    pub prev_digest: [u8; 32],
+    /// The last revision of that predecessor (0 in format version 1).
+    pub prev_revision: Revision,
 }
 
 impl SnapshotHeader {
@@ -115,12 +137,42 @@ impl SnapshotHeader {
         out[32..40].copy_from_slice(&self.taken_ms.to_le_bytes());
         out[40..48].copy_from_slice(&self.db_bytes.to_le_bytes());
         out[48..80].copy_from_slice(&self.db_blake3);
-        let check = blake3::hash(&out[..80]);
-        out[80..88].copy_from_slice(&check.as_bytes()[..8]);
+        out[80..112].copy_from_slice(&self.prev_digest);
+        out[112..120].copy_from_slice(&self.prev_revision.to_le_bytes());
+        let check = blake3::hash(&out[..CHECKED_LEN]);
+        out[CHECKED_LEN..HEADER_LEN].copy_from_slice(&check.as_bytes()[..8]);
         out
     }
 
-    /// Decodes and checks a header.
+    /// The snapshot's digest in the hash chain (see the module docs).
+    pub fn digest(&self) -> [u8; 32] {
+        *blake3::hash(&self.encode()[..CHECKED_LEN]).as_bytes()
+    }
+
+    /// The header length of the format version in `bytes[8..10]`, which
+    /// must hold at least 10 bytes.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] naming `object` for bad magic or an unknown version.
+    pub fn len_of(object: &str, bytes: &[u8]) -> Result<usize, SnapshotError> {
+        if bytes.len() < 10 || &bytes[..8] != MAGIC {
+            return Err(SnapshotError::Malformed {
+                object: object.to_owned(),
+                reason: "bad magic".to_owned(),
+            });
+        }
+        match u16::from_le_bytes([bytes[8], bytes[9]]) {
+            1 => Ok(HEADER_LEN_V1),
+            FORMAT_VERSION => Ok(HEADER_LEN),
+            version => Err(SnapshotError::UnsupportedVersion {
+                object: object.to_owned(),
+                version,
+            }),
+        }
+    }
+
+    /// Decodes and checks a header (of either format version) at the start
+    /// of `bytes`.
     ///
     /// # Errors
     /// [`SnapshotError`] naming `object`.
@@ -129,19 +181,14 @@ impl SnapshotHeader {
             object: object.to_owned(),
             reason: reason.to_owned(),
         };
-        if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
-            return Err(malformed("bad magic"));
+        let len = Self::len_of(object, bytes)?;
+        if bytes.len() < len {
+            return Err(malformed("shorter than its header"));
         }
-        if blake3::hash(&bytes[..80]).as_bytes()[..8] != bytes[80..88] {
+        let checked = len - 8;
+        if blake3::hash(&bytes[..checked]).as_bytes()[..8] != bytes[checked..len] {
             return Err(SnapshotError::ChecksumMismatch {
                 object: object.to_owned(),
-            });
-        }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != FORMAT_VERSION {
-            return Err(SnapshotError::UnsupportedVersion {
-                object: object.to_owned(),
-                version,
             });
         }
         if bytes[10] != CODEC_ZSTD {
@@ -160,8 +207,57 @@ impl SnapshotHeader {
             taken_ms: le64(32) as i64,
             db_bytes: le64(40),
             db_blake3: bytes[48..80].try_into().expect("32 bytes"),
+            prev_digest: if len == HEADER_LEN {
+                bytes[80..112].try_into().expect("32 bytes")
+            } else {
+                [0; 32]
+            },
+            prev_revision: if len == HEADER_LEN {
+                le64(112) as i64
+            } else {
+                0
+            },
         })
     }
+}
+
+/// Reads and checks the header of the snapshot object of `generation` at
+/// `revision` (a ranged read of the header alone).
+///
+/// # Errors
+/// A store error, or an [`IntegrityError`] for a damaged header or one
+/// naming another generation or revision.
+pub async fn read_header(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+) -> Result<SnapshotHeader, HeaderReadError> {
+    let key = crate::layout::snapshot_key(generation, revision);
+    let bytes = archive.get_range(&key, 0..HEADER_LEN as u64).await?;
+    let header = SnapshotHeader::decode(&key, &bytes)
+        .map_err(|e| IntegrityError::new(&key, e.to_string()))?;
+    if header.generation != generation.0 || header.revision != revision {
+        return Err(IntegrityError::new(
+            &key,
+            format!(
+                "header says generation {} revision {}",
+                header.generation, header.revision
+            ),
+        )
+        .into());
+    }
+    Ok(header)
+}
+
+/// Why [`read_header`] failed.
+#[derive(Debug, Error)]
+pub enum HeaderReadError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The header is damaged or names another object.
+    #[error(transparent)]
+    Integrity(#[from] IntegrityError),
 }
 
 /// Writes a snapshot object: header, then `db` compressed. Streams.
@@ -202,8 +298,10 @@ pub fn read_object(
         object: object.to_owned(),
     };
     let mut head = [0u8; HEADER_LEN];
-    input.read_exact(&mut head).map_err(io_err)?;
-    let header = SnapshotHeader::decode(object, &head)?;
+    input.read_exact(&mut head[..10]).map_err(io_err)?;
+    let len = SnapshotHeader::len_of(object, &head)?;
+    input.read_exact(&mut head[10..len]).map_err(io_err)?;
+    let header = SnapshotHeader::decode(object, &head[..len])?;
     let mut decoder = zstd::Decoder::new(input).map_err(io_err)?;
     decoder
         .window_log_max(MAX_ZSTD_WINDOW_LOG)
@@ -286,6 +384,8 @@ mod tests {
             taken_ms: 5,
             db_bytes: db.len() as u64,
             db_blake3: *blake3::hash(&db).as_bytes(),
+            prev_digest: [0; 32],
+            prev_revision: 0,
         };
         let mut obj = Vec::new();
         write_object(&header, &mut db.as_slice(), &mut obj).unwrap();
@@ -323,6 +423,8 @@ mod tests {
             taken_ms: 5,
             db_bytes: db.len() as u64,
             db_blake3: *blake3::hash(db).as_bytes(),
+            prev_digest: [0; 32],
+            prev_revision: 0,
         }
     }
 
@@ -389,8 +491,8 @@ mod tests {
         for at in 11..16 {
             let mut bytes = header.encode();
             bytes[at] = 1;
-            let check = blake3::hash(&bytes[..80]);
-            bytes[80..88].copy_from_slice(&check.as_bytes()[..8]);
+            let check = blake3::hash(&bytes[..CHECKED_LEN]);
+            bytes[CHECKED_LEN..HEADER_LEN].copy_from_slice(&check.as_bytes()[..8]);
             let err = SnapshotHeader::decode("gen-1/snapshots/r.snap", &bytes).unwrap_err();
             assert!(matches!(err, SnapshotError::Malformed { .. }), "{err}");
             let text = err.to_string();
@@ -401,10 +503,40 @@ mod tests {
         }
         let mut bytes = header.encode();
         bytes[10] = 9;
-        let check = blake3::hash(&bytes[..80]);
-        bytes[80..88].copy_from_slice(&check.as_bytes()[..8]);
+        let check = blake3::hash(&bytes[..CHECKED_LEN]);
+        bytes[CHECKED_LEN..HEADER_LEN].copy_from_slice(&check.as_bytes()[..8]);
         let err = SnapshotHeader::decode("c", &bytes).unwrap_err();
         assert!(err.to_string().contains("unknown codec 9"), "{err}");
+    }
+
+    #[test]
+    fn format_1_objects_still_read() {
+        let db = b"the database".to_vec();
+        let mut header = header_for(&db, 7);
+        header.prev_digest = [5; 32];
+        header.prev_revision = 6;
+        let mut v2 = Vec::new();
+        write_object(&header, &mut db.as_slice(), &mut v2).unwrap();
+        let mut v1 = v2[..80].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let check = blake3::hash(&v1);
+        v1.extend_from_slice(&check.as_bytes()[..8]);
+        v1.extend_from_slice(&v2[HEADER_LEN..]);
+        let mut out = Vec::new();
+        let old = read_object("v1", &mut v1.as_slice(), &mut out).unwrap();
+        assert_eq!(out, db);
+        assert_eq!((old.prev_digest, old.prev_revision), ([0; 32], 0));
+        assert_eq!(SnapshotHeader::decode("v1", &v1).unwrap(), old);
+        let mut out = Vec::new();
+        assert_eq!(
+            read_object("v2", &mut v2.as_slice(), &mut out).unwrap(),
+            header
+        );
+        assert_ne!(
+            old.digest(),
+            header.digest(),
+            "the digest covers prev_digest"
+        );
     }
 
     /// Issue 6.5 (5): an object re-headed to claim revision 41 while its

@@ -441,6 +441,7 @@ mod tests {
             previous: None,
             detail: String::new(),
             term: 0,
+            previous_digest: None,
         };
         put(
             &archive,
@@ -449,7 +450,7 @@ mod tests {
         )
         .await;
         for (prev, revisions, progress) in [(10, 11..=13, None), (13, 14..=16, Some(6_500))] {
-            let mut b = SegmentBuilder::new(1, prev).unwrap();
+            let mut b = SegmentBuilder::new(1, prev, [0; 32]).unwrap();
             for revision in revisions {
                 b.push_revision(&RevisionRecord {
                     revision,
@@ -582,6 +583,8 @@ mod tests {
             taken_ms: 0,
             db_bytes: ETCD_SNAPSHOT.len() as u64,
             db_blake3: *blake3::hash(ETCD_SNAPSHOT).as_bytes(),
+            prev_digest: [0; 32],
+            prev_revision: 0,
         };
         let mut obj = Vec::new();
         snapshot::write_object(&header, &mut &ETCD_SNAPSHOT[..], &mut obj).unwrap();

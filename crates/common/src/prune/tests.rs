@@ -7,6 +7,7 @@ use crate::chain::Chain;
 use crate::layout::SegmentName;
 use crate::manifest::{GenerationManifest, StartReason};
 use crate::retention::Period;
+use crate::snapshot::SnapshotHeader;
 use crate::testing::{Fault, Faulty};
 
 const DAY_MS: i64 = 86_400_000;
@@ -43,6 +44,7 @@ async fn populate(store: &Faulty) {
         previous: None,
         detail: String::new(),
         term: 0,
+        previous_digest: None,
     };
     put(
         layout::generation_manifest_key(g),
@@ -56,6 +58,8 @@ async fn populate(store: &Faulty) {
             taken_ms: T0 + i as i64 * DAY_MS,
             db_bytes: 0,
             db_blake3: [0; 32],
+            prev_digest: [0; 32],
+            prev_revision: 0,
         };
         put(layout::snapshot_key(g, rev), header.encode().to_vec()).await;
         put(layout::lineage_key(g, rev), b"{}".to_vec()).await;
@@ -223,6 +227,8 @@ async fn calendar_rules_read_snapshot_times_from_headers() {
         taken_ms: T0,
         db_bytes: 0,
         db_blake3: [0; 32],
+        prev_digest: [0; 32],
+        prev_revision: 0,
     };
     object_store::ObjectStoreExt::put(
         store.inner(),

@@ -33,6 +33,7 @@ fn manifest(id: u64, start: Revision, started_ms: i64) -> GenerationManifest {
         previous: None,
         detail: String::new(),
         term: 0,
+        previous_digest: None,
     }
 }
 
