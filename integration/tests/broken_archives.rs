@@ -4,13 +4,16 @@
 //! `verify`, `export` and `restore`, and that hostile bytes stay far below
 //! 200 MiB of memory.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use etcdpitr_common::bbolt::{self, BoltReader};
+use etcdpitr_common::hashchain::{self, Digest};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::manifest::{ArchiveManifest, GenerationManifest, StartReason};
-use etcdpitr_common::segment::{Event, EventKind, RevisionRecord, SegmentBuilder};
+use etcdpitr_common::segment::{self, Event, EventKind, RevisionRecord, SegmentBuilder};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
 
 const BASE_DB: &[u8] = include_bytes!("../testdata/etcd-3.5.1.db");
@@ -24,6 +27,10 @@ struct Fixture {
     url: String,
     /// The base snapshot's revision.
     base: i64,
+    /// Digests of the objects written so far, by the revision they end at
+    /// (the generation's anchor at `base`): a new segment names the one
+    /// ending where it starts as its predecessor.
+    digests: RefCell<HashMap<i64, Digest>>,
 }
 
 impl Fixture {
@@ -37,6 +44,7 @@ impl Fixture {
             dir,
             _tmp: tmp,
             base,
+            digests: RefCell::new(HashMap::new()),
         };
         f.write(
             layout::MANIFEST_NAME,
@@ -53,10 +61,11 @@ impl Fixture {
             term: 0,
             previous_digest: None,
         };
-        f.write(
-            &layout::generation_manifest_key(GenerationId(1)),
-            &serde_json::to_vec(&manifest).unwrap(),
-        );
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        f.write(&layout::generation_manifest_key(GenerationId(1)), &manifest);
+        f.digests
+            .borrow_mut()
+            .insert(base, hashchain::anchor(&manifest));
         f.write(
             &layout::snapshot_key(GenerationId(1), base),
             &snapshot_object(1, base, BASE_DB),
@@ -76,7 +85,16 @@ impl Fixture {
     /// value `value`) as a segment of generation 1 whose header names
     /// `header_generation`.
     fn put_segment(&self, header_generation: u64, first: i64, last: i64, value: &[u8]) {
-        let bytes = segment_bytes(header_generation, first, last, value);
+        let prev = self
+            .digests
+            .borrow()
+            .get(&(first - 1))
+            .copied()
+            .unwrap_or_default();
+        let bytes = segment_bytes(header_generation, first, last, value, prev);
+        self.digests
+            .borrow_mut()
+            .insert(last, segment::digest(&bytes));
         self.write(&segment_key(first, last), &bytes);
     }
 
@@ -147,8 +165,8 @@ fn name(first: i64, last: i64) -> SegmentName {
     }
 }
 
-fn segment_bytes(generation: u64, first: i64, last: i64, value: &[u8]) -> Vec<u8> {
-    let mut b = SegmentBuilder::new(generation, first - 1, [0; 32]).unwrap();
+fn segment_bytes(generation: u64, first: i64, last: i64, value: &[u8], prev: Digest) -> Vec<u8> {
+    let mut b = SegmentBuilder::new(generation, first - 1, prev).unwrap();
     for revision in first..=last {
         b.push_revision(&RevisionRecord {
             revision,
@@ -380,4 +398,107 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The head digest `verify --json` reports for the fixture.
+fn head_of(f: &Fixture) -> String {
+    let (code, out, _) = f.run(&["verify", "--archive", &f.url, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{out}");
+    v["head"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_middle_segment_replaced_with_valid_checksums_is_named() {
+    let f = Fixture::new();
+    f.put_segment(1, f.base + 21, f.base + 30, b"a");
+    // A forger rewrites revisions 11..=20 with another value, keeping the
+    // name, the predecessor digest and a correct checksum.
+    let prev = f.digests.borrow()[&(f.base + 10)];
+    let forged = segment_bytes(1, f.base + 11, f.base + 20, b"forged", prev);
+    f.write(&segment_key(f.base + 11, f.base + 20), &forged);
+    assert_outcome(
+        "verify",
+        f.verify(),
+        4,
+        &[
+            "breaks the hash chain",
+            &segment_key(f.base + 11, f.base + 20),
+            &segment_key(f.base + 21, f.base + 30),
+        ],
+    );
+}
+
+#[test]
+fn a_replaced_snapshot_is_named() {
+    // The base snapshot re-written with another time and a valid header
+    // check (its content unchanged): a later segment committed to the
+    // original.
+    let f = Fixture::new();
+    let original = SnapshotHeader::decode(
+        "base",
+        &std::fs::read(f.dir.join(layout::snapshot_key(GenerationId(1), f.base))).unwrap(),
+    )
+    .unwrap();
+    let prev = f.digests.borrow()[&f.base];
+    let mut b = SegmentBuilder::new(1, f.base + 20, f.digests.borrow()[&(f.base + 20)]).unwrap();
+    b.commit_snapshot(f.base, original.digest());
+    b.push(&etcdpitr_common::segment::Record::Progress {
+        revision: f.base + 20,
+        observed_ms: 5000,
+    })
+    .unwrap();
+    let (n, bytes) = b.finish().unwrap();
+    f.write(&layout::segment_key(GenerationId(1), &n), &bytes);
+    assert_outcome("verify", f.verify(), 0, &["OK"]);
+    let forged = SnapshotHeader {
+        taken_ms: 2,
+        prev_digest: prev,
+        prev_revision: f.base,
+        ..original
+    };
+    let mut obj = Vec::new();
+    snapshot::write_object(&forged, &mut &BASE_DB[..], &mut obj).unwrap();
+    f.write(&layout::snapshot_key(GenerationId(1), f.base), &obj);
+    assert_outcome(
+        "verify",
+        f.verify(),
+        4,
+        &[
+            &layout::snapshot_key(GenerationId(1), f.base),
+            "committed to",
+        ],
+    );
+}
+
+#[test]
+fn a_cut_end_is_detected_with_the_head_recorded_earlier() {
+    let f = Fixture::new();
+    f.put_segment(1, f.base + 21, f.base + 30, b"a");
+    let head = head_of(&f);
+    assert_eq!(head.len(), 64);
+    // Still there: the recorded head is on the chain.
+    assert_outcome(
+        "verify",
+        f.run(&["verify", "--archive", &f.url, "--expect-head", &head]),
+        0,
+        &["OK", &format!("head: {head}")],
+    );
+    // The newest segment removed: the archive is sound on its own, but it
+    // no longer holds the recorded head.
+    std::fs::remove_file(f.dir.join(segment_key(f.base + 21, f.base + 30))).unwrap();
+    assert_outcome("verify", f.verify(), 0, &["OK"]);
+    assert_outcome(
+        "verify",
+        f.run(&["verify", "--archive", &f.url, "--expect-head", &head]),
+        4,
+        &["no longer holds the head", &head],
+    );
+    assert_outcome(
+        "verify",
+        f.run(&["verify", "--archive", &f.url, "--expect-head", "xyz"]),
+        2,
+        &["--expect-head"],
+    );
 }

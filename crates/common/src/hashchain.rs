@@ -113,8 +113,10 @@ pub fn prove(generation: GenerationId, chain: &Chain, evidence: &Evidence) -> Pr
         ends.entry(chain.start).or_default().push(a);
         proof.proven.insert(a);
     }
+    // A retention record vouches for the digests it cut at.
     for (range, cut) in &evidence.cuts {
         ends.entry(range.last).or_default().extend(cut);
+        proof.proven.extend(cut);
     }
     // A run after a damage gap cannot be reached; it is proven from its
     // first link on (the gap itself is reported by the chain rules).

@@ -78,6 +78,13 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        /// Print the report as one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// A head digest recorded earlier (as `verify` prints it): fail
+        /// unless the archive still holds that object on its hash chain.
+        #[arg(long, value_name = "HASH")]
+        expect_head: Option<String>,
     },
     /// Print the live keys at the target as JSON lines, sorted by key.
     Export {
@@ -117,7 +124,11 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Verify { archive } => commands::verify(&archive, &mut stdout).await,
+            Command::Verify {
+                archive,
+                json,
+                expect_head,
+            } => commands::verify(&archive, json, expect_head.as_deref(), &mut stdout).await,
             Command::Export { target, prefix } => {
                 commands::export(
                     &target.archive,

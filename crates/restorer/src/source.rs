@@ -9,7 +9,7 @@ use etcdpitr_common::chain::{self, Observed, TimeDoubt, Timeline};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
 use etcdpitr_common::manifest::ClockStep;
-use etcdpitr_common::segment::{self, Record, RecordReader};
+use etcdpitr_common::segment::{self, Record, RecordReader, SegmentHeader};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
@@ -101,12 +101,11 @@ pub async fn verify_snapshot(
     generation: GenerationId,
     revision: Revision,
     scratch: &Path,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<SnapshotHeader> {
     // The content check reads the decompressed file: keep it in a private
     // temporary file, removed when dropped.
     let db = tempfile::NamedTempFile::new().context("create a temporary file")?;
-    let header = download_checked(archive, generation, revision, scratch, db.path()).await?;
-    Ok(header.db_bytes)
+    download_checked(archive, generation, revision, scratch, db.path()).await
 }
 
 /// Number of segments fetched ahead of the one being replayed.
@@ -147,14 +146,14 @@ pub fn for_each_record(
     generation: GenerationId,
     expected: &SegmentName,
     f: &mut dyn FnMut(Record) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SegmentHeader> {
     let (header, body) = segment::open(key, bytes)?;
     chain::check_segment_header(key, generation, expected, &header)?;
     let mut reader = RecordReader::new(key, &header, body)?;
     while let Some(record) = reader.next_record()? {
         f(record)?;
     }
-    Ok(())
+    Ok(header)
 }
 
 /// The revision chosen for a `--time` target.
@@ -606,7 +605,10 @@ mod tests {
 
         let g = GenerationId(2);
         assert_eq!(
-            verify_snapshot(&archive, g, 31, &scratch).await.unwrap(),
+            verify_snapshot(&archive, g, 31, &scratch)
+                .await
+                .unwrap()
+                .db_bytes,
             ETCD_SNAPSHOT.len() as u64
         );
         fetch_snapshot(&archive, g, 31, &dest).await.unwrap();

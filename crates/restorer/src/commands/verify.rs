@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use etcdpitr_common::chain::{self, Chain, Continuity};
+use etcdpitr_common::hashchain::{self, Digest, Evidence, Proof};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::GenerationListing;
 use etcdpitr_common::manifest::{ClockEpoch, PruneRecord};
-use etcdpitr_common::segment::Record;
+use etcdpitr_common::segment::{self, Record};
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
 
@@ -25,6 +26,8 @@ struct Report {
     revisions: u64,
     snapshots: u64,
     snapshot_bytes: u64,
+    /// Each generation's hash-chain proof, oldest first.
+    proofs: Vec<(GenerationId, Proof)>,
 }
 
 /// Revisions held by more than one segment: each must hold the same events
@@ -87,6 +90,7 @@ async fn verify_segments(
     id: GenerationId,
     chain: &Chain,
     report: &mut Report,
+    evidence: &mut Evidence,
 ) -> anyhow::Result<()> {
     let mut overlaps = Overlaps::of(chain);
     let mut continuity = Continuity::after(chain.start);
@@ -132,11 +136,14 @@ async fn verify_segments(
             Ok(())
         });
         match result {
-            Ok(()) => {
+            Ok(header) => {
                 report.segments += 1;
                 if is_link {
                     report.revisions += count;
                 }
+                evidence
+                    .segments
+                    .push((name, header, segment::digest(&bytes)));
             }
             Err(e) => report.problems.push(format!("{e:#}")),
         }
@@ -157,12 +164,25 @@ async fn verify_prune_records(
     archive: &Archive,
     g: &GenerationListing,
     report: &mut Report,
+    evidence: &mut Evidence,
 ) -> anyhow::Result<()> {
     for range in &g.pruned {
         let key = layout::pruned_key(g.generation(), range);
         let bytes = archive.get(&key).await?;
-        if let Err(e) = PruneRecord::parse_named(&key, &bytes, *range) {
-            report.problems.push(e.to_string());
+        match PruneRecord::parse_named(&key, &bytes, *range) {
+            Ok(record) => {
+                let mut cut = Vec::new();
+                for d in &record.cut_digests {
+                    match hashchain::parse_hex(d) {
+                        Some(d) => cut.push(d),
+                        None => report
+                            .problems
+                            .push(format!("{key}: cut digest {d:?} is not 64 hex digits")),
+                    }
+                }
+                evidence.cuts.push((*range, cut));
+            }
+            Err(e) => report.problems.push(e.to_string()),
         }
     }
     Ok(())
@@ -235,30 +255,92 @@ async fn verify_generation(
             gap.resumes_after
         ));
     }
-    verify_prune_records(archive, g, report).await?;
-    verify_segments(archive, id, &chain, report).await?;
+    let mut evidence = Evidence {
+        anchor: archive
+            .get_opt(&layout::generation_manifest_key(id))
+            .await?
+            .map(|bytes| hashchain::anchor(&bytes)),
+        ..Evidence::default()
+    };
+    verify_prune_records(archive, g, report, &mut evidence).await?;
+    verify_segments(archive, id, &chain, report, &mut evidence).await?;
     verify_clock(archive, g, report).await?;
     for &rev in &g.snapshots {
         match source::verify_snapshot(archive, id, rev, scratch).await {
-            Ok(bytes) => {
+            Ok(header) => {
                 report.snapshots += 1;
-                report.snapshot_bytes += bytes;
+                report.snapshot_bytes += header.db_bytes;
+                evidence.snapshots.push(header);
             }
             Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
+    let proof = hashchain::prove(id, &chain, &evidence);
+    report
+        .problems
+        .extend(proof.problems.iter().map(ToString::to_string));
+    report.notes.extend(proof.notes.iter().cloned());
+    if let Some(previous) = g.manifest.as_ref().and_then(|m| m.previous) {
+        check_previous(g, previous.generation, report);
+    }
+    report.proofs.push((id, proof));
     Ok(())
+}
+
+/// Checks that a generation's manifest names the previous generation's
+/// last segment (its hash-chain head) as the one it follows.
+fn check_previous(g: &GenerationListing, previous: GenerationId, report: &mut Report) {
+    let key = layout::generation_manifest_key(g.generation());
+    let Some(named) = g
+        .manifest
+        .as_ref()
+        .and_then(|m| m.previous_digest.as_deref())
+    else {
+        return;
+    };
+    let Some(digest) = hashchain::parse_hex(named) else {
+        report.problems.push(format!(
+            "{key}: previous_digest {named:?} is not 64 hex digits"
+        ));
+        return;
+    };
+    match report.proofs.iter().find(|(id, _)| *id == previous) {
+        Some((_, p)) if p.proven.contains(&digest) => {}
+        Some(_) => report.problems.push(format!(
+            "{key}: breaks the hash chain: generation {previous} holds no segment with the digest it names as the one it follows (that generation's end was removed or replaced)"
+        )),
+        None => report.notes.push(format!(
+            "generation {}: the generation it follows ({previous}) is not in the archive; its link to it cannot be checked",
+            g.generation()
+        )),
+    }
 }
 
 /// `etcd-restorer verify`: reads every object of the archive and checks it
 /// (checksums, headers against names, revision continuity, manifests,
-/// holes in chains, agreement of overlapping segments). Prints each problem
-/// and a summary.
+/// holes in chains, agreement of overlapping segments, the hash chain).
+/// Prints each problem and a summary with the archive's head digest, or
+/// one JSON document with `json`. With `expect_head` (a head digest
+/// recorded earlier), the archive must still hold that object on its hash
+/// chain: otherwise it was cut back or rewritten.
 ///
 /// # Errors
 /// [`crate::VerifyFailed`] if any problem was found; store errors.
-pub async fn verify(url: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+pub async fn verify(
+    url: &str,
+    json: bool,
+    expect_head: Option<&str>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let expected: Option<Digest> = match expect_head {
+        Some(h) => Some(hashchain::parse_hex(h).ok_or_else(|| {
+            crate::UsageError(format!(
+                "--expect-head: {h:?} is not a digest (64 hex digits, as `verify` prints it)"
+            ))
+        })?),
+        None => None,
+    };
     let started = Instant::now();
     let (archive, listing) = load(url).await?;
     let mut report = Report::default();
@@ -285,29 +367,63 @@ pub async fn verify(url: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     for g in &listing.generations {
         verify_generation(&archive, g, &scratch, &mut report).await?;
     }
-    for n in &report.notes {
-        writeln!(out, "note: {n}")?;
+    let head = report.proofs.last().and_then(|(_, p)| p.head);
+    if let Some(expected) = expected {
+        if !report
+            .proofs
+            .iter()
+            .any(|(_, p)| p.proven.contains(&expected))
+        {
+            report.problems.push(format!(
+                "the archive no longer holds the head {} recorded earlier on its hash chain: objects were removed from its end, or it was rewritten (a prune that deleted that object also explains it)",
+                hashchain::hex(&expected)
+            ));
+        }
     }
-    for p in &report.problems {
-        writeln!(out, "problem: {p}")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let doc = serde_json::json!({
+            "archive": url,
+            "ok": report.problems.is_empty(),
+            "problems": report.problems,
+            "notes": report.notes,
+            "segments": report.segments,
+            "revisions": report.revisions,
+            "snapshots": report.snapshots,
+            "snapshot_bytes": report.snapshot_bytes,
+            "head": head.as_ref().map(hashchain::hex),
+            "head_generation": report.proofs.last().map(|(g, _)| g.0),
+            "seconds": seconds,
+        });
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
+    } else {
+        for n in &report.notes {
+            writeln!(out, "note: {n}")?;
+        }
+        for p in &report.problems {
+            writeln!(out, "problem: {p}")?;
+        }
+        if let Some(h) = &head {
+            writeln!(out, "head: {}", hashchain::hex(h))?;
+        }
+        writeln!(
+            out,
+            "verified {} segments ({} revisions) and {} snapshots ({} bytes) in {seconds:.2} s: {}",
+            report.segments,
+            report.revisions,
+            report.snapshots,
+            report.snapshot_bytes,
+            if report.problems.is_empty() {
+                "OK".to_owned()
+            } else {
+                format!("{} problems", report.problems.len())
+            }
+        )?;
     }
-    let Report {
-        problems,
-        segments,
-        revisions,
-        snapshots,
-        snapshot_bytes,
-        ..
-    } = report;
-    writeln!(
-        out,
-        "verified {segments} segments ({revisions} revisions) and {snapshots} snapshots ({snapshot_bytes} bytes) in {:.2} s: {}",
-        started.elapsed().as_secs_f64(),
-        if problems.is_empty() { "OK".to_owned() } else { format!("{} problems", problems.len()) }
-    )?;
-    if problems.is_empty() {
+    if report.problems.is_empty() {
         Ok(())
     } else {
-        Err(crate::VerifyFailed(problems.len()).into())
+        Err(crate::VerifyFailed(report.problems.len()).into())
     }
 }
