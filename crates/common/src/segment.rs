@@ -1475,6 +1475,7 @@ mod tests {
     /// The stored sample keeps the byte layout in `docs/archive-format.md`
     /// and the code in step: a format change must add a new version.
     #[test]
+    #[test]
     fn stored_sample_decodes() {
         let sample = include_bytes!("../testdata/sample-v1.seg");
         let (header, records) = decode_all("sample-v1.seg", sample).unwrap();
@@ -1482,5 +1483,12 @@ mod tests {
         assert_eq!(header.prev_revision, 10);
         assert_eq!(&sample[..8], MAGIC);
         assert_eq!(u16::from_le_bytes([sample[8], sample[9]]), 1);
+        let sample = include_bytes!("../testdata/sample-v2.seg");
+        let (header, records) = decode_all("sample-v2.seg", sample).unwrap();
+        assert_eq!(records, sample_records());
+        assert_eq!(
+            (header.version, header.prev_digest, header.snapshot),
+            (2, [7; 32], Some((9, [8; 32])))
+        );
     }
 }
