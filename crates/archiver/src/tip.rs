@@ -10,7 +10,7 @@ use anyhow::Context;
 use etcdpitr_common::chain::Chain;
 use etcdpitr_common::hashchain::Digest;
 use etcdpitr_common::layout::{self, GenerationId};
-use etcdpitr_common::segment::{self, TRAILER_LEN};
+use etcdpitr_common::segment;
 use etcdpitr_common::snapshot;
 use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
@@ -47,11 +47,12 @@ impl Tip {
         let mut tip = Self::start(generation, chain.start, anchor);
         if let Some(last) = chain.links.last() {
             let key = layout::segment_key(generation, last);
-            let tail = archive
-                .tail(&key, TRAILER_LEN as u64)
+            let bytes = archive
+                .get(&key)
                 .await
-                .with_context(|| format!("read the checksum of {key}"))?;
-            tip.segment = (last.last, segment::digest(&tail));
+                .with_context(|| format!("read {key}"))?;
+            segment::open(&key, &bytes)?;
+            tip.segment = (last.last, segment::digest(&bytes));
         }
         if let Some(&revision) = chain.snapshots.last() {
             let header = snapshot::read_header(archive, generation, revision)

@@ -158,11 +158,8 @@ async fn cut_digests(
     for key in &plan.delete {
         match layout::classify(key) {
             Some((g, GenerationObject::Segment(n))) if g == generation && n.last == range.last => {
-                let tail = archive
-                    .tail(key, crate::segment::TRAILER_LEN as u64)
-                    .await?;
-                let digest = crate::segment::digest(&tail);
-                out.push(crate::hashchain::hex(&digest));
+                let bytes = archive.get(key).await?;
+                out.push(crate::hashchain::hex(&crate::segment::digest(&bytes)));
             }
             _ => {}
         }

@@ -1475,7 +1475,6 @@ mod tests {
     /// The stored sample keeps the byte layout in `docs/archive-format.md`
     /// and the code in step: a format change must add a new version.
     #[test]
-    #[test]
     fn stored_sample_decodes() {
         let sample = include_bytes!("../testdata/sample-v1.seg");
         let (header, records) = decode_all("sample-v1.seg", sample).unwrap();

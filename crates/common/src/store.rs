@@ -423,21 +423,6 @@ impl Archive {
         }
     }
 
-    /// Reads the last `n` bytes of an object (a ranged read; the whole
-    /// object when it is shorter).
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] or a backend error.
-    pub async fn tail(&self, relative: &str, n: u64) -> Result<Bytes, StoreError> {
-        let opts =
-            object_store::GetOptions::default().with_range(Some(object_store::GetRange::Suffix(n)));
-        match self.store.get_opts(&self.path(relative), opts).await {
-            Ok(r) => Ok(r.bytes().await?),
-            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(relative.into())),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Deletes an object; one already gone counts as deleted.
     ///
     /// # Errors
