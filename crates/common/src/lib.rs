@@ -9,6 +9,7 @@
 //! - [`retention`]: which restore points a policy keeps, what a prune deletes.
 //! - [`prune`]: carrying out a retention plan, crash-safe.
 //! - [`store`]: archive URLs, object access, write-once puts.
+//! - [`object_lock`]: S3 Object Lock (upload checksums, reading retentions).
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod layout;
 pub mod listing;
 pub mod manifest;
+pub mod object_lock;
 pub mod prune;
 pub mod retention;
 pub mod segment;
