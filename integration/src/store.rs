@@ -1,4 +1,5 @@
-//! The S3 side: a moto server and a TCP proxy that can cut it off.
+//! The S3 side: a moto server (optionally with an S3 Object Lock bucket) and
+//! a TCP proxy that can cut it off.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,6 +9,58 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::free_port;
+
+/// moto's server behind a WSGI shim that makes it accept uploads into a
+/// bucket with a default retention as S3 does. S3 takes `Content-MD5` or any
+/// `x-amz-checksum-*` header (object_store sends `x-amz-checksum-sha256`);
+/// moto 5 only `Content-MD5` or `x-amz-sdk-checksum-algorithm`, which the
+/// shim derives from the checksum header. An upload without a checksum is
+/// still refused. Argument: the port.
+const MOTO_WITH_S3_CHECKSUMS: &str = r#"
+import os, sys
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import run_simple
+
+os.environ.setdefault("MOTO_PORT", sys.argv[1])
+moto = DomainDispatcherApplication(create_backend_app)
+
+def app(environ, start_response):
+    for key in list(environ):
+        algorithm = key.removeprefix("HTTP_X_AMZ_CHECKSUM_")
+        if algorithm != key and algorithm not in ("ALGORITHM", "TYPE"):
+            environ.setdefault("HTTP_X_AMZ_SDK_CHECKSUM_ALGORITHM", algorithm)
+    return moto(environ, start_response)
+
+run_simple("127.0.0.1", int(sys.argv[1]), app, threaded=True)
+"#;
+
+/// Object Lock calls through boto3. Arguments: endpoint, operation, bucket,
+/// then `create MODE DAYS` (a bucket with Object Lock and a default
+/// retention) or `retain MODE UNTIL KEY…` (a retention on each key, a
+/// GOVERNANCE one bypassed) or `noncurrent` (prints the keys that have
+/// noncurrent versions, one a line).
+const BOTO3_OBJECT_LOCK: &str = r#"
+import datetime, sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="testing",
+                  aws_secret_access_key="testing", region_name="us-east-1")
+op, bucket = sys.argv[2], sys.argv[3]
+if op == "create":
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled",
+        "Rule": {"DefaultRetention": {"Mode": sys.argv[4], "Days": int(sys.argv[5])}}})
+elif op == "retain":
+    until = datetime.datetime.fromisoformat(sys.argv[5])
+    for key in sys.argv[6:]:
+        s3.put_object_retention(Bucket=bucket, Key=key, BypassGovernanceRetention=True,
+                                Retention={"Mode": sys.argv[4], "RetainUntilDate": until})
+elif op == "noncurrent":
+    pages = s3.get_paginator("list_object_versions").paginate(Bucket=bucket)
+    keys = {v["Key"] for p in pages for v in p.get("Versions", []) if not v["IsLatest"]}
+    print("\n".join(sorted(keys)))
+else:
+    sys.exit(f"unknown operation {op}")
+"#;
 
 /// A moto S3 server with one bucket.
 pub struct S3Server {
@@ -29,16 +82,47 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .context("start moto_server (pip install 'moto[server]')")?;
+        let server = Self::ready(child, port).await?;
+        let status = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "PUT",
+                &format!("http://127.0.0.1:{port}/{bucket}"),
+            ])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "create bucket {bucket}: curl {status}");
+        Ok(server)
+    }
+
+    /// Starts moto (accepting checksums as S3 does, see
+    /// [`MOTO_WITH_S3_CHECKSUMS`]) with `bucket` under S3 Object Lock:
+    /// versioned, with a default retention of `days` days in `mode`
+    /// (`GOVERNANCE` or `COMPLIANCE`).
+    ///
+    /// # Errors
+    /// If moto or boto3 is missing or moto does not start.
+    pub async fn start_object_lock(bucket: &str, mode: &str, days: u32) -> anyhow::Result<Self> {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-c", MOTO_WITH_S3_CHECKSUMS, &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start moto (pip install 'moto[server]')")?;
+        let server = Self::ready(child, port).await?;
+        server.object_lock(&["create", bucket, mode, &days.to_string()])?;
+        Ok(server)
+    }
+
+    /// Waits until the server answers.
+    async fn ready(child: Child, port: u16) -> anyhow::Result<Self> {
         let server = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let status = Command::new("curl")
-                .args([
-                    "-sf",
-                    "-X",
-                    "PUT",
-                    &format!("http://127.0.0.1:{port}/{bucket}"),
-                ])
+                .args(["-sf", &format!("http://127.0.0.1:{port}/")])
                 .stdout(Stdio::null())
                 .status()?;
             if status.success() {
@@ -49,6 +133,47 @@ impl S3Server {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Sets a retention in `mode` until `until` (RFC 3339) on each of
+    /// `keys` (full keys in `bucket`), bypassing a GOVERNANCE retention.
+    ///
+    /// # Errors
+    /// If boto3 fails.
+    pub fn retain(
+        &self,
+        bucket: &str,
+        mode: &str,
+        until: &str,
+        keys: &[String],
+    ) -> anyhow::Result<()> {
+        let mut args = vec!["retain", bucket, mode, until];
+        args.extend(keys.iter().map(String::as_str));
+        self.object_lock(&args).map(drop)
+    }
+
+    /// The keys of `bucket` that have noncurrent versions.
+    ///
+    /// # Errors
+    /// If boto3 fails.
+    pub fn noncurrent_keys(&self, bucket: &str) -> anyhow::Result<Vec<String>> {
+        let out = self.object_lock(&["noncurrent", bucket])?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+
+    fn object_lock(&self, args: &[&str]) -> anyhow::Result<String> {
+        let endpoint = format!("http://127.0.0.1:{}", self.port);
+        let out = Command::new("python3")
+            .args(["-c", BOTO3_OBJECT_LOCK, &endpoint])
+            .args(args)
+            .output()
+            .context("run python3 with boto3")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "boto3 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
     }
 
     /// Environment for object_store pointing at `endpoint_port`.

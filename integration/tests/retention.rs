@@ -1,9 +1,13 @@
 //! Retention end to end: real etcd, the real archiver and restorer, local
-//! and S3 archives. Kept restore points must stay exact (equal to etcd's
-//! own reads), pruned ones must be refused as pruned, and `verify` must
-//! pass after every prune.
+//! and S3 archives (one in an S3 Object Lock bucket). Kept restore points
+//! must stay exact (equal to etcd's own reads), pruned ones must be refused
+//! as pruned, locked objects must stay until their retention ends, and
+//! `verify` must pass after every prune.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use integration::{
     archiver_args, check_export, current_revision, mixed_workload, run_archiver, run_restorer,
@@ -196,4 +200,150 @@ async fn run_prunes_on_its_own() -> anyhow::Result<()> {
     assert_eq!(code, 0, "verify: {out}{err}");
     check_export(&url, &[], &client, head).await?;
     Ok(())
+}
+
+/// An archive in an S3 Object Lock bucket (moto, default retention
+/// GOVERNANCE for a day): archiving is unaffected and the head exports
+/// exactly. `prune --keep-last 1 --confirm` deletes nothing locked: every
+/// object it would delete is reported with its retain-until date and stays,
+/// `verify` passes, the kept point and the head restore exactly. Once the
+/// retentions shortened to seconds have ended, a second prune deletes those
+/// objects (their data stays as noncurrent versions) and still reports the
+/// one whose retention runs for a day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_leaves_objects_under_object_lock_until_their_retention_ends() -> anyhow::Result<()> {
+    let bucket = "pitr-locked";
+    let s3 = S3Server::start_object_lock(bucket, "GOVERNANCE", 1).await?;
+    let env = S3Server::env(s3.port);
+    for (k, v) in &env {
+        std::env::set_var(k, v);
+    }
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut client = cluster.client().await?;
+    let tmp = tempfile::tempdir()?;
+    let url = format!("s3://{bucket}/locked");
+    let args = archiver_args(
+        &cluster.endpoints(),
+        &url,
+        &tmp.path().join("data"),
+        &["--segment-max-age", "300ms", "--snapshot-interval", "2s"],
+    );
+    let mut archiver = ArchiverProcess::start(&args, &env, &tmp.path().join("archiver.log"))?;
+    archiver.wait_writing(Duration::from_secs(30)).await?;
+    let mut rng = Rng::new(73);
+    write_rounds(&mut client, &mut rng, 3).await?;
+    let head = current_revision(&mut client).await?;
+    wait_archived(&url, 1, head, Duration::from_secs(30)).await?;
+    // Stopped, so that both prunes plan from the same listing.
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success(), "etcd-archiver exited with {status}");
+    check_export(&url, &env, &client, head).await?;
+
+    let prune = |extra: &[&str]| {
+        let mut args = vec!["prune", "--archive", &url, "--keep-last", "1"];
+        args.extend(extra);
+        let (code, out, err) = run_archiver(&args, &env)?;
+        anyhow::ensure!(code == 0, "prune {extra:?} exited {code}: {err}");
+        anyhow::Ok(out)
+    };
+    let dry = json_of(&prune(&["--json"])?)?;
+    let doomed: Vec<String> = dry["delete"]
+        .as_array()
+        .context("no delete list")?
+        .iter()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    // Every doomed object but one segment gets a retention that ends in
+    // seconds; that segment keeps the bucket's default of a day.
+    let long = doomed
+        .iter()
+        .rfind(|k| k.contains("/segments/"))
+        .cloned()
+        .with_context(|| format!("no segment to delete: {doomed:?}"))?;
+    let short: Vec<String> = doomed.iter().filter(|k| **k != long).cloned().collect();
+    assert!(!short.is_empty(), "{doomed:?}");
+    let soon_ms = (etcdpitr_common::now_ms() / 1000 + 20) * 1000;
+    let soon = chrono::DateTime::from_timestamp_millis(soon_ms)
+        .context("date")?
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let short_in_bucket: Vec<String> = short.iter().map(|k| format!("locked/{k}")).collect();
+    s3.retain(bucket, "GOVERNANCE", &soon, &short_in_bucket)?;
+
+    let first = json_of(&prune(&["--confirm", "--json"])?)?;
+    assert_eq!(first["delete"], dry["delete"]);
+    assert_eq!(first["deleted"], 0, "{first}");
+    let retained: BTreeMap<String, (String, String)> = first["retained"]
+        .as_array()
+        .context("no retained list")?
+        .iter()
+        .map(|x| {
+            let text = |f: &str| x[f].as_str().unwrap_or_default().to_owned();
+            (text("object"), (text("mode"), text("retain_until")))
+        })
+        .collect();
+    assert_eq!(
+        retained.keys().collect::<BTreeSet<_>>(),
+        doomed.iter().collect::<BTreeSet<_>>(),
+        "{first}"
+    );
+    for key in &short {
+        assert_eq!(
+            retained[key],
+            ("GOVERNANCE".to_owned(), soon.clone()),
+            "{key}"
+        );
+    }
+    let (mode, until) = &retained[&long];
+    assert_eq!(mode, "GOVERNANCE");
+    let until_ms = chrono::DateTime::parse_from_rfc3339(until)?.timestamp_millis();
+    assert!(
+        until_ms > etcdpitr_common::now_ms() + 23 * 3_600_000,
+        "default retention of a day, got {until}"
+    );
+    let objects = || async {
+        let archive = etcdpitr_common::store::Archive::open(&url)?;
+        anyhow::Ok(archive.list("", None).await?)
+    };
+    let listed = objects().await?;
+    let missing: Vec<&String> = doomed.iter().filter(|k| !listed.contains(k)).collect();
+    assert!(missing.is_empty(), "locked objects hidden: {missing:?}");
+    let kept = revisions(&first["kept"], "base_revision");
+    let check_restores = || async {
+        let (code, out, err) = run_restorer(&["verify", "--archive", &url], &env)?;
+        anyhow::ensure!(code == 0, "verify after a prune: {out}{err}");
+        for &target in kept.iter().chain([&head]) {
+            check_export(&url, &env, &client, target).await?;
+        }
+        anyhow::Ok(())
+    };
+    check_restores().await?;
+
+    let wait_ms = soon_ms + 1500 - etcdpitr_common::now_ms();
+    tokio::time::sleep(Duration::from_millis(wait_ms.try_into().unwrap_or(0))).await;
+    let second = prune(&["--confirm"])?;
+    assert!(
+        second.contains(&format!(
+            "deleted {} of {} objects\n",
+            short.len(),
+            doomed.len()
+        )),
+        "{second}"
+    );
+    assert!(
+        second.contains(&format!(
+            "kept by S3 Object Lock (a later prune deletes it once the lock ends): {long}: GOVERNANCE retention until {until}\n"
+        )),
+        "{second}"
+    );
+    let listed = objects().await?;
+    assert!(listed.contains(&long));
+    let left: Vec<&String> = short.iter().filter(|k| listed.contains(k)).collect();
+    assert!(left.is_empty(), "not deleted: {left:?}");
+    let noncurrent = s3.noncurrent_keys(bucket)?;
+    let purged: Vec<&String> = short_in_bucket
+        .iter()
+        .filter(|k| !noncurrent.contains(k))
+        .collect();
+    assert!(purged.is_empty(), "no noncurrent version of {purged:?}");
+    check_restores().await
 }

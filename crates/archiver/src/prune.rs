@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 use etcdpitr_common::chain;
-use etcdpitr_common::prune::{prune, PruneReport};
+use etcdpitr_common::prune::{prune, PruneReport, Retained};
 use etcdpitr_common::retention::{Period, Policy};
 use etcdpitr_common::store::Archive;
 use serde_json::json;
@@ -18,6 +18,10 @@ use crate::config::parse_duration;
 
 /// Default interval between prunes of `etcd-archiver run`.
 pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_hours(1);
+
+/// Objects under Object Lock the text report lists one by one; beyond, it
+/// gives their number and the first date one becomes deletable.
+const RETAINED_LISTED: usize = 10;
 
 /// The retention policy's flags. No rule means nothing is ever deleted.
 #[derive(Args, Debug, Clone, Default)]
@@ -147,17 +151,25 @@ pub async fn periodically(
     loop {
         match prune(&archive, &policy, true).await {
             Ok(r) => {
-                if r.deleted > 0 || !r.refused.is_empty() {
+                if r.deleted > 0 || !r.refused.is_empty() || !r.retained.is_empty() {
                     tracing::info!(
                         policy = %r.policy,
                         deleted = r.deleted,
                         refused = r.refused.len(),
+                        retained = r.retained.len(),
                         restorable = %chain::describe(&r.plan.restorable_after),
                         "pruned the archive"
                     );
                 }
                 for refused in &r.refused {
                     tracing::warn!(object = %refused.object, reason = %refused.reason, "the store refused to delete; trying again at the next prune");
+                }
+                if !r.retained.is_empty() {
+                    tracing::info!(
+                        retained = r.retained.len(),
+                        first_lock_end = first_release(&r.retained).as_deref().unwrap_or("none (legal holds)"),
+                        "objects under S3 Object Lock stay; a later prune deletes each once its lock ends"
+                    );
                 }
             }
             Err(e) => {
@@ -215,6 +227,20 @@ fn to_text(r: &PruneReport) -> String {
             refused.object, refused.reason
         );
     }
+    if r.retained.len() > RETAINED_LISTED {
+        out += &format!(
+            "kept by S3 Object Lock (a later prune deletes each once its lock ends): {} objects, the first deletable from {} (--json lists each)\n",
+            r.retained.len(),
+            first_release(&r.retained).as_deref().unwrap_or("no date: all under a legal hold"),
+        );
+    } else {
+        for x in &r.retained {
+            out += &format!(
+                "kept by S3 Object Lock (a later prune deletes it once the lock ends): {}: {}\n",
+                x.object, x.retention
+            );
+        }
+    }
     out += &format!(
         "restorable afterwards: {}\n",
         chain::describe(&r.plan.restorable_after)
@@ -223,6 +249,17 @@ fn to_text(r: &PruneReport) -> String {
         out += "dry run: run again with --confirm to delete\n";
     }
     out
+}
+
+/// The first retain-until date (RFC 3339) at which one of `retained`
+/// becomes deletable; objects under a legal hold have none.
+fn first_release(retained: &[Retained]) -> Option<String> {
+    retained
+        .iter()
+        .filter(|x| !x.retention.legal_hold)
+        .filter_map(|x| x.retention.period.map(|(_, until)| (until, x)))
+        .min_by_key(|(until, _)| *until)
+        .and_then(|(_, x)| x.retention.retain_until_rfc3339())
 }
 
 fn to_json(archive: &Archive, r: &PruneReport) -> serde_json::Value {
@@ -247,10 +284,100 @@ fn to_json(archive: &Archive, r: &PruneReport) -> serde_json::Value {
             "object": x.object,
             "reason": x.reason,
         })).collect::<Vec<_>>(),
+        "retained": r.retained.iter().map(|x| json!({
+            "object": x.object,
+            "mode": x.retention.period.map(|(mode, _)| mode.to_string()),
+            "retain_until": x.retention.retain_until_rfc3339(),
+            "legal_hold": x.retention.legal_hold,
+        })).collect::<Vec<_>>(),
         "restorable_after": r.plan.restorable_after.iter().map(|x| json!({
             "generation": x.generation.0,
             "first_revision": x.first,
             "last_revision": x.last,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use etcdpitr_common::object_lock::{Retention, RetentionMode};
+    use etcdpitr_common::retention::PrunePlan;
+
+    use super::*;
+
+    /// 2026-11-27T03:16:31Z.
+    const UNTIL_MS: i64 = 1_795_749_391_000;
+
+    fn retained(n: usize) -> Vec<Retained> {
+        (0..n)
+            .map(|i| Retained {
+                object: format!("gen-1/segments/{i}"),
+                retention: Retention {
+                    period: Some((
+                        RetentionMode::Compliance,
+                        chrono::DateTime::from_timestamp_millis(UNTIL_MS + 1000 * (n - i) as i64)
+                            .unwrap(),
+                    )),
+                    legal_hold: i == n - 1,
+                },
+            })
+            .collect()
+    }
+
+    fn report(retained: Vec<Retained>) -> PruneReport {
+        PruneReport {
+            policy: Policy {
+                keep_last: Some(1),
+                ..Policy::default()
+            },
+            plan: PrunePlan {
+                delete: retained.iter().map(|r| r.object.clone()).collect(),
+                ..PrunePlan::default()
+            },
+            confirmed: true,
+            deleted: 0,
+            refused: Vec::new(),
+            retained,
+        }
+    }
+
+    #[test]
+    fn reports_each_locked_object_with_its_date() {
+        let text = to_text(&report(retained(2)));
+        assert!(
+            text.contains("kept by S3 Object Lock (a later prune deletes it once the lock ends): gen-1/segments/0: COMPLIANCE retention until 2026-11-27T03:16:33Z\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gen-1/segments/1: COMPLIANCE retention until 2026-11-27T03:16:32Z and a legal hold\n"),
+            "{text}"
+        );
+        let archive = Archive::from_store(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            "",
+            "memory:///",
+        );
+        let json = to_json(&archive, &report(retained(2)));
+        assert_eq!(
+            json["retained"],
+            serde_json::json!([
+                {"object": "gen-1/segments/0", "mode": "COMPLIANCE", "retain_until": "2026-11-27T03:16:33Z", "legal_hold": false},
+                {"object": "gen-1/segments/1", "mode": "COMPLIANCE", "retain_until": "2026-11-27T03:16:32Z", "legal_hold": true},
+            ])
+        );
+    }
+
+    #[test]
+    fn summarizes_many_locked_objects_by_the_first_date_one_is_deletable() {
+        let n = RETAINED_LISTED + 1;
+        let text = to_text(&report(retained(n)));
+        assert!(!text.contains("gen-1/segments/"), "{text}");
+        // The newest date belongs to a legal hold, deletable at no date.
+        assert!(
+            text.contains(&format!(
+                "{n} objects, the first deletable from 2026-11-27T03:16:33Z"
+            )),
+            "{text}"
+        );
+    }
 }

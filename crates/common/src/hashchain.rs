@@ -130,11 +130,19 @@ pub fn prove(generation: GenerationId, chain: &Chain, evidence: &Evidence) -> Pr
     let mut legacy = 0usize;
     let mut unproven: HashSet<SegmentName> = HashSet::new();
     for (name, header, digest) in segments {
+        // A leftover inside a pruned range (a prune interrupted, or an
+        // object a lock kept) may follow a segment that retention deleted
+        // on purpose: it starts a new walk, like a run after a hole.
+        let after_pruned = chain
+            .pruned
+            .iter()
+            .any(|r| r.first <= name.prev() && name.prev() < r.last);
         let reachable = header.version < 2
             || ends
                 .get(&name.prev())
                 .is_some_and(|ds| ds.contains(&header.prev_digest))
-            || damage.contains(&name.prev());
+            || damage.contains(&name.prev())
+            || after_pruned;
         if header.version < 2 {
             legacy += 1;
         }

@@ -10,6 +10,7 @@
 //! - [`prune`]: carrying out a retention plan, crash-safe.
 //! - [`hashchain`]: tamper evidence: the links between objects, and their proof.
 //! - [`store`]: archive URLs, object access, write-once puts.
+//! - [`object_lock`]: S3 Object Lock (upload checksums, reading retentions).
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
@@ -23,6 +24,7 @@ pub mod hashchain;
 pub mod layout;
 pub mod listing;
 pub mod manifest;
+pub mod object_lock;
 pub mod prune;
 pub mod retention;
 pub mod segment;

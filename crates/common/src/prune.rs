@@ -8,9 +8,16 @@
 //! made from, and the plan always keeps the archive's head, so a running
 //! archiver (which only appends after its head) never loses what it needs.
 //!
-//! A store that refuses a deletion (an S3 Object Lock retention, a bucket
-//! policy) does not fail the prune: the object is reported and stays, and a
-//! later run tries again.
+//! An object under S3 Object Lock (a retain-until date still ahead, or a
+//! legal hold) is not deleted: on a versioned bucket the deletion would
+//! only hide it behind a delete marker while its data stays. When the
+//! bucket has Object Lock, each object is asked before its deletion (one
+//! `HEAD`; a bucket without Object Lock costs one request per prune). A
+//! locked object is reported with its lock and stays; a later prune, once
+//! the date has passed, deletes it. A store that refuses a deletion (a
+//! bucket policy) does not fail the prune either: the object is reported
+//! and stays, and a later run tries again. Either way the archive stays
+//! sound: a leftover object inside a pruned range is harmless.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +28,7 @@ use crate::chain::IntegrityError;
 use crate::layout::{self, GenerationId, GenerationObject, PrunedRange};
 use crate::listing::{ArchiveListing, ListingError};
 use crate::manifest::PruneRecord;
+use crate::object_lock::Retention;
 use crate::retention::{self, Policy, PrunePlan};
 use crate::snapshot::HeaderReadError;
 use crate::store::{Archive, StoreError};
@@ -28,7 +36,7 @@ use crate::Revision;
 
 /// Snapshot headers read at once.
 const HEADER_READS_IN_FLIGHT: usize = 16;
-/// Deletions in flight.
+/// Deletions (each with its Object Lock lookup) in flight.
 const DELETES_IN_FLIGHT: usize = 16;
 
 /// Errors of a prune.
@@ -63,6 +71,15 @@ pub struct Refused {
     pub reason: String,
 }
 
+/// An object left in place because it is under S3 Object Lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retained {
+    /// Archive-relative key.
+    pub object: String,
+    /// Its lock (mode and retain-until date, legal hold).
+    pub retention: Retention,
+}
+
 /// What a prune planned and did.
 #[derive(Clone, Debug)]
 pub struct PruneReport {
@@ -74,8 +91,12 @@ pub struct PruneReport {
     pub confirmed: bool,
     /// Objects deleted.
     pub deleted: usize,
-    /// Objects the store refused to delete; a later run tries again.
+    /// Objects the store refused to delete (or to tell its Object Lock);
+    /// a later run tries again.
     pub refused: Vec<Refused>,
+    /// Objects still under Object Lock, left in place; a later run deletes
+    /// each once its lock has expired.
+    pub retained: Vec<Retained>,
 }
 
 /// Plans a prune of `archive` under `policy` and, when `confirm`, carries
@@ -83,7 +104,8 @@ pub struct PruneReport {
 ///
 /// # Errors
 /// Listing, store or snapshot-header failures. A store's refusal to delete
-/// one object is not an error: see [`PruneReport::refused`].
+/// one object is not an error, nor is a lock on it: see
+/// [`PruneReport::refused`] and [`PruneReport::retained`].
 pub async fn prune(
     archive: &Archive,
     policy: &Policy,
@@ -102,6 +124,7 @@ pub async fn prune(
         confirmed: confirm,
         deleted: 0,
         refused: Vec::new(),
+        retained: Vec::new(),
     };
     if !confirm {
         return Ok(report);
@@ -125,16 +148,21 @@ pub async fn prune(
             Err(e) => return Err(e.into()),
         }
     }
+    let ask_locks = archive.object_lock_enabled().await?;
     let mut results = futures::stream::iter(report.plan.delete.clone().into_iter().map(
         |key| async move {
-            let result = archive.delete(&key).await;
+            let result = delete_unless_locked(archive, &key, ask_locks, planned_ms).await;
             (key, result)
         },
     ))
     .buffered(DELETES_IN_FLIGHT);
     while let Some((key, result)) = results.next().await {
         match result {
-            Ok(()) => report.deleted += 1,
+            Ok(None) => report.deleted += 1,
+            Ok(Some(retention)) => report.retained.push(Retained {
+                object: key,
+                retention,
+            }),
             Err(e) if refuses_deletion(&e) => report.refused.push(Refused {
                 object: key,
                 reason: e.to_string(),
@@ -165,6 +193,25 @@ async fn cut_digests(
         }
     }
     Ok(out)
+}
+
+/// Deletes `key` unless (with `ask_locks`) an Object Lock holds it at
+/// `now_ms`; returns that lock when it does.
+async fn delete_unless_locked(
+    archive: &Archive,
+    key: &str,
+    ask_locks: bool,
+    now_ms: i64,
+) -> Result<Option<Retention>, StoreError> {
+    if ask_locks {
+        if let Some(lock) = archive.retention(key).await? {
+            if lock.holds_at(now_ms) {
+                return Ok(Some(lock));
+            }
+        }
+    }
+    archive.delete(key).await?;
+    Ok(None)
 }
 
 /// Whether the store refused to delete (rather than failed to answer):

@@ -2,7 +2,9 @@
 //!
 //! `file:///abs/dir` is the default kind; `s3://`, `gs://` and `az://` take
 //! credentials and endpoints from the environment variables `object_store`
-//! reads (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+//! reads (`AWS_*`, `GOOGLE_*`, `AZURE_*`). `s3://` archives upload with
+//! checksums and can tell an object's S3 Object Lock
+//! ([`crate::object_lock`]).
 //!
 //! A `file://` archive is as durable as a cloud store: a write returns only
 //! after the file and every directory entry leading to it are fsynced (the
@@ -19,6 +21,8 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
+
+use crate::object_lock::{self, ObjectLockSource, Retention};
 
 /// Errors of archive storage.
 #[derive(Debug, Error)]
@@ -166,6 +170,8 @@ pub struct Archive {
     /// The local store of a `file://` archive, whose writes get fsynced
     /// parents and owner-only modes here.
     local: Option<Arc<object_store::local::LocalFileSystem>>,
+    /// Where Object Lock retentions are read (`s3://` archives).
+    object_lock: Option<Arc<dyn ObjectLockSource>>,
 }
 
 /// Environment variable prefixes handed to the cloud store builders.
@@ -212,6 +218,7 @@ impl Archive {
                     prefix: Path::default(),
                     url: url.to_owned(),
                     local: Some(store),
+                    object_lock: None,
                 })
             }
             "s3" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
@@ -220,6 +227,16 @@ impl Archive {
                 }
                 let env =
                     std::env::vars().filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)));
+                if parsed.scheme() == "s3" {
+                    let bucket = object_lock::open_s3(&parsed, env).map_err(invalid)?;
+                    return Ok(Self {
+                        store: bucket.store,
+                        prefix: bucket.prefix,
+                        url: url.to_owned(),
+                        local: None,
+                        object_lock: Some(bucket.lock),
+                    });
+                }
                 let (store, prefix) = object_store::parse_url_opts(&parsed, env)
                     .map_err(|e| invalid(e.to_string()))?;
                 Ok(Self {
@@ -227,6 +244,7 @@ impl Archive {
                     prefix,
                     url: url.to_owned(),
                     local: None,
+                    object_lock: None,
                 })
             }
             other => Err(invalid(format!(
@@ -245,6 +263,42 @@ impl Archive {
             prefix: Path::from(prefix),
             url: url.to_owned(),
             local: None,
+            object_lock: None,
+        }
+    }
+
+    /// The archive with Object Lock retentions read from `source` (e.g. a
+    /// test store that locks objects).
+    #[must_use]
+    pub fn with_object_lock(mut self, source: Arc<dyn ObjectLockSource>) -> Self {
+        self.object_lock = Some(source);
+        self
+    }
+
+    /// Whether objects of this archive can be under an S3 Object Lock: the
+    /// bucket has Object Lock, or does not let us ask. Stores without
+    /// Object Lock answer `false` without a request.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        match &self.object_lock {
+            Some(source) => source.bucket_lock_enabled().await,
+            None => Ok(false),
+        }
+    }
+
+    /// The S3 Object Lock on an object (retention mode and retain-until
+    /// date, legal hold); `None` when it has none, is gone, or the store has
+    /// no Object Lock (then without a request).
+    ///
+    /// # Errors
+    /// A backend error (`PermissionDenied` when we may not read it), or an
+    /// answer that is not what S3 documents.
+    pub async fn retention(&self, relative: &str) -> Result<Option<Retention>, StoreError> {
+        match &self.object_lock {
+            Some(source) => source.retention(&self.path(relative)).await,
+            None => Ok(None),
         }
     }
 

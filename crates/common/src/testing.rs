@@ -1,9 +1,15 @@
 //! An in-memory object store that injects faults, for in-process tests of
 //! everything that writes or deletes archive objects (feature `testing`).
+//! It can also lock objects as an S3 Object Lock bucket does: a locked
+//! object is reported by [`ObjectLockSource::retention`] and, as on a
+//! versioned bucket, deleting it still succeeds (S3 adds a delete marker).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::memory::InMemory;
@@ -12,6 +18,9 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
+
+use crate::object_lock::{ObjectLockSource, Retention};
+use crate::store::StoreError;
 
 /// How the store misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +48,10 @@ pub struct Faulty {
     fault: Fault,
     writes: AtomicUsize,
     deletes: AtomicUsize,
+    /// Object Lock: `None` for a bucket without it, else each locked
+    /// object's lock by store path.
+    locks: Mutex<Option<BTreeMap<String, Retention>>>,
+    lock_lookups: AtomicUsize,
 }
 
 impl Faulty {
@@ -49,7 +62,25 @@ impl Faulty {
             fault,
             writes: AtomicUsize::new(0),
             deletes: AtomicUsize::new(0),
+            locks: Mutex::new(None),
+            lock_lookups: AtomicUsize::new(0),
         }
+    }
+
+    /// Turns Object Lock on (for good, as on S3) and locks the object at
+    /// store path `location` with `retention`, or unlocks it with `None`.
+    pub fn set_retention(&self, location: &str, retention: Option<Retention>) {
+        let mut locks = self.locks.lock().expect("no panics while held");
+        let locks = locks.get_or_insert_with(BTreeMap::new);
+        match retention {
+            Some(r) => locks.insert(location.to_owned(), r),
+            None => locks.remove(location),
+        };
+    }
+
+    /// Object Lock questions asked so far (bucket and objects).
+    pub fn lock_lookups(&self) -> usize {
+        self.lock_lookups.load(Ordering::SeqCst)
     }
 
     /// Writes attempted so far (failed ones included).
@@ -65,6 +96,10 @@ impl Faulty {
     /// A store with `fault` holding a copy of `self`'s objects.
     pub async fn with_fault(&self, fault: Fault) -> object_store::Result<Self> {
         let copy = Self::new(fault);
+        copy.locks
+            .lock()
+            .expect("no panics while held")
+            .clone_from(&self.locks.lock().expect("no panics while held"));
         let metas: Vec<ObjectMeta> = self
             .inner
             .list(None)
@@ -204,5 +239,27 @@ impl ObjectStore for Faulty {
         options: CopyOptions,
     ) -> object_store::Result<()> {
         self.inner.copy_opts(from, to, options).await
+    }
+}
+
+impl ObjectLockSource for Faulty {
+    fn bucket_lock_enabled(&self) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.lock_lookups.fetch_add(1, Ordering::SeqCst);
+        let enabled = self.locks.lock().expect("no panics while held").is_some();
+        Box::pin(async move { Ok(enabled) })
+    }
+
+    fn retention<'a>(
+        &'a self,
+        path: &'a StorePath,
+    ) -> BoxFuture<'a, Result<Option<Retention>, StoreError>> {
+        self.lock_lookups.fetch_add(1, Ordering::SeqCst);
+        let lock = self
+            .locks
+            .lock()
+            .expect("no panics while held")
+            .as_ref()
+            .and_then(|l| l.get(path.as_ref()).copied());
+        Box::pin(async move { Ok(lock) })
     }
 }

@@ -203,6 +203,33 @@ fn a_pruned_start_is_proven_from_the_records_cut_digests() {
 }
 
 #[test]
+fn a_leftover_inside_a_pruned_range_starts_over() {
+    // A prune deleted 11..=20 but a lock kept 21..=30, whose predecessor is
+    // gone; the record's cut digest names 21..=30 itself.
+    let mut e = archive();
+    let cut = e.segments[1].2;
+    e.segments.remove(0);
+    e.snapshots.remove(0);
+    let range = PrunedRange {
+        first: 11,
+        last: 30,
+    };
+    e.cuts = vec![(range, vec![cut])];
+    let chain = chain_of(&e, &[range]);
+    assert!(chain.gaps().is_empty());
+    assert!(problems(&e, &[range]).is_empty());
+    // Outside a pruned range the same leftover breaks the chain.
+    let found = problems(
+        &e,
+        &[PrunedRange {
+            first: 11,
+            last: 20,
+        }],
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+}
+
+#[test]
 fn overlapping_writers_each_link_to_what_they_followed() {
     let mut e = archive();
     // A second writer took over after 11..=20 and sealed 21..=35, 36..=40.

@@ -1,4 +1,5 @@
-//! Prunes against an in-memory store that refuses or fails deletions.
+//! Prunes against an in-memory store that refuses or fails deletions, or
+//! locks objects as S3 Object Lock does.
 
 use std::sync::Arc;
 
@@ -6,6 +7,7 @@ use super::*;
 use crate::chain::Chain;
 use crate::layout::SegmentName;
 use crate::manifest::{GenerationManifest, StartReason};
+use crate::object_lock::RetentionMode;
 use crate::retention::Period;
 use crate::snapshot::SnapshotHeader;
 use crate::testing::{Fault, Faulty};
@@ -74,7 +76,22 @@ async fn populate(store: &Faulty) {
 }
 
 fn archive(store: &Arc<Faulty>) -> Archive {
-    Archive::from_store(store.clone(), "a", "memory:///a")
+    Archive::from_store(store.clone(), "a", "memory:///a").with_object_lock(store.clone())
+}
+
+/// Locks the object at archive-relative `key` of `store`.
+fn lock(store: &Faulty, key: &str, retention: Option<Retention>) {
+    store.set_retention(&format!("a/{key}"), retention);
+}
+
+fn until(mode: RetentionMode, ms: i64) -> Retention {
+    Retention {
+        period: Some((
+            mode,
+            chrono::DateTime::from_timestamp_millis(ms).expect("in range"),
+        )),
+        legal_hold: false,
+    }
 }
 
 async fn faulty(fault: Fault) -> Arc<Faulty> {
@@ -245,4 +262,83 @@ async fn calendar_rules_read_snapshot_times_from_headers() {
         vec![10, 25, 40],
         "nothing deleted"
     );
+}
+
+#[tokio::test]
+async fn locked_objects_stay_and_are_reported_until_their_lock_expires() {
+    let store = faulty(Fault::None).await;
+    let archive = archive(&store);
+    let g = GenerationId(1);
+    let (snap10, snap25) = (layout::snapshot_key(g, 10), layout::snapshot_key(g, 25));
+    let first_segment = layout::segment_key(g, &seg(11, 20, T0 + 1));
+    let hour_ahead = crate::now_ms() + 3_600_000;
+    lock(
+        &store,
+        &snap10,
+        Some(until(RetentionMode::Compliance, hour_ahead)),
+    );
+    let hold = Retention {
+        period: None,
+        legal_hold: true,
+    };
+    lock(&store, &snap25, Some(hold));
+    // Expired: deleted like any other object.
+    lock(
+        &store,
+        &first_segment,
+        Some(until(RetentionMode::Governance, crate::now_ms() - 1000)),
+    );
+
+    let dry = prune(&archive, &keep_last(1), false).await.unwrap();
+    assert!(dry.retained.is_empty());
+    assert_eq!(store.lock_lookups(), 0, "a dry run asks nothing");
+
+    let report = prune(&archive, &keep_last(1), true).await.unwrap();
+    assert_eq!(
+        report.retained,
+        vec![
+            Retained {
+                object: snap10.clone(),
+                retention: until(RetentionMode::Compliance, hour_ahead),
+            },
+            Retained {
+                object: snap25.clone(),
+                retention: hold,
+            },
+        ]
+    );
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    assert_eq!(report.deleted, report.plan.delete.len() - 2);
+    assert_eq!(
+        store.lock_lookups(),
+        1 + report.plan.delete.len(),
+        "the bucket once, then each doomed object"
+    );
+    // Still there (not hidden behind a delete marker), and the archive is
+    // sound: the pruned range is recorded, the leftovers are harmless.
+    let after = chain(&archive).await;
+    assert_eq!(after.snapshots, vec![10, 25, 40]);
+    assert!(after.gaps().is_empty(), "{:?}", after.gaps());
+    assert_eq!(after.pruned_gaps().len(), 1);
+    assert!(!archive.exists(&first_segment).await.unwrap());
+
+    // Later: the date has passed and the hold is lifted.
+    lock(
+        &store,
+        &snap10,
+        Some(until(RetentionMode::Compliance, crate::now_ms())),
+    );
+    lock(&store, &snap25, None);
+    let later = prune(&archive, &keep_last(1), true).await.unwrap();
+    assert!(later.retained.is_empty(), "{:?}", later.retained);
+    assert_eq!(later.deleted, 2, "{:?}", later.plan.delete);
+    assert_eq!(chain(&archive).await.snapshots, vec![40]);
+}
+
+#[tokio::test]
+async fn a_bucket_without_object_lock_costs_one_question_per_prune() {
+    let store = faulty(Fault::None).await;
+    let report = prune(&archive(&store), &keep_last(1), true).await.unwrap();
+    assert_eq!(report.deleted, 7);
+    assert_eq!(store.lock_lookups(), 1);
 }
