@@ -191,6 +191,22 @@ impl S3Server {
     }
 }
 
+/// Held while a test points this process's `AWS_*` variables at its own S3
+/// server (in-process archive reads take the endpoint from there).
+static PROCESS_S3_ENV: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Points this process's `AWS_*` variables at `endpoint_port` for as long
+/// as the returned guard lives: tests of one binary that do so run one at a
+/// time, so none reads another's server. Child processes get their
+/// environment explicitly and need no guard.
+pub async fn use_s3_in_process(endpoint_port: u16) -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = PROCESS_S3_ENV.lock().await;
+    for (k, v) in S3Server::env(endpoint_port) {
+        std::env::set_var(k, v);
+    }
+    guard
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.child.kill().ok();

@@ -152,9 +152,7 @@ async fn survives_a_30s_store_outage_on_s3() -> anyhow::Result<()> {
     let args = archiver_args(&cluster.endpoints(), &url, &tmp.path().join("data"));
     let env = S3Server::env(proxy.port);
     // The test reads the store through moto directly, past the proxy.
-    for (k, v) in S3Server::env(s3.port) {
-        std::env::set_var(k, v);
-    }
+    let _env = integration::use_s3_in_process(s3.port).await;
     let mut archiver = ArchiverProcess::start(&args, &env, &log)?;
     archiver.wait_writing(Duration::from_secs(30)).await?;
     let mut rng = Rng::new(5);

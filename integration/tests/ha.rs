@@ -219,8 +219,6 @@ async fn three_archivers_survive_killed_and_frozen_writers_on_local_files() -> a
 async fn three_archivers_survive_killed_and_frozen_writers_on_s3() -> anyhow::Result<()> {
     let s3 = S3Server::start("ha-archive").await?;
     let env = S3Server::env(s3.port);
-    for (k, v) in &env {
-        std::env::set_var(k, v);
-    }
+    let _env = integration::use_s3_in_process(s3.port).await;
     Box::pin(ha_round("s3://ha-archive/cluster", &env, 62)).await
 }

@@ -50,9 +50,7 @@ async fn prune_on_s3_keeps_kept_points_exact_while_archiving() -> anyhow::Result
     let s3 = S3Server::start("pitr").await?;
     let env = S3Server::env(s3.port);
     // The test itself reads the archive too.
-    for (k, v) in &env {
-        std::env::set_var(k, v);
-    }
+    let _env = integration::use_s3_in_process(s3.port).await;
     let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
     let mut client = cluster.client().await?;
     let tmp = tempfile::tempdir()?;
@@ -215,9 +213,7 @@ async fn prune_leaves_objects_under_object_lock_until_their_retention_ends() -> 
     let bucket = "pitr-locked";
     let s3 = S3Server::start_object_lock(bucket, "GOVERNANCE", 1).await?;
     let env = S3Server::env(s3.port);
-    for (k, v) in &env {
-        std::env::set_var(k, v);
-    }
+    let _env = integration::use_s3_in_process(s3.port).await;
     let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await?;
     let mut client = cluster.client().await?;
     let tmp = tempfile::tempdir()?;

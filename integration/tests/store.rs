@@ -106,8 +106,6 @@ async fn local_files() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3() -> anyhow::Result<()> {
     let s3 = S3Server::start("store-suite").await?;
-    for (k, v) in S3Server::env(s3.port) {
-        std::env::set_var(k, v);
-    }
+    let _env = integration::use_s3_in_process(s3.port).await;
     suite(&Archive::open("s3://store-suite/clusters/a")?).await
 }
