@@ -59,15 +59,7 @@ async fn check_history(
     (from, expect_from): (Option<&str>, i64),
     (to, expect_to): (Option<&str>, i64),
 ) -> anyhow::Result<usize> {
-    let mut args = vec![
-        "history",
-        "--archive",
-        url,
-        "--key",
-        key,
-        "--json",
-        "--values",
-    ];
+    let mut args = vec!["history", "--archive", url, "--key", key, "--json"];
     if prefix {
         args.push("--prefix");
     }
@@ -77,7 +69,18 @@ async fn check_history(
     if let Some(to) = to {
         args.extend(["--to", to]);
     }
+    let without_values = json_lines(&args)?;
+    args.push("--values");
     let mut got = json_lines(&args)?;
+    // Without --values, the same lines without the values.
+    let mut sizes_only = got.clone();
+    for line in &mut sizes_only {
+        line.as_object_mut().expect("object").remove("value");
+    }
+    anyhow::ensure!(
+        sizes_only == without_values,
+        "history of {key:?} without --values:\n{sizes_only:?}\n{without_values:?}"
+    );
     for line in &mut got {
         let o = line.as_object_mut().expect("an object per line");
         let observed = o.remove("observed").expect("observed");
@@ -168,12 +171,26 @@ async fn check_diff(
         "--to",
         to,
         "--json",
-        "--values",
     ];
     if let Some(p) = prefix {
         args.extend(["--prefix", p]);
     }
+    let without_values = json_lines(&args)?;
+    args.push("--values");
     let got = json_lines(&args)?;
+    // Without --values, the same lines without the values.
+    let mut sizes_only = got.clone();
+    for line in &mut sizes_only {
+        for side in ["before", "after"] {
+            if let Some(state) = line[side].as_object_mut() {
+                state.remove("value");
+            }
+        }
+    }
+    anyhow::ensure!(
+        sizes_only == without_values,
+        "diff {from_rev}..{to_rev} without --values differs"
+    );
     let expected = oracle_diff(client, from_rev, to_rev, prefix.unwrap_or_default()).await?;
     anyhow::ensure!(
         got == expected,

@@ -36,6 +36,8 @@ struct Change {
     revision: Revision,
     observed_ms: i64,
     catching_up: bool,
+    /// The value's length (the value itself is dropped without `--values`).
+    value_size: usize,
     event: Event,
 }
 
@@ -99,6 +101,7 @@ pub async fn history(
                         revision: r.revision,
                         observed_ms: r.observed_ms,
                         catching_up: r.catching_up,
+                        value_size: e.value.len(),
                         event: Event {
                             value: if values { e.value.clone() } else { Vec::new() },
                             ..e.clone()
@@ -125,10 +128,10 @@ pub async fn history(
 }
 
 fn write_change(out: &mut dyn Write, c: &Change, options: &HistoryOptions) -> anyhow::Result<()> {
-    let e = &c.event;
-    let (kind, value_size) = match e.kind {
-        EventKind::Put => ("put", e.value.len()),
-        EventKind::Delete => ("delete", 0),
+    let (e, value_size) = (&c.event, c.value_size);
+    let kind = match e.kind {
+        EventKind::Put => "put",
+        EventKind::Delete => "delete",
     };
     if options.json {
         let b64 = base64::engine::general_purpose::STANDARD;
