@@ -40,6 +40,11 @@ bench-restorer revisions="1000000": setup
     cargo build --release --workspace --bins
     target/release/bench-restorer {{revisions}}
 
+# history/diff benchmark on the restorer benchmark's archive, next to export (see docs/benchmarks.md).
+bench-audit revisions="1000000": setup
+    cargo build --release --workspace --bins
+    target/release/bench-audit {{revisions}}
+
 # Build and run with fresh formatting, for day-to-day work.
 dev:
     cargo fmt --all

@@ -236,6 +236,27 @@ pub async fn wait_archived(
     }
 }
 
+/// The source's live keys at `revision` (etcd's own `Range` of every key at
+/// that revision), sorted by key.
+///
+/// # Errors
+/// etcd failures.
+pub async fn range_at(
+    client: &etcd_client::Client,
+    revision: i64,
+) -> anyhow::Result<Vec<etcd_client::KeyValue>> {
+    use etcd_client::GetOptions;
+    let mut resp = client
+        .kv_client()
+        .max_decoding_message_size(512 << 20)
+        .get(
+            vec![0u8],
+            Some(GetOptions::new().with_all_keys().with_revision(revision)),
+        )
+        .await?;
+    Ok(resp.take_kvs())
+}
+
 /// The source's live keys at `revision`, in `export`'s JSON-lines form.
 ///
 /// # Errors
@@ -244,16 +265,71 @@ pub async fn oracle_export(
     client: &etcd_client::Client,
     revision: i64,
 ) -> anyhow::Result<Vec<String>> {
-    use etcd_client::GetOptions;
-    let resp = client
-        .kv_client()
-        .max_decoding_message_size(512 << 20)
-        .get(
-            vec![0u8],
-            Some(GetOptions::new().with_all_keys().with_revision(revision)),
-        )
+    Ok(range_at(client, revision)
+        .await?
+        .iter()
+        .map(export_line)
+        .collect())
+}
+
+/// etcd's own history of `key` (with `prefix`, of every key starting with
+/// it) through revision `to`: a watch from revision 1 with the prefix
+/// option, as (event type, key-value) pairs in revision order.
+///
+/// To know that the watch delivered everything through `to`, this first
+/// writes one marker put under the key (the key itself without `prefix`)
+/// and reads until the marker's revision: use it after the revisions that
+/// matter are archived. The test clusters are never compacted in that range.
+///
+/// # Errors
+/// etcd failures, or a watch that stalls.
+pub async fn watch_key_history(
+    client: &mut etcd_client::Client,
+    key: &[u8],
+    prefix: bool,
+    to: i64,
+) -> anyhow::Result<Vec<(etcd_client::EventType, etcd_client::KeyValue)>> {
+    use etcd_client::WatchOptions;
+    let mut marker = key.to_vec();
+    if prefix {
+        marker.extend_from_slice(b"\xff~watch-end");
+    }
+    let end = client
+        .put(marker, "end", None)
+        .await?
+        .header()
+        .context("put header")?
+        .revision();
+    anyhow::ensure!(end > to, "the marker at {end} is not after {to}");
+    let options = WatchOptions::new().with_start_revision(1);
+    // The empty prefix is every key: etcd's `"\0"..` range.
+    let (watched, options) = match (prefix, key.is_empty()) {
+        (true, true) => (vec![0u8], options.with_all_keys()),
+        (true, false) => (key.to_vec(), options.with_prefix()),
+        (false, _) => (key.to_vec(), options),
+    };
+    let mut stream = client
+        .watch_client()
+        .max_decoding_message_size(256 << 20)
+        .watch(watched, Some(options))
         .await?;
-    Ok(resp.kvs().iter().map(export_line).collect())
+    let mut out = Vec::new();
+    loop {
+        let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .context("oracle watch stalled")??
+            .context("oracle watch closed")?;
+        anyhow::ensure!(resp.compact_revision() == 0, "the history was compacted");
+        for e in resp.events() {
+            let kv = e.kv().context("event without kv")?;
+            if kv.mod_revision() >= end {
+                return Ok(out);
+            }
+            if kv.mod_revision() <= to {
+                out.push((e.event_type(), kv.clone()));
+            }
+        }
+    }
 }
 
 /// One key as `etcd-restorer export` prints it.

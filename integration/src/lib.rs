@@ -8,13 +8,16 @@
 //! - [`store`]: the S3 server and the outage proxy.
 //! - [`workload`]: deterministic writes.
 //! - [`history`]: oracles (archive contents, etcd's history and reads).
+//! - [`bench`]: a large archive and timed commands, for the benchmarks.
 
+mod bench;
 mod binaries;
 mod etcd;
 mod history;
 mod store;
 mod workload;
 
+pub use bench::*;
 pub use binaries::*;
 pub use etcd::*;
 pub use history::*;

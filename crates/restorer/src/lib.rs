@@ -1,17 +1,22 @@
 //! etcd-restorer: lists archives made by etcd-archiver and restores them to
 //! any archived revision or moment, by native snapshot synthesis.
 //!
-//! - [`plan`]: which base snapshot and segments serve a target (pure).
+//! - [`point`]: revisions and moments as flags name them, placed on a revision.
+//! - [`plan`]: which base snapshot and segments serve a target or a span (pure).
 //! - [`source`]: verified reads of snapshots and segments; `--time` placement.
 //! - [`bolt_writer`]: a streaming bbolt file writer.
 //! - [`synth`]: the restored etcd snapshot file, and its read-back check.
-//! - [`commands`]: `list`, `restore`, `export` and `verify` as the binary runs them.
+//! - [`diff`]: the difference between two points from the keys a span touched (pure).
+//! - [`commands`]: `list`, `restore`, `export`, `verify`, `history` and `diff`
+//!   as the binary runs them.
 //!
 //! Exit codes are part of the interface; see [`ExitKind`].
 
 pub mod bolt_writer;
 pub mod commands;
+pub mod diff;
 pub mod plan;
+pub mod point;
 pub mod source;
 pub mod synth;
 
@@ -49,6 +54,7 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
             return ExitKind::Other;
         }
         if cause.is::<etcdpitr_common::chain::IntegrityError>()
+            || cause.is::<diff::MissingBefore>()
             || cause.is::<etcdpitr_common::segment::SegmentError>()
             || cause.is::<etcdpitr_common::snapshot::SnapshotError>()
             || cause.is::<etcdpitr_common::manifest::ManifestError>()
@@ -102,7 +108,7 @@ fn store_kind(e: &StoreError) -> ExitKind {
 pub struct VerifyFailed(pub usize);
 
 /// A usage error detected after flag parsing (e.g. a bad time).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
 
@@ -112,17 +118,4 @@ pub fn format_ms(ms: i64) -> String {
         || format!("{ms} ms"),
         |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     )
-}
-
-/// Parses an RFC 3339 time into Unix milliseconds.
-///
-/// # Errors
-/// [`UsageError`] naming the flag.
-pub fn parse_time(s: &str) -> Result<i64, UsageError> {
-    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).map_err(|e| {
-        UsageError(format!(
-            "--time: {s:?} is not an RFC 3339 time like 2026-11-25T14:07:00Z ({e})"
-        ))
-    })?;
-    Ok(t.timestamp_millis())
 }

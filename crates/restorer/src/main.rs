@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use etcd_restorer::commands::{self, Target};
+use etcd_restorer::commands::{self, DiffOptions, HistoryOptions, Span, Target};
 use etcd_restorer::synth::Bump;
 
 /// Restores etcd to any archived revision or moment.
@@ -94,6 +94,59 @@ enum Command {
         #[arg(long)]
         prefix: Option<String>,
     },
+    /// Every change to a key (or under a prefix) between two points, by revision.
+    History {
+        /// Archive URL.
+        #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
+        archive: String,
+        /// The key (with --prefix: the prefix).
+        #[arg(long)]
+        key: String,
+        /// Every key starting with --key.
+        #[arg(long)]
+        prefix: bool,
+        /// Changes after this point: a revision or an RFC 3339 time
+        /// (default: the first restorable revision of the range).
+        #[arg(long)]
+        from: Option<String>,
+        /// Through this point: a revision or an RFC 3339 time (default: the
+        /// last restorable revision of the range).
+        #[arg(long)]
+        to: Option<String>,
+        /// Read this generation (default: the newest that holds the points).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Print the values too.
+        #[arg(long)]
+        values: bool,
+        /// JSON lines (schema in docs/restorer.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keys added, changed and deleted between two points, by key.
+    Diff {
+        /// Archive URL.
+        #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
+        archive: String,
+        /// The earlier point: a revision or an RFC 3339 time.
+        #[arg(long)]
+        from: String,
+        /// The later point: a revision or an RFC 3339 time.
+        #[arg(long)]
+        to: String,
+        /// Only keys starting with this prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Read this generation (default: the newest that holds the points).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Print the values too.
+        #[arg(long)]
+        values: bool,
+        /// JSON lines (schema in docs/restorer.md).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -137,6 +190,50 @@ fn main() -> ExitCode {
                     &mut stdout,
                 )
                 .await
+            }
+            Command::History {
+                archive,
+                key,
+                prefix,
+                from,
+                to,
+                generation,
+                values,
+                json,
+            } => {
+                let span = Span {
+                    from,
+                    to,
+                    generation,
+                };
+                let options = HistoryOptions {
+                    key,
+                    prefix,
+                    values,
+                    json,
+                };
+                commands::history(&archive, &span, &options, &mut stdout).await
+            }
+            Command::Diff {
+                archive,
+                from,
+                to,
+                prefix,
+                generation,
+                values,
+                json,
+            } => {
+                let span = Span {
+                    from: Some(from),
+                    to: Some(to),
+                    generation,
+                };
+                let options = DiffOptions {
+                    prefix,
+                    values,
+                    json,
+                };
+                commands::diff(&archive, &span, &options, &mut stdout).await
             }
         }
     };

@@ -80,6 +80,17 @@ pub enum PlanError {
         /// Restorable ranges.
         ranges: Vec<RestorableRange>,
     },
+    /// Two points each restorable, but not in one restorable range: a gap
+    /// or a generation boundary lies between them.
+    #[error("revisions {from} and {to} do not lie in one restorable range (a gap or a generation boundary lies between them); restorable: {}", describe(.ranges))]
+    SpanBroken {
+        /// The earlier point.
+        from: Revision,
+        /// The later point.
+        to: Revision,
+        /// Restorable ranges.
+        ranges: Vec<RestorableRange>,
+    },
 }
 
 /// What a restore will do.
@@ -93,6 +104,54 @@ pub struct RestorePlan {
     pub segments: Vec<SegmentName>,
     /// The target revision.
     pub target: Revision,
+}
+
+impl RestorePlan {
+    /// The revisions the plan replays onto its base snapshot.
+    pub fn replay(&self) -> Replay {
+        Replay {
+            generation: self.generation,
+            after: self.snapshot_revision,
+            last: self.target,
+            segments: self.segments.clone(),
+        }
+    }
+}
+
+/// Revisions `after + 1 ..= last` of one generation and the links holding
+/// them, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replay {
+    /// The generation.
+    pub generation: GenerationId,
+    /// The revisions start after this one …
+    pub after: Revision,
+    /// … and end with this one.
+    pub last: Revision,
+    /// The links holding them.
+    pub segments: Vec<SegmentName>,
+}
+
+/// The changes between two restorable points of one run of one generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanPlan {
+    /// How to rebuild the state at the earlier point (its base snapshot and
+    /// the revisions after it).
+    pub from: RestorePlan,
+    /// The changes: revisions `from + 1 ..= to`.
+    pub changes: Replay,
+}
+
+impl SpanPlan {
+    /// The earlier point.
+    pub fn from_revision(&self) -> Revision {
+        self.changes.after
+    }
+
+    /// The later point.
+    pub fn to_revision(&self) -> Revision {
+        self.changes.last
+    }
 }
 
 /// All restorable ranges of the archive, oldest generation first.
@@ -164,6 +223,75 @@ pub fn plan(
     })
 }
 
+/// Plans the span between two points, both in one restorable range (no gap
+/// or generation boundary between them): from `generation` if given, else
+/// from the newest generation whose range holds both. A missing `from` is
+/// the range's first restorable revision, a missing `to` its last; with
+/// neither, the newest range (of `generation`) is taken whole.
+///
+/// # Errors
+/// The [`PlanError`] of a point that is not restorable on its own, or
+/// [`PlanError::SpanBroken`] when both are but no range holds both.
+pub fn plan_span(
+    listing: &ArchiveListing,
+    from: Option<Revision>,
+    to: Option<Revision>,
+    generation: Option<GenerationId>,
+) -> Result<SpanPlan, PlanError> {
+    let all = ranges(listing);
+    let candidates: Vec<&GenerationListing> = match generation {
+        Some(id) => vec![listing
+            .generations
+            .iter()
+            .find(|g| g.id == Some(id))
+            .ok_or(PlanError::NoSuchGeneration(id))?],
+        None => listing.generations.iter().rev().collect(),
+    };
+    let holds = |r: &RestorableRange, rev: Option<Revision>| {
+        rev.is_none_or(|rev| r.first <= rev && rev <= r.last)
+    };
+    for g in &candidates {
+        let chain = g.chain();
+        let Some(range) = chain
+            .restorable()
+            .into_iter()
+            .rev()
+            .find(|r| holds(r, from) && holds(r, to))
+        else {
+            continue;
+        };
+        let (from, to) = (from.unwrap_or(range.first), to.unwrap_or(range.last));
+        let base = chain
+            .base_for(from)
+            .expect("a revision of a restorable range has a base snapshot");
+        return Ok(SpanPlan {
+            from: RestorePlan {
+                generation: g.generation(),
+                snapshot_revision: base,
+                segments: chain.links_between(base, from),
+                target: from,
+            },
+            changes: Replay {
+                generation: g.generation(),
+                after: from,
+                last: to,
+                segments: chain.links_between(from, to),
+            },
+        });
+    }
+    for point in [from, to].into_iter().flatten() {
+        plan(listing, point, generation)?;
+    }
+    match (from, to) {
+        (Some(from), Some(to)) => Err(PlanError::SpanBroken {
+            from,
+            to,
+            ranges: all,
+        }),
+        _ => Err(PlanError::Empty),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +347,72 @@ mod tests {
         assert_eq!((p.snapshot_revision, p.segments.len()), (12, 1));
         let p = plan(&listing(), 350, None).unwrap();
         assert_eq!(p.generation, GenerationId(2));
+    }
+
+    #[test]
+    fn a_span_lies_in_one_range_and_defaults_to_its_ends() {
+        let l = listing();
+        let s = plan_span(&l, Some(60), Some(90), None).unwrap();
+        assert_eq!((s.from_revision(), s.to_revision()), (60, 90));
+        assert_eq!(s.from, plan(&l, 60, None).unwrap());
+        assert_eq!(s.changes.generation, GenerationId(1));
+        assert_eq!(s.changes.segments, vec![seg(41, 100)]);
+        // The state at the first restorable revision is the base snapshot.
+        let s = plan_span(&l, None, Some(30), None).unwrap();
+        assert_eq!((s.from_revision(), s.to_revision()), (12, 30));
+        assert!(s.from.segments.is_empty());
+        assert_eq!(s.changes.segments, vec![seg(11, 40)]);
+        let s = plan_span(&l, Some(20), None, None).unwrap();
+        assert_eq!((s.from_revision(), s.to_revision()), (20, 100));
+        // Neither: the newest range whole, or the named generation's.
+        let s = plan_span(&l, None, None, None).unwrap();
+        assert_eq!(
+            (s.changes.generation, s.from_revision(), s.to_revision()),
+            (GenerationId(2), 300, 350)
+        );
+        let s = plan_span(&l, None, None, Some(GenerationId(1))).unwrap();
+        assert_eq!((s.from_revision(), s.to_revision()), (12, 100));
+        let s = plan_span(&l, Some(70), Some(70), None).unwrap();
+        assert!(s.changes.segments.is_empty());
+    }
+
+    #[test]
+    fn a_span_across_a_gap_or_outside_the_archive_is_refused() {
+        let l = listing();
+        let e = plan_span(&l, Some(50), Some(320), None).unwrap_err();
+        assert!(matches!(
+            e,
+            PlanError::SpanBroken {
+                from: 50,
+                to: 320,
+                ..
+            }
+        ));
+        assert!(
+            e.to_string()
+                .contains("generation 1: 12..=100; generation 2: 300..=350"),
+            "{e}"
+        );
+        assert!(matches!(
+            plan_span(&l, Some(5), Some(50), None),
+            Err(PlanError::BeforeFirst { target: 5, .. })
+        ));
+        assert!(matches!(
+            plan_span(&l, Some(310), Some(380), None),
+            Err(PlanError::InGap { target: 380, .. } | PlanError::BeyondLast { .. })
+        ));
+        assert!(matches!(
+            plan_span(&l, None, Some(200), None),
+            Err(PlanError::InGap { target: 200, .. })
+        ));
+        assert!(matches!(
+            plan_span(&l, Some(60), None, Some(GenerationId(2))),
+            Err(PlanError::BeforeFirst { .. })
+        ));
+        assert_eq!(
+            plan_span(&ArchiveListing::default(), None, None, None),
+            Err(PlanError::Empty)
+        );
     }
 
     #[test]

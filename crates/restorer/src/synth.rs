@@ -123,6 +123,30 @@ pub fn decode_key_value(b: &[u8], kind: EventKind) -> Option<Event> {
     Some(e)
 }
 
+/// Passes every entry of an etcd backend's `key` bucket to `f` as an event,
+/// in revision order (a tombstone as a delete, with its key only).
+///
+/// # Errors
+/// Structural errors of the file, or an entry that does not decode
+/// ([`BoltError::Invalid`] naming its revision key).
+pub fn for_each_key_entry(db: &BoltReader, f: &mut dyn FnMut(Event)) -> Result<(), BoltError> {
+    db.for_each(b"key", &mut |k, v| {
+        let kind = if k.len() == 18 && k[17] == b't' {
+            EventKind::Delete
+        } else {
+            EventKind::Put
+        };
+        let event = decode_key_value(v, kind).ok_or_else(|| {
+            BoltError::Invalid(format!(
+                "the key bucket holds an undecodable key-value at {}",
+                k.escape_ascii()
+            ))
+        })?;
+        f(event);
+        Ok(())
+    })
+}
+
 /// `leasepb.Lease{ID, TTL}`.
 pub fn encode_lease(lease: &LeaseRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(24);

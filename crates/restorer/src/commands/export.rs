@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use base64::Engine;
 use etcdpitr_common::bbolt::BoltReader;
 use etcdpitr_common::segment::{Event, EventKind};
@@ -48,7 +48,7 @@ pub async fn export(
     source::fetch_snapshot(&archive, plan.generation, plan.snapshot_revision, &scratch)
         .await
         .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
-    let mut events = ArchiveEvents::new(&archive, &plan, indicatif::ProgressBar::hidden());
+    let mut events = ArchiveEvents::new(&archive, plan.replay(), indicatif::ProgressBar::hidden());
     let prefix = prefix.unwrap_or_default().as_bytes().to_vec();
     let live = tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<Vec<u8>, Event>> {
         let base = BoltReader::open(&scratch)?;
@@ -66,22 +66,7 @@ pub async fn export(
                 }
             }
         };
-        let mut bad = None;
-        base.for_each(b"key", &mut |k, v| {
-            let kind = if k.len() == 18 && k[17] == b't' {
-                EventKind::Delete
-            } else {
-                EventKind::Put
-            };
-            match synth::decode_key_value(v, kind) {
-                Some(e) => apply(e),
-                None => bad = Some(k.to_vec()),
-            }
-            Ok(())
-        })?;
-        if let Some(k) = bad {
-            bail!("base snapshot holds an undecodable key-value at {k:?}");
-        }
+        synth::for_each_key_entry(&base, &mut apply).context("read the base snapshot")?;
         events.replay(
             &mut |r| {
                 for e in &r.events {

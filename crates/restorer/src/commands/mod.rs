@@ -1,12 +1,16 @@
 //! The restorer's commands, as the binary (and the tests) run them: one
 //! file per command, shared target resolution and event streaming here.
 
+mod diff;
 mod export;
+mod history;
 mod list;
 mod restore;
 mod verify;
 
+pub use diff::{diff, DiffOptions};
 pub use export::export;
+pub use history::{history, HistoryOptions};
 pub use list::{list, list_view, ListGap, ListGeneration, ListOutput, ListRange};
 pub use restore::restore;
 pub use verify::verify;
@@ -27,10 +31,11 @@ use etcdpitr_common::store::{Archive, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
-use crate::plan::{self, RestorePlan};
+use crate::plan::{self, Replay, RestorePlan, SpanPlan};
+use crate::point::{self, Point};
 use crate::source::{self, TimeChoice};
 use crate::synth::EventSource;
-use crate::{format_ms, parse_time, UsageError};
+use crate::UsageError;
 
 /// What to restore: a revision or a moment, optionally in one generation.
 #[derive(Clone, Debug, Default)]
@@ -57,49 +62,82 @@ pub(super) async fn load(url: &str) -> anyhow::Result<(Archive, ArchiveListing)>
     Ok((archive, listing))
 }
 
-/// Resolves the target to a plan, printing what a `--time` was placed on.
+/// Resolves the target to a plan and says what a `--time` was placed on.
 pub(super) async fn plan_target(
     archive: &Archive,
     listing: &ArchiveListing,
     target: &Target,
 ) -> anyhow::Result<(RestorePlan, Option<TimeChoice>)> {
-    let generation = target.generation.map(GenerationId);
-    let (revision, generation, choice) = match (target.revision, &target.time) {
-        (Some(r), None) => (r, generation, None),
-        (None, Some(t)) => {
-            let ms = parse_time(t)?;
-            let choice = source::resolve_time(archive, listing, ms, t, generation).await?;
-            (choice.revision, Some(choice.generation), Some(choice))
-        }
-        _ => bail!(UsageError(
-            "give exactly one of --revision or --time".into()
-        )),
-    };
-    Ok((plan::plan(listing, revision, generation)?, choice))
+    let point = Point::from_flags(target.revision, target.time.as_deref())?;
+    let placed = point::place(
+        archive,
+        listing,
+        &point,
+        target.generation.map(GenerationId),
+    )
+    .await?;
+    Ok((
+        plan::plan(listing, placed.revision, placed.generation)?,
+        placed.choice,
+    ))
 }
 
 pub(super) fn describe_time_choice(target: &Target, choice: &TimeChoice) -> String {
-    let mut s = format!(
-        "time {} -> revision {} (generation {}",
-        target.time.as_deref().unwrap_or_default(),
-        choice.revision,
-        choice.generation
-    );
-    if let Some(ms) = choice.observed_ms {
-        s += &format!(", observed {}", format_ms(ms));
-    }
-    s.push(')');
-    if let Some(after) = choice.uncertain_after_ms {
-        s += &format!(
-            "; note: revision {} was observed while catching up and may have been committed as early as {}",
-            choice.revision + 1,
-            format_ms(after)
-        );
-    }
-    s
+    point::describe_time_choice(target.time.as_deref().unwrap_or_default(), choice)
 }
 
-/// The archive's events after a base snapshot, streamed from the store.
+/// Two points of history, as `history` and `diff` take them.
+#[derive(Clone, Debug, Default)]
+pub struct Span {
+    /// `--from` (a revision or an RFC 3339 time); `None`: the range's start.
+    pub from: Option<String>,
+    /// `--to`; `None`: the range's end.
+    pub to: Option<String>,
+    /// `--generation`.
+    pub generation: Option<u64>,
+}
+
+/// Resolves a span to a plan, printing on stderr what each time was placed
+/// on and which revisions the span covers.
+pub(super) async fn plan_span(
+    archive: &Archive,
+    listing: &ArchiveListing,
+    span: &Span,
+) -> anyhow::Result<SpanPlan> {
+    let mut generation = span.generation.map(GenerationId);
+    let mut ends = [None, None];
+    for (end, (flag, text)) in ends
+        .iter_mut()
+        .zip([("--from", &span.from), ("--to", &span.to)])
+    {
+        let Some(text) = text else { continue };
+        let placed = point::place(archive, listing, &Point::parse(flag, text)?, generation).await?;
+        if let Some(choice) = &placed.choice {
+            eprintln!("{flag} {}", point::describe_time_choice(text, choice));
+        }
+        // A time fixes the generation for the other end.
+        generation = placed.generation;
+        *end = Some(placed.revision);
+    }
+    if let [Some(from), Some(to)] = ends {
+        if from > to {
+            bail!(UsageError(format!(
+                "--from (revision {from}) is after --to (revision {to})"
+            )));
+        }
+    }
+    let plan = plan::plan_span(listing, ends[0], ends[1], generation)?;
+    eprintln!(
+        "generation {}: changes after revision {} through revision {}",
+        plan.changes.generation,
+        plan.from_revision(),
+        plan.to_revision()
+    );
+    Ok(plan)
+}
+
+/// The archive's events of a [`Replay`] (after a base snapshot, or between
+/// two points), streamed from the store.
 pub(super) struct ArchiveEvents {
     rx: mpsc::Receiver<anyhow::Result<(String, Bytes)>>,
     generation: GenerationId,
@@ -110,17 +148,17 @@ pub(super) struct ArchiveEvents {
 }
 
 impl ArchiveEvents {
-    pub(super) fn new(
-        archive: &Archive,
-        plan: &RestorePlan,
-        progress: indicatif::ProgressBar,
-    ) -> Self {
+    pub(super) fn new(archive: &Archive, replay: Replay, progress: indicatif::ProgressBar) -> Self {
         Self {
-            rx: source::prefetch_segments(archive.clone(), plan.generation, plan.segments.clone()),
-            generation: plan.generation,
-            segments: plan.segments.clone(),
-            base: plan.snapshot_revision,
-            target: plan.target,
+            rx: source::prefetch_segments(
+                archive.clone(),
+                replay.generation,
+                replay.segments.clone(),
+            ),
+            generation: replay.generation,
+            segments: replay.segments,
+            base: replay.after,
+            target: replay.last,
             progress,
         }
     }

@@ -106,7 +106,7 @@ pub async fn restore(
     .await
     .with_context(|| format!("fetch the base snapshot into {}", base_path.display()))?;
     let bar = progress_bar((plan.target - plan.snapshot_revision) as u64);
-    let mut events = ArchiveEvents::new(&archive, &plan, bar.clone());
+    let mut events = ArchiveEvents::new(&archive, plan.replay(), bar.clone());
     let (base2, partial2, plan2) = (base_path.clone(), partial.clone(), plan.clone());
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<synth::Summary> {
         let summary = synth::synthesize(
