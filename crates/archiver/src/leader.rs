@@ -68,7 +68,11 @@ struct Pipeline {
 impl Pipeline {
     /// Opens the spool and starts uploading what an earlier run left in it.
     fn start(config: &Config, opened: &Opened, fatal: &Fatal) -> anyhow::Result<Self> {
-        let (spool, leftovers) = Spool::open(&config.data_dir, config.spool_max_bytes)?;
+        let (spool, leftovers) = Spool::open(
+            &config.data_dir,
+            config.spool_max_bytes,
+            config.keys.clone(),
+        )?;
         let (uploads, rx) = tokio::sync::mpsc::unbounded_channel();
         if !leftovers.is_empty() {
             tracing::info!(

@@ -1,9 +1,11 @@
 //! `etcd-archiver`: parse flags, set up logging, call the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use etcd_archiver::config::Settings;
+use etcd_archiver::config::{InvalidConfig, Settings};
+use etcdpitr_common::crypto::{self, CryptoFault};
 use tokio_util::sync::CancellationToken;
 
 /// Continuously archives an etcd cluster into object storage for
@@ -21,6 +23,26 @@ enum Command {
     Run(Settings),
     /// Take one full snapshot into the archive now and exit.
     Snapshot(Settings),
+    /// Write a new random encryption key file and print its key id.
+    Keygen {
+        /// The key file to create (it must not exist yet).
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// Exit code of a failure: 2 for an invalid configuration (including
+/// encryption keys that are missing, unreadable or do not suit the
+/// archive), 1 for anything else.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let usage = error
+        .chain()
+        .any(|c| c.is::<InvalidConfig>() || crypto::fault_of(c) == Some(CryptoFault::WrongKeys));
+    if usage {
+        2
+    } else {
+        1
+    }
 }
 
 fn main() -> ExitCode {
@@ -28,20 +50,25 @@ fn main() -> ExitCode {
     let command = async {
         match cli.command {
             Command::Run(settings) => {
-                let config = settings.resolve()?;
+                let config = settings.resolve().map_err(|e| e.context(InvalidConfig))?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 Box::pin(etcd_archiver::run(config, shutdown)).await
             }
             Command::Snapshot(settings) => {
-                let config = settings.resolve()?;
+                let config = settings.resolve().map_err(|e| e.context(InvalidConfig))?;
                 let revision = etcd_archiver::snapshot_once(config).await?;
                 println!("snapshot archived at revision {revision}");
                 Ok(())
             }
+            Command::Keygen { output } => {
+                let id = etcd_archiver::config::keygen(&output)?;
+                println!("wrote key id {id} to {}", output.display());
+                Ok(())
+            }
         }
     };
-    etcdpitr_common::cli::run_main("ETCD_ARCHIVER_LOG", "info", command, |_| 1)
+    etcdpitr_common::cli::run_main("ETCD_ARCHIVER_LOG", "info", command, exit_code)
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -7,6 +7,7 @@
 //! - [`listing`]: an archive's listing turned into generations.
 //! - [`chain`]: the chain rules: links, gaps, overlaps, restorable ranges.
 //! - [`store`]: archive URLs, object access, write-once puts.
+//! - [`crypto`]: encryption at rest: keys and the sealed-object envelope.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
 //! - [`cli`]: logging, runtime and exit codes shared by the binaries.
@@ -15,6 +16,7 @@ pub mod bbolt;
 pub mod catalog;
 pub mod chain;
 pub mod cli;
+pub mod crypto;
 pub mod layout;
 pub mod listing;
 pub mod manifest;

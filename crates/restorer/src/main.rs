@@ -16,11 +16,27 @@ struct Cli {
     command: Command,
 }
 
+/// The keys of an encrypted archive.
+#[derive(Args)]
+struct KeyArgs {
+    /// Key file of an encrypted archive (32 random bytes, base64). Repeat
+    /// the flag (or separate with commas) to give every key the archive was
+    /// sealed with across rotations; each object names the key it needs.
+    #[arg(
+        long = "encryption-key-file",
+        env = "ETCD_RESTORER_ENCRYPTION_KEY_FILE",
+        value_delimiter = ','
+    )]
+    files: Vec<PathBuf>,
+}
+
 #[derive(Args)]
 struct TargetArgs {
     /// Archive URL: file:///abs/dir, s3://bucket/prefix, gs://…, az://…
     #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
     archive: String,
+    #[command(flatten)]
+    keys: KeyArgs,
     /// Target revision.
     #[arg(long, conflicts_with = "time", required_unless_present = "time")]
     revision: Option<i64>,
@@ -49,6 +65,8 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// Machine-readable output (schema in docs/restorer.md).
         #[arg(long)]
         json: bool,
@@ -78,6 +96,8 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
     /// Print the live keys at the target as JSON lines, sorted by key.
     Export {
@@ -94,7 +114,11 @@ fn main() -> ExitCode {
     let command = async {
         let mut stdout = std::io::stdout().lock();
         match cli.command {
-            Command::List { archive, json } => commands::list(&archive, json, &mut stdout).await,
+            Command::List {
+                archive,
+                keys,
+                json,
+            } => commands::list(&archive, &keys.files, json, &mut stdout).await,
             Command::Restore {
                 target,
                 output,
@@ -109,6 +133,7 @@ fn main() -> ExitCode {
                 };
                 commands::restore(
                     &target.archive,
+                    &target.keys.files,
                     &target.target(),
                     &output,
                     dry_run,
@@ -117,10 +142,13 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Verify { archive } => commands::verify(&archive, &mut stdout).await,
+            Command::Verify { archive, keys } => {
+                commands::verify(&archive, &keys.files, &mut stdout).await
+            }
             Command::Export { target, prefix } => {
                 commands::export(
                     &target.archive,
+                    &target.keys.files,
                     &target.target(),
                     prefix.as_deref(),
                     &mut stdout,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -25,6 +26,15 @@ struct Report {
     revisions: u64,
     snapshots: u64,
     snapshot_bytes: u64,
+}
+
+/// Failures that are not a problem of one object but stop `verify`: an
+/// unreachable store, or keys that cannot open the archive's objects.
+fn stops_verify(e: &anyhow::Error) -> bool {
+    matches!(
+        crate::classify(e),
+        crate::ExitKind::StoreUnreachable | crate::ExitKind::Usage
+    )
 }
 
 /// Revisions held by more than one segment: each must hold the same events
@@ -102,7 +112,7 @@ async fn verify_segments(
         let fetched = rx.recv().await.context("segment download stopped")?;
         let (key, bytes) = match fetched {
             Ok(kb) => kb,
-            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => {
                 report.problems.push(format!("{e:#}"));
                 rx = source::prefetch_segments(archive.clone(), id, names[i + 1..].to_vec());
@@ -168,7 +178,7 @@ async fn verify_clock(
         };
         match checked {
             Ok(()) => {}
-            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
@@ -186,7 +196,7 @@ async fn verify_clock(
                 g.clock_steps.len()
             ));
         }
-        Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+        Err(e) if stops_verify(&e) => return Err(e),
         Err(e) => report.problems.push(format!("{e:#}")),
     }
     Ok(())
@@ -218,7 +228,7 @@ async fn verify_generation(
                 report.snapshots += 1;
                 report.snapshot_bytes += bytes;
             }
-            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
@@ -232,9 +242,9 @@ async fn verify_generation(
 ///
 /// # Errors
 /// [`crate::VerifyFailed`] if any problem was found; store errors.
-pub async fn verify(url: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+pub async fn verify(url: &str, key_files: &[PathBuf], out: &mut dyn Write) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (archive, listing) = load(url).await?;
+    let (archive, listing) = load(url, key_files).await?;
     let mut report = Report::default();
     for key in &listing.strays {
         report.problems.push(format!(
