@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use etcdpitr_common::crypto::{ArchiveKey, Keyring, KEY_BYTES};
 use etcdpitr_common::store::{Archive, StoreError};
 use integration::S3Server;
 
@@ -73,13 +74,38 @@ async fn suite(archive: &Archive) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The suite again on a handle with keys (every object sealed on the way
+/// in, opened on the way out), and the stored bytes are not the plaintext.
+async fn sealed_suite(archive: Archive) -> anyhow::Result<()> {
+    let key = ArchiveKey::from_bytes(&[9; KEY_BYTES]);
+    let archive = archive.with_keys(Arc::new(Keyring::new(vec![key])));
+    suite(&archive).await?;
+    // The same store read without keys: the object is sealed.
+    let err = archive
+        .with_keys(Arc::default())
+        .get("gen-1/x.json")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Crypto(ref e) if e.is_key_problem()),
+        "{err}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn in_memory() -> anyhow::Result<()> {
     let store = Arc::new(object_store::memory::InMemory::new());
     suite(&Archive::from_store(
-        store,
+        store.clone(),
         "clusters/a",
         "memory:///clusters/a",
+    ))
+    .await?;
+    sealed_suite(Archive::from_store(
+        store,
+        "clusters/b",
+        "memory:///clusters/b",
     ))
     .await
 }
@@ -88,7 +114,9 @@ async fn in_memory() -> anyhow::Result<()> {
 async fn local_files() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let url = format!("file://{}/archive", dir.path().display());
-    suite(&Archive::open(&url)?).await
+    suite(&Archive::open(&url)?).await?;
+    let sealed = format!("file://{}/sealed", dir.path().display());
+    sealed_suite(Archive::open(&sealed)?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,5 +125,6 @@ async fn s3() -> anyhow::Result<()> {
     for (k, v) in S3Server::env(s3.port) {
         std::env::set_var(k, v);
     }
-    suite(&Archive::open("s3://store-suite/clusters/a")?).await
+    suite(&Archive::open("s3://store-suite/clusters/a")?).await?;
+    sealed_suite(Archive::open("s3://store-suite/clusters/b")?).await
 }
