@@ -599,22 +599,24 @@ impl Archive {
         };
         let mut stream = result.into_stream();
         let mut total = 0u64;
-        let mut opener = crypto::Opener::new(&self.keys, relative);
+        let mut opener =
+            is_sealed_object(relative).then(|| crypto::Opener::new(&self.keys, relative));
         let mut plain = Vec::new();
         while let Some(chunk) = stream.try_next().await? {
-            if is_sealed_object(relative) {
-                plain.clear();
-                opener.update(&chunk, &mut plain)?;
-                out.write_all(&plain).await?;
-                total += plain.len() as u64;
-            } else {
-                out.write_all(&chunk).await?;
-                total += chunk.len() as u64;
-            }
+            let bytes = match &mut opener {
+                Some(o) => {
+                    plain.clear();
+                    o.update(&chunk, &mut plain)?;
+                    &plain[..]
+                }
+                None => &chunk[..],
+            };
+            out.write_all(bytes).await?;
+            total += bytes.len() as u64;
         }
-        if is_sealed_object(relative) {
+        if let Some(o) = opener {
             plain.clear();
-            opener.finish(&mut plain)?;
+            o.finish(&mut plain)?;
             out.write_all(&plain).await?;
             total += plain.len() as u64;
         }
