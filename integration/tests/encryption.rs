@@ -128,13 +128,6 @@ fn archiver_exits(args: &[String], env: &[(String, String)]) -> anyhow::Result<(
     }
 }
 
-/// The key id a stored object names in its clear header.
-fn sealed_with(bytes: &[u8]) -> Option<KeyId> {
-    bytes
-        .starts_with(crypto::MAGIC)
-        .then(|| KeyId(bytes[16..24].try_into().expect("8 bytes")))
-}
-
 /// Every file under `dir`, with its bytes.
 fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -293,7 +286,12 @@ async fn encrypted_file_archive_holds_no_plaintext_and_restores_exactly() -> any
             let m = ArchiveManifest::parse("manifest", bytes)?;
             assert_eq!(m.encryption.unwrap().key_id, id_a.to_string());
         } else {
-            assert_eq!(sealed_with(bytes), Some(id_a), "{}", path.display());
+            assert_eq!(
+                crypto::sealed_key_id(bytes),
+                Some(id_a),
+                "{}",
+                path.display()
+            );
         }
     }
     for (path, bytes) in files_under(&data_dir) {
@@ -487,7 +485,7 @@ async fn key_rotation_on_s3_restores_across_keys() -> anyhow::Result<()> {
         if name.ends_with(layout::MANIFEST_NAME) {
             continue;
         }
-        let id = sealed_with(bytes).with_context(|| format!("{name} is not sealed"))?;
+        let id = crypto::sealed_key_id(bytes).with_context(|| format!("{name} is not sealed"))?;
         assert!(id == id_a || id == id_b, "{name}: {id}");
         if let Some(rev) = name
             .rsplit('/')
@@ -501,7 +499,7 @@ async fn key_rotation_on_s3_restores_across_keys() -> anyhow::Result<()> {
     let count = |id| {
         objects
             .iter()
-            .filter(|(_, b)| sealed_with(b) == Some(id))
+            .filter(|(_, b)| crypto::sealed_key_id(b) == Some(id))
             .count()
     };
     assert!(

@@ -10,17 +10,17 @@ use super::key::{ArchiveKey, KeyId, Keyring};
 /// Magic bytes of a sealed object.
 pub const MAGIC: &[u8; 8] = b"EPITRENC";
 /// The envelope version this build reads and writes.
-pub const ENVELOPE_VERSION: u8 = 1;
+const ENVELOPE_VERSION: u8 = 1;
 /// Algorithm id of XChaCha20-Poly1305 in the STREAM construction.
-pub const ALGORITHM_XCHACHA20POLY1305_STREAM: u8 = 1;
+const ALGORITHM_XCHACHA20POLY1305_STREAM: u8 = 1;
 /// log2 of [`CHUNK_BYTES`], as recorded in the header.
 const CHUNK_LOG2: u8 = 16;
 /// Plaintext bytes per chunk.
-pub const CHUNK_BYTES: usize = 1 << CHUNK_LOG2;
+const CHUNK_BYTES: usize = 1 << CHUNK_LOG2;
 /// Authentication tag bytes per chunk.
-pub const TAG_BYTES: usize = 16;
+const TAG_BYTES: usize = 16;
 /// Length of the clear header.
-pub const HEADER_LEN: usize = 40;
+const HEADER_LEN: usize = 40;
 const NONCE_PREFIX: std::ops::Range<usize> = 24..39;
 const KEY_ID: std::ops::Range<usize> = 16..24;
 /// The name under which [`crate::manifest::ArchiveManifest`] records the scheme.
@@ -110,6 +110,13 @@ impl CryptoError {
                 | Self::UnsupportedScheme { .. }
         )
     }
+}
+
+/// The key id a stored object names, if it is sealed (starts with the
+/// magic and holds a whole header).
+pub fn sealed_key_id(stored: &[u8]) -> Option<KeyId> {
+    let header = stored.get(..HEADER_LEN).filter(|h| h.starts_with(MAGIC))?;
+    Some(KeyId(header[KEY_ID].try_into().expect("8 bytes")))
 }
 
 /// The nonce of chunk `index`.
@@ -278,7 +285,7 @@ impl<'k> Opener<'k> {
         let header: [u8; HEADER_LEN] = head.try_into().map_err(|_| {
             self.malformed(format!("{} bytes, shorter than its header", head.len()))
         })?;
-        let key_id = KeyId(header[KEY_ID].try_into().expect("8 bytes"));
+        let key_id = sealed_key_id(&header).expect("a whole header with the magic");
         if header[8] != ENVELOPE_VERSION {
             return Err(self.malformed(format!(
                 "envelope version {} (this build reads {ENVELOPE_VERSION})",
@@ -649,7 +656,9 @@ mod tests {
             sealed[8..11],
             [ENVELOPE_VERSION, ALGORITHM_XCHACHA20POLY1305_STREAM, 16]
         );
-        assert_eq!(sealed[KEY_ID], k.id().0);
+        assert_eq!(sealed_key_id(sealed), Some(k.id()));
+        assert_eq!(sealed_key_id(&sealed[..HEADER_LEN - 1]), None);
+        assert_eq!(sealed_key_id(b"{}"), None);
         let plain: Vec<u8> = (0..CHUNK_BYTES + 1000).map(|i| (i % 251) as u8).collect();
         let keys = Keyring::new(vec![k]);
         let name = "gen-0000000000000001/segments/sample";

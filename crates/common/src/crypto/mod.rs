@@ -41,10 +41,7 @@
 mod envelope;
 mod key;
 
-pub use envelope::{
-    open, seal, CryptoError, Opener, Sealer, ALGORITHM_XCHACHA20POLY1305_STREAM, CHUNK_BYTES,
-    ENVELOPE_VERSION, HEADER_LEN, MAGIC, SCHEME, TAG_BYTES,
-};
+pub use envelope::{open, seal, sealed_key_id, CryptoError, Opener, Sealer, MAGIC, SCHEME};
 pub use key::{ArchiveKey, KeyError, KeyId, Keyring, KEY_BYTES};
 
 /// What an encryption failure means for the caller.
