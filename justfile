@@ -44,6 +44,10 @@ bench-restorer revisions="1000000": setup
 bench-audit revisions="1000000": setup
     cargo build --release --workspace --bins
     target/release/bench-audit {{revisions}}
+# Encryption overhead on a large snapshot and a full segment (see docs/benchmarks.md).
+bench-envelope mib="512":
+    cargo build --release -p integration --bin bench-envelope
+    target/release/bench-envelope {{mib}}
 
 # Build and run with fresh formatting, for day-to-day work.
 dev:

@@ -32,8 +32,15 @@ pub struct ArchivedGeneration {
 /// # Errors
 /// Store or decode failures, or a chain with a hole or duplicate.
 pub async fn read_archive(url: &str) -> anyhow::Result<Vec<ArchivedGeneration>> {
-    let archive = Archive::open(url)?;
-    let listing = ArchiveListing::load(&archive).await?;
+    read_archive_in(&Archive::open(url)?).await
+}
+
+/// [`read_archive`] through an archive handle (e.g. one with keys).
+///
+/// # Errors
+/// As for [`read_archive`].
+pub async fn read_archive_in(archive: &Archive) -> anyhow::Result<Vec<ArchivedGeneration>> {
+    let listing = ArchiveListing::load(archive).await?;
     let mut out = Vec::new();
     for g in &listing.generations {
         let manifest = g.manifest.clone().context("generation without manifest")?;
@@ -214,10 +221,22 @@ pub async fn wait_archived(
     rev: i64,
     limit: Duration,
 ) -> anyhow::Result<Duration> {
-    let archive = Archive::open(url)?;
+    wait_archived_in(&Archive::open(url)?, generation, rev, limit).await
+}
+
+/// [`wait_archived`] through an archive handle (e.g. one with keys).
+///
+/// # Errors
+/// On timeout.
+pub async fn wait_archived_in(
+    archive: &Archive,
+    generation: u64,
+    rev: i64,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
-        if let Ok(listing) = ArchiveListing::load(&archive).await {
+        if let Ok(listing) = ArchiveListing::load(archive).await {
             let last = listing
                 .generations
                 .iter()

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use etcdpitr_common::bbolt::{self, BoltReader};
+use etcdpitr_common::crypto::Keyring;
 use etcdpitr_common::hashchain::{self, Digest};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::manifest::{ArchiveManifest, GenerationManifest, StartReason};
@@ -48,7 +49,7 @@ impl Fixture {
         };
         f.write(
             layout::MANIFEST_NAME,
-            &serde_json::to_vec(&ArchiveManifest::new(1)).unwrap(),
+            &serde_json::to_vec(&ArchiveManifest::new(1, &Keyring::default())).unwrap(),
         );
         let manifest = GenerationManifest {
             generation: GenerationId(1),

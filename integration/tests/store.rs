@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use etcdpitr_common::crypto::{ArchiveKey, Keyring, KEY_BYTES};
 use etcdpitr_common::store::{Archive, StoreError};
 use integration::S3Server;
 
@@ -72,8 +73,10 @@ async fn suite(archive: &Archive) -> anyhow::Result<()> {
     assert!(back == big, "the downloaded object differs");
 
     // Ranged reads fetch only the bytes asked for.
-    let head = archive.get_range("gen-1/snapshots/big", 4..12).await?;
-    assert_eq!(head.as_ref(), &big[4..12]);
+    let head = archive.get_prefix("gen-1/snapshots/big", 12).await?;
+    assert_eq!(head.as_ref(), &big[..12]);
+    let small = archive.get_prefix("gen-1/x.json", 100).await?;
+    assert_eq!(small.as_ref(), b"one");
 
     // Deletion; an object already gone counts as deleted.
     archive.delete("gen-1/segments/b").await?;
@@ -85,13 +88,48 @@ async fn suite(archive: &Archive) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The suite again on a handle with keys (every object sealed on the way
+/// in, opened on the way out), and the stored bytes are not the plaintext.
+async fn sealed_suite(archive: Archive) -> anyhow::Result<()> {
+    let key = ArchiveKey::from_bytes(&[9; KEY_BYTES]);
+    let archive = archive.with_keys(Arc::new(Keyring::new(vec![key])));
+    suite(&archive).await?;
+    // The same store read without keys: the object is sealed.
+    let err = archive
+        .clone()
+        .with_keys(Arc::default())
+        .get("gen-1/x.json")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Crypto(ref e) if e.is_key_problem()),
+        "{err}"
+    );
+    let err = archive
+        .with_keys(Arc::default())
+        .get_prefix("gen-1/snapshots/big", 12)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Crypto(ref e) if e.is_key_problem()),
+        "{err}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn in_memory() -> anyhow::Result<()> {
     let store = Arc::new(object_store::memory::InMemory::new());
     suite(&Archive::from_store(
-        store,
+        store.clone(),
         "clusters/a",
         "memory:///clusters/a",
+    ))
+    .await?;
+    sealed_suite(Archive::from_store(
+        store,
+        "clusters/b",
+        "memory:///clusters/b",
     ))
     .await
 }
@@ -100,12 +138,15 @@ async fn in_memory() -> anyhow::Result<()> {
 async fn local_files() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let url = format!("file://{}/archive", dir.path().display());
-    suite(&Archive::open(&url)?).await
+    suite(&Archive::open(&url)?).await?;
+    let sealed = format!("file://{}/sealed", dir.path().display());
+    sealed_suite(Archive::open(&sealed)?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3() -> anyhow::Result<()> {
     let s3 = S3Server::start("store-suite").await?;
     let _env = integration::use_s3_in_process(s3.port).await;
-    suite(&Archive::open("s3://store-suite/clusters/a")?).await
+    suite(&Archive::open("s3://store-suite/clusters/a")?).await?;
+    sealed_suite(Archive::open("s3://store-suite/clusters/b")?).await
 }

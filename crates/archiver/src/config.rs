@@ -2,10 +2,12 @@
 //! file land in one [`Config`]. Precedence: flag > environment > file > default.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use etcdpitr_common::crypto::{ArchiveKey, KeyId, Keyring};
 
 use crate::election::ElectionConfig;
 use crate::prune::{PolicyArgs, DEFAULT_PRUNE_INTERVAL};
@@ -102,6 +104,16 @@ pub struct Settings {
     /// Interval between prunes under the retention policy (e.g. 1h).
     #[arg(long)]
     pub prune_interval: Option<String>,
+    /// Key file (32 random bytes, base64) to encrypt the archive with. The
+    /// first one given seals new objects; repeat the flag (or separate with
+    /// commas) to add the keys of earlier rotations, which still open the
+    /// objects they sealed.
+    #[arg(
+        long = "encryption-key-file",
+        env = "ETCD_ARCHIVER_ENCRYPTION_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub encryption_key_file: Vec<PathBuf>,
 }
 
 /// The TOML file's shape.
@@ -133,6 +145,7 @@ struct FileSettings {
     keep_monthly: Option<u32>,
     keep_yearly: Option<u32>,
     prune_interval: Option<String>,
+    encryption_key_file: Option<Vec<PathBuf>>,
 }
 
 /// TLS material for etcd, loaded and checked.
@@ -142,6 +155,33 @@ pub struct TlsFiles {
     pub ca_pem: Option<Vec<u8>>,
     /// Client certificate and key PEM.
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Marks an error of [`Settings::resolve`]: the configuration is invalid
+/// (the binary exits 2).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration")]
+pub struct InvalidConfig;
+
+/// Writes a new random key file at `path` (owner-only; refusing to
+/// overwrite an existing file) and returns its key id.
+///
+/// # Errors
+/// The file exists or cannot be written.
+pub fn keygen(path: &Path) -> anyhow::Result<KeyId> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (key, text) = ArchiveKey::generate().context("generate a key")?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(etcdpitr_common::store::PRIVATE_FILE_MODE)
+        .open(path)
+        .with_context(|| format!("--output: cannot create {}", path.display()))
+        .context(InvalidConfig)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(key.id())
 }
 
 /// A secret that never prints.
@@ -185,6 +225,8 @@ pub struct Config {
     pub retention: Policy,
     /// Interval between prunes.
     pub prune_interval: Duration,
+    /// The archive's keys (empty: the archive is not encrypted).
+    pub keys: Arc<Keyring>,
 }
 
 impl std::fmt::Debug for Config {
@@ -201,6 +243,7 @@ impl std::fmt::Debug for Config {
             .field("user", &self.auth.as_ref().map(|a| (&a.0, &a.1)))
             .field("election", &self.election)
             .field("retention", &self.retention.to_string())
+            .field("keys", &self.keys.ids())
             .finish_non_exhaustive()
     }
 }
@@ -395,7 +438,14 @@ impl Settings {
                 keep_yearly: file.keep_yearly,
             })
             .resolve()?;
+        let key_files = if self.encryption_key_file.is_empty() {
+            file.encryption_key_file.unwrap_or_default()
+        } else {
+            self.encryption_key_file
+        };
+        let keys = Arc::new(Keyring::load(&key_files)?);
         Ok(Config {
+            keys,
             retention,
             prune_interval: duration(
                 "prune-interval",
@@ -547,5 +597,64 @@ mod tests {
             ..Settings::default()
         };
         assert!(format!("{:#}", s.resolve().unwrap_err()).contains("unknown field"));
+    }
+
+    #[test]
+    fn encryption_keys_from_flags_or_file() {
+        use etcdpitr_common::crypto::{ArchiveKey, KeyError};
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+        let (ka, text) = ArchiveKey::generate().unwrap();
+        std::fs::write(&a, text).unwrap();
+        let (kb, text) = ArchiveKey::generate().unwrap();
+        std::fs::write(&b, text).unwrap();
+        assert!(base().resolve().unwrap().keys.is_empty());
+
+        let mut s = base();
+        s.encryption_key_file = vec![b.clone(), a.clone()];
+        let c = s.resolve().unwrap();
+        assert_eq!(c.keys.ids(), vec![kb.id(), ka.id()]);
+        assert!(format!("{c:?}").contains(&kb.id().to_string()));
+
+        let toml = dir.path().join("c.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "archive = \"file:///x\"\nencryption-key-file = [{:?}]\n",
+                a.display().to_string()
+            ),
+        )
+        .unwrap();
+        let s = Settings {
+            config: Some(toml),
+            ..Settings::default()
+        };
+        assert_eq!(s.resolve().unwrap().keys.ids(), vec![ka.id()]);
+
+        let mut s = base();
+        s.encryption_key_file = vec![dir.path().join("missing.key")];
+        let err = s.resolve().unwrap_err();
+        assert!(
+            err.chain().any(<dyn std::error::Error>::is::<KeyError>),
+            "{err:#}"
+        );
+        assert!(
+            format!("{err:#}").contains("--encryption-key-file"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn keygen_writes_an_owner_only_key_and_never_overwrites() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let id = keygen(&path).unwrap();
+        assert_eq!(ArchiveKey::load(&path).unwrap().id(), id);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = keygen(&path).unwrap_err();
+        assert!(err.is::<InvalidConfig>(), "{err:#}");
+        assert_eq!(ArchiveKey::load(&path).unwrap().id(), id, "unchanged");
     }
 }

@@ -74,7 +74,11 @@ impl Pipeline {
         fatal: &Fatal,
         tip: &SharedTip,
     ) -> anyhow::Result<Self> {
-        let (spool, leftovers) = Spool::open(&config.data_dir, config.spool_max_bytes)?;
+        let (spool, leftovers) = Spool::open(
+            &config.data_dir,
+            config.spool_max_bytes,
+            config.keys.clone(),
+        )?;
         let (uploads, rx) = tokio::sync::mpsc::unbounded_channel();
         if !leftovers.is_empty() {
             tracing::info!(

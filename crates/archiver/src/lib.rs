@@ -77,29 +77,37 @@ pub struct Opened {
 }
 
 /// Opens the archive (creating its manifest if new, refusing unknown
-/// versions before anything else is written) and then the data directory.
+/// versions, and keys that do not suit it, before anything else is
+/// written) and then the data directory.
 async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<Opened>> {
     let clock = clock::AnchoredClock::system();
-    let archive = Archive::open(&config.archive)?;
+    let archive = Archive::open(&config.archive)?.with_keys(config.keys.clone());
+    let check = |bytes: &[u8]| -> anyhow::Result<()> {
+        ArchiveManifest::parse(layout::MANIFEST_NAME, bytes)?.check_keys(&config.keys)?;
+        Ok(())
+    };
     let checked = retry(
         "read the archive manifest",
         shutdown,
         store_retryable,
         || async {
             if let Some(bytes) = archive.get_opt(layout::MANIFEST_NAME).await? {
-                ArchiveManifest::parse(layout::MANIFEST_NAME, &bytes)?;
+                check(&bytes)?;
             } else {
-                let m = ArchiveManifest::new(now_ms());
+                let m = ArchiveManifest::new(now_ms(), &config.keys);
                 let json = serde_json::to_vec_pretty(&m).expect("manifest serializes");
                 match archive
                     .put_once(layout::MANIFEST_NAME, Bytes::from(json))
                     .await
                 {
-                    Ok(()) => tracing::info!(archive = archive.url(), "created a new archive"),
+                    Ok(()) => tracing::info!(
+                        archive = archive.url(),
+                        encryption_key_id = config.keys.sealing().map(|k| k.id().to_string()),
+                        "created a new archive"
+                    ),
                     // Another archiver created it a moment ago: check theirs.
                     Err(StoreError::Conflict(_)) => {
-                        let bytes = archive.get(layout::MANIFEST_NAME).await?;
-                        ArchiveManifest::parse(layout::MANIFEST_NAME, &bytes)?;
+                        check(&archive.get(layout::MANIFEST_NAME).await?)?;
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -108,6 +116,9 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
         },
     )
     .await?;
+    if let Some(key) = config.keys.sealing() {
+        tracing::info!(key_id = %key.id(), "new objects are encrypted with this key");
+    }
     if checked.is_none() {
         return Ok(None);
     }

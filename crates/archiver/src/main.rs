@@ -1,9 +1,11 @@
 //! `etcd-archiver`: parse flags, set up logging, call the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use etcd_archiver::config::Settings;
+use etcd_archiver::config::{InvalidConfig, Settings};
+use etcdpitr_common::crypto::{self, CryptoFault};
 use tokio_util::sync::CancellationToken;
 
 /// Continuously archives an etcd cluster into object storage for
@@ -23,6 +25,35 @@ enum Command {
     Snapshot(Settings),
     /// Delete what a retention policy no longer needs (a dry run without --confirm).
     Prune(etcd_archiver::prune::PruneArgs),
+    /// Write a new random encryption key file and print its key id.
+    Keygen {
+        /// The key file to create (it must not exist yet).
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// Exit code of a failure: 2 for an invalid configuration (including
+/// encryption keys that are missing, unreadable or do not suit the
+/// archive), 4 for a damaged archive, 1 for anything else.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let chain = || error.chain();
+    if chain()
+        .any(|c| c.is::<InvalidConfig>() || crypto::fault_of(c) == Some(CryptoFault::WrongKeys))
+    {
+        2
+    } else if chain().any(|c| {
+        c.is::<etcdpitr_common::chain::IntegrityError>()
+            || crypto::fault_of(c) == Some(CryptoFault::Damaged)
+            || matches!(
+                c.downcast_ref::<etcdpitr_common::prune::PruneError>(),
+                Some(etcdpitr_common::prune::PruneError::Integrity(_))
+            )
+    }) {
+        4
+    } else {
+        1
+    }
 }
 
 fn main() -> ExitCode {
@@ -30,38 +61,26 @@ fn main() -> ExitCode {
     let command = async {
         match cli.command {
             Command::Run(settings) => {
-                let config = settings.resolve()?;
+                let config = settings.resolve().map_err(|e| e.context(InvalidConfig))?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(wait_for_signal(shutdown.clone()));
                 Box::pin(etcd_archiver::run(config, shutdown)).await
             }
             Command::Snapshot(settings) => {
-                let config = settings.resolve()?;
+                let config = settings.resolve().map_err(|e| e.context(InvalidConfig))?;
                 let revision = etcd_archiver::snapshot_once(config).await?;
                 println!("snapshot archived at revision {revision}");
                 Ok(())
             }
             Command::Prune(args) => etcd_archiver::prune::command(args).await,
+            Command::Keygen { output } => {
+                let id = etcd_archiver::config::keygen(&output)?;
+                println!("wrote key id {id} to {}", output.display());
+                Ok(())
+            }
         }
     };
     etcdpitr_common::cli::run_main("ETCD_ARCHIVER_LOG", "info", command, exit_code)
-}
-
-/// 4 for a damaged archive, 1 for anything else.
-fn exit_code(error: &anyhow::Error) -> u8 {
-    let damaged = error.chain().any(|c| {
-        c.downcast_ref::<etcdpitr_common::chain::IntegrityError>()
-            .is_some()
-            || matches!(
-                c.downcast_ref::<etcdpitr_common::prune::PruneError>(),
-                Some(etcdpitr_common::prune::PruneError::Integrity(_))
-            )
-    });
-    if damaged {
-        4
-    } else {
-        1
-    }
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -3,18 +3,20 @@
 //! deletes (rules in [`etcdpitr_common::retention`], execution in
 //! [`etcdpitr_common::prune`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
 use etcdpitr_common::chain;
+use etcdpitr_common::crypto::Keyring;
 use etcdpitr_common::prune::{prune, PruneReport, Retained};
 use etcdpitr_common::retention::{Period, Policy};
 use etcdpitr_common::store::Archive;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::parse_duration;
+use crate::config::{parse_duration, InvalidConfig};
 
 /// Default interval between prunes of `etcd-archiver run`.
 pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_hours(1);
@@ -116,6 +118,14 @@ pub struct PruneArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Key file of an encrypted archive (repeat for the keys of earlier
+    /// rotations; see `etcd-archiver run --encryption-key-file`).
+    #[arg(
+        long = "encryption-key-file",
+        env = "ETCD_ARCHIVER_ENCRYPTION_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub encryption_key_file: Vec<std::path::PathBuf>,
 }
 
 /// Runs `etcd-archiver prune`: prints the report, deletes with `--confirm`.
@@ -123,11 +133,17 @@ pub struct PruneArgs {
 /// # Errors
 /// A bad policy or archive URL, or a listing, store or integrity failure.
 pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
-    let policy = args.policy.resolve()?;
+    let policy = args
+        .policy
+        .resolve()
+        .map_err(|e| e.context(InvalidConfig))?;
     if policy.is_empty() {
-        bail!("no retention rule given (--keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly or --keep-yearly): nothing would ever be deleted");
+        return Err(anyhow::anyhow!("no retention rule given (--keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly or --keep-yearly): nothing would ever be deleted").context(InvalidConfig));
     }
-    let archive = Archive::open(&args.archive)?;
+    let keys = Keyring::load(&args.encryption_key_file)?;
+    let archive = Archive::open(&args.archive)
+        .map_err(|e| anyhow::Error::from(e).context(InvalidConfig))?
+        .with_keys(Arc::new(keys));
     let report = prune(&archive, &policy, args.confirm).await?;
     if args.json {
         println!(

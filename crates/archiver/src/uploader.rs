@@ -9,6 +9,11 @@
 //! more than its limit, [`Spool::wait_for_room`] makes the watch reader wait:
 //! etcd keeps the history until compaction, so waiting loses nothing.
 //!
+//! With an encrypted archive, spool files are sealed too (as
+//! `spool/{file name}`, with the archive's sealing key), so the data
+//! directory holds no key or value in plaintext except a snapshot's scratch
+//! files while it is taken.
+//!
 //! Store failures that waiting does not fix (no such bucket, access denied,
 //! a write-once conflict: [`StoreError::is_retryable`]) are not retried: the
 //! uploader reports the first one through [`Fatal`] and stops, the segment
@@ -24,6 +29,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use etcdpitr_common::catalog::{Catalog, ObjectState};
 use etcdpitr_common::chain;
+use etcdpitr_common::crypto::{self, Keyring};
 use etcdpitr_common::hashchain::Digest;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::segment;
@@ -34,11 +40,13 @@ use tokio_util::sync::CancellationToken;
 use crate::retry::retry;
 use crate::tip::SharedTip;
 
-/// Whether an error chain holds a store failure that retrying cannot fix.
+/// Whether an error chain holds a store failure that retrying cannot fix,
+/// or an object (spooled or stored) the archive's keys cannot open.
 pub fn is_permanent_store_error(error: &anyhow::Error) -> bool {
     error.chain().any(|c| {
         c.downcast_ref::<StoreError>()
             .is_some_and(|e| !e.is_retryable())
+            || crypto::fault_of(c).is_some()
     })
 }
 
@@ -103,6 +111,8 @@ pub struct SpoolItem {
 /// The spool directory and its byte budget.
 pub struct Spool {
     dir: PathBuf,
+    /// The archive's keys: spool files are sealed like archive objects.
+    keys: Arc<Keyring>,
     /// Sealed bytes not yet uploaded (in memory or on disk).
     bytes: AtomicU64,
     /// Sealed bytes not yet written to disk (in memory).
@@ -117,11 +127,15 @@ const MAX_UNWRITTEN_BYTES: u64 = 48 << 20;
 
 impl Spool {
     /// Opens the spool under `data_dir`, returning leftovers of an earlier run
-    /// in upload order.
+    /// in upload order. Spool files are sealed with `keys` (when not empty).
     ///
     /// # Errors
     /// I/O errors, or a file that does not belong in the spool.
-    pub fn open(data_dir: &Path, max_bytes: u64) -> anyhow::Result<(Arc<Self>, Vec<SpoolItem>)> {
+    pub fn open(
+        data_dir: &Path,
+        max_bytes: u64,
+        keys: Arc<Keyring>,
+    ) -> anyhow::Result<(Arc<Self>, Vec<SpoolItem>)> {
         let dir = data_dir.join("spool");
         store::create_private_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let mut items = Vec::new();
@@ -150,6 +164,7 @@ impl Spool {
         Ok((
             Arc::new(Self {
                 dir,
+                keys,
                 bytes: AtomicU64::new(total),
                 unwritten: AtomicU64::new(0),
                 max_bytes,
@@ -171,6 +186,12 @@ impl Spool {
         self.room.notify_waiters();
     }
 
+    /// The name a spool file is sealed under.
+    fn sealed_name(path: &Path) -> String {
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+        format!("spool/{}", file.unwrap_or_default())
+    }
+
     /// Makes a sealed segment durable in the spool (already reserved).
     ///
     /// # Errors
@@ -184,6 +205,14 @@ impl Spool {
         let path = self
             .dir
             .join(format!("{}_{}", generation.dir_name(), name.file_name()));
+        let sealed;
+        let stored = match self.keys.sealing() {
+            Some(key) => {
+                sealed = crypto::seal(key, &Self::sealed_name(&path), data)?;
+                &sealed[..]
+            }
+            None => data,
+        };
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -192,7 +221,7 @@ impl Spool {
             .mode(store::PRIVATE_FILE_MODE)
             .open(&tmp)
             .with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(data)?;
+        f.write_all(stored)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
@@ -202,6 +231,21 @@ impl Spool {
             path,
             bytes: data.len() as u64,
         })
+    }
+
+    /// Reads a spooled segment (opened, when spool files are sealed).
+    ///
+    /// # Errors
+    /// I/O errors, or a file the keys cannot open.
+    pub async fn read(&self, item: &SpoolItem) -> anyhow::Result<Vec<u8>> {
+        let stored = tokio::fs::read(&item.path)
+            .await
+            .with_context(|| format!("read spooled {}", item.path.display()))?;
+        Ok(crypto::open(
+            &self.keys,
+            &Self::sealed_name(&item.path),
+            &stored,
+        )?)
     }
 
     /// Bytes waiting for upload.
@@ -341,9 +385,7 @@ pub async fn run_uploader(
             &abort,
             |e| !is_permanent_store_error(e),
             || async {
-                let data = tokio::fs::read(&item.path)
-                    .await
-                    .with_context(|| format!("read spooled {}", item.path.display()))?;
+                let data = spool.read(&item).await?;
                 match archive.put_once(&key, Bytes::from(data.clone())).await {
                     Err(StoreError::Conflict(_)) => resolve_conflict(&archive, &key, &data).await,
                     Err(e) => Err(e.into()),
@@ -390,10 +432,15 @@ mod tests {
         catalog: Arc<Mutex<Catalog>>,
         item: SpoolItem,
         key: String,
+        keys: Arc<Keyring>,
     }
 
     fn setup(fault: Fault) -> Setup {
         setup_with(fault, b"segment bytes")
+    }
+
+    fn setup_with(fault: Fault, data: &[u8]) -> Setup {
+        setup_keyed(fault, data, Arc::default())
     }
 
     /// Revisions 11..=20 of generation 1, observed at `observed_ms`.
@@ -420,10 +467,10 @@ mod tests {
         b.finish().unwrap().1
     }
 
-    fn setup_with(fault: Fault, data: &[u8]) -> Setup {
+    fn setup_keyed(fault: Fault, data: &[u8], keys: Arc<Keyring>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let (spool, leftovers) = Spool::open(&data_dir, 1 << 30).unwrap();
+        let (spool, leftovers) = Spool::open(&data_dir, 1 << 30, keys.clone()).unwrap();
         assert!(leftovers.is_empty());
         let catalog = Catalog::open(&data_dir.join("catalog.db")).unwrap();
         let name = SegmentName {
@@ -442,12 +489,14 @@ mod tests {
             catalog: Arc::new(Mutex::new(catalog)),
             key: layout::segment_key(GenerationId(1), &name),
             item,
+            keys,
         }
     }
 
     /// Runs the uploader on the one spooled item until it stops.
     async fn upload(s: &Setup) -> (u64, Fatal) {
-        let archive = Archive::from_store(s.store.clone(), "", "memory://test");
+        let archive =
+            Archive::from_store(s.store.clone(), "", "memory://test").with_keys(s.keys.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(s.item.clone()).unwrap();
         drop(tx);
@@ -567,6 +616,53 @@ mod tests {
         assert_eq!(uploaded, 0);
         let err = fatal.take().expect("the conflict is reported");
         assert!(format!("{err:#}").contains("holds other events"), "{err:#}");
+        assert!(s.item.path.exists(), "the segment stays in the spool");
+    }
+
+    #[tokio::test]
+    async fn with_encryption_spool_files_and_objects_are_sealed() {
+        use etcdpitr_common::crypto::{ArchiveKey, KEY_BYTES};
+        let secret = b"a value that must never be stored in plaintext";
+        let key = ArchiveKey::from_bytes(&[5; KEY_BYTES]);
+        let keys = Arc::new(Keyring::new(vec![key.clone()]));
+        let s = setup_keyed(Fault::FailFirstWrites(0), &segment(7, secret), keys.clone());
+        let spooled = std::fs::read(&s.item.path).unwrap();
+        assert!(spooled.starts_with(crypto::MAGIC));
+        assert!(!spooled.windows(secret.len()).any(|w| w == secret));
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 1, "{:?}", fatal.take());
+        let stored = s.store.inner().get(&StorePath::from(s.key.as_str())).await;
+        let stored = stored.unwrap().bytes().await.unwrap();
+        assert!(stored.starts_with(crypto::MAGIC));
+        let archive = Archive::from_store(s.store.clone(), "", "memory://test").with_keys(keys);
+        assert_eq!(
+            archive.get(&s.key).await.unwrap().as_ref(),
+            &segment(7, secret)[..]
+        );
+
+        // A spool file sealed with a key the archiver no longer has stops
+        // it at once, naming the key.
+        let s = setup_keyed(
+            Fault::FailFirstWrites(0),
+            b"x",
+            Arc::new(Keyring::new(vec![key.clone()])),
+        );
+        let rotated = Keyring::new(vec![ArchiveKey::from_bytes(&[6; KEY_BYTES])]);
+        let (spool, leftovers) = Spool::open(&s.data_dir, 1 << 30, Arc::new(rotated)).unwrap();
+        let s = Setup {
+            spool,
+            item: leftovers[0].clone(),
+            keys: Arc::new(Keyring::new(vec![ArchiveKey::from_bytes(&[6; KEY_BYTES])])),
+            ..s
+        };
+        let (uploaded, fatal) = upload(&s).await;
+        assert_eq!(uploaded, 0);
+        let err = fatal.take().expect("the failure is kept");
+        assert!(is_permanent_store_error(&err));
+        assert!(
+            format!("{err:#}").contains(&key.id().to_string()),
+            "{err:#}"
+        );
         assert!(s.item.path.exists(), "the segment stays in the spool");
     }
 

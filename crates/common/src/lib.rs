@@ -11,6 +11,7 @@
 //! - [`hashchain`]: tamper evidence: the links between objects, and their proof.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`object_lock`]: S3 Object Lock (upload checksums, reading retentions).
+//! - [`crypto`]: encryption at rest: keys and the sealed-object envelope.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
@@ -20,6 +21,7 @@ pub mod bbolt;
 pub mod catalog;
 pub mod chain;
 pub mod cli;
+pub mod crypto;
 pub mod hashchain;
 pub mod layout;
 pub mod listing;

@@ -6,6 +6,7 @@
 use thiserror::Error;
 
 use crate::chain::Chain;
+use crate::crypto::CryptoError;
 use crate::layout::{
     self, ClockStepName, GenerationId, GenerationObject, PrunedRange, SegmentName,
 };
@@ -22,6 +23,9 @@ pub enum ListingError {
     /// A manifest is unreadable or of an unknown version.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The keys given do not suit the archive.
+    #[error(transparent)]
+    Keys(#[from] CryptoError),
 }
 
 /// The objects of one generation.
@@ -105,15 +109,20 @@ pub struct ArchiveListing {
 }
 
 impl ArchiveListing {
-    /// Lists the whole archive.
+    /// Lists the whole archive, after checking that the archive handle's
+    /// keys suit it ([`ArchiveManifest::check_keys`]).
     ///
     /// # Errors
-    /// Storage errors, unreadable manifests, or objects outside the layout.
+    /// Storage errors, unreadable manifests, keys that do not suit the
+    /// archive, or objects outside the layout.
     pub async fn load(archive: &Archive) -> Result<Self, ListingError> {
         let manifest = match archive.get_opt(layout::MANIFEST_NAME).await? {
             Some(b) => Some(ArchiveManifest::parse(layout::MANIFEST_NAME, &b)?),
             None => None,
         };
+        if let Some(m) = &manifest {
+            m.check_keys(archive.keys())?;
+        }
         let mut listing = Self {
             manifest,
             ..Self::default()

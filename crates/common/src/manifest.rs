@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::crypto::{self, CryptoError, Keyring};
 use crate::layout::{ClockStepName, GenerationId};
 use crate::Revision;
 
@@ -39,15 +40,53 @@ pub struct ArchiveManifest {
     pub version: u32,
     /// When the archive was created (Unix ms).
     pub created_ms: i64,
+    /// Set when the archive is encrypted (from its creation on; absent in
+    /// archives made before encryption existed, which are not encrypted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ArchiveEncryption>,
+}
+
+/// How an archive is encrypted ([`crate::crypto`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArchiveEncryption {
+    /// The envelope scheme, [`crypto::SCHEME`].
+    pub scheme: String,
+    /// The id of the key the archive was created with (objects name their
+    /// own key; later ones may use rotated keys).
+    pub key_id: String,
 }
 
 impl ArchiveManifest {
-    /// A manifest for a new archive.
-    pub fn new(created_ms: i64) -> Self {
+    /// A manifest for a new archive, encrypted when `keys` holds a key.
+    pub fn new(created_ms: i64, keys: &Keyring) -> Self {
         Self {
             format: "etcd-pitr".into(),
             version: ARCHIVE_FORMAT_VERSION,
             created_ms,
+            encryption: keys.sealing().map(|k| ArchiveEncryption {
+                scheme: crypto::SCHEME.into(),
+                key_id: k.id().to_string(),
+            }),
+        }
+    }
+
+    /// Checks that `keys` suit the archive: keys for an encrypted archive
+    /// (in a scheme this build knows), none for an unencrypted one. An
+    /// archive is never mixed.
+    ///
+    /// # Errors
+    /// [`CryptoError`] saying which.
+    pub fn check_keys(&self, keys: &Keyring) -> Result<(), CryptoError> {
+        match (&self.encryption, keys.sealing()) {
+            (None, Some(k)) => Err(CryptoError::ArchiveNotEncrypted { key_id: k.id() }),
+            (Some(e), _) if e.scheme != crypto::SCHEME => Err(CryptoError::UnsupportedScheme {
+                scheme: e.scheme.clone(),
+            }),
+            (Some(e), None) => Err(CryptoError::ArchiveEncrypted {
+                scheme: e.scheme.clone(),
+                key_id: e.key_id.clone(),
+            }),
+            (None, None) | (Some(_), Some(_)) => Ok(()),
         }
     }
 
@@ -455,5 +494,44 @@ mod tests {
         let json = serde_json::to_vec(&epoch).unwrap();
         assert_eq!(ClockEpoch::parse_at("o", &json, 5).unwrap(), epoch);
         assert!(ClockEpoch::parse_at("o", &json, 6).is_err());
+    }
+
+    #[test]
+    fn archive_manifest_records_encryption_and_refuses_mixing() {
+        use crate::crypto::{ArchiveKey, KEY_BYTES};
+        let keys = Keyring::new(vec![ArchiveKey::from_bytes(&[1; KEY_BYTES])]);
+        let other = Keyring::new(vec![ArchiveKey::from_bytes(&[2; KEY_BYTES])]);
+        let none = Keyring::default();
+
+        // A manifest written before encryption existed reads as plaintext.
+        let old = br#"{"format":"etcd-pitr","version":1,"created_ms":5}"#;
+        let plain = ArchiveManifest::parse("m", old).unwrap();
+        assert_eq!(plain, ArchiveManifest::new(5, &none));
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("encryption"));
+        plain.check_keys(&none).unwrap();
+        let err = plain.check_keys(&keys).unwrap_err();
+        assert!(
+            matches!(err, CryptoError::ArchiveNotEncrypted { .. }),
+            "{err}"
+        );
+
+        let sealed = ArchiveManifest::new(5, &keys);
+        let json = serde_json::to_vec(&sealed).unwrap();
+        let sealed = ArchiveManifest::parse("m", &json).unwrap();
+        sealed.check_keys(&keys).unwrap();
+        // Another key may be a rotation: objects are checked one by one.
+        sealed.check_keys(&other).unwrap();
+        let err = sealed.check_keys(&none).unwrap_err();
+        let id = keys.ids()[0].to_string();
+        assert!(err.to_string().contains(&id), "{err}");
+        let mut future = sealed.clone();
+        future.encryption.as_mut().unwrap().scheme = "rot13".into();
+        let err = future.check_keys(&keys).unwrap_err();
+        assert!(
+            matches!(err, CryptoError::UnsupportedScheme { .. }),
+            "{err}"
+        );
     }
 }

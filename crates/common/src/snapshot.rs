@@ -233,7 +233,7 @@ pub async fn read_header(
     revision: Revision,
 ) -> Result<SnapshotHeader, HeaderReadError> {
     let key = crate::layout::snapshot_key(generation, revision);
-    let bytes = archive.get_range(&key, 0..HEADER_LEN as u64).await?;
+    let bytes = archive.get_prefix(&key, HEADER_LEN as u64).await?;
     let header = SnapshotHeader::decode(&key, &bytes)
         .map_err(|e| IntegrityError::new(&key, e.to_string()))?;
     if header.generation != generation.0 || header.revision != revision {

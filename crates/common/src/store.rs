@@ -10,6 +10,11 @@
 //! after the file and every directory entry leading to it are fsynced (the
 //! archiver deletes its own copy once a write returned). Its files are
 //! owner-only (0600, directories 0700) whatever the process umask.
+//!
+//! An archive handle given keys ([`Archive::with_keys`]) seals every object
+//! it writes and opens every object it reads ([`crate::crypto`]), except
+//! the archive manifest, which stays clear so that a reader learns whether
+//! the archive is encrypted. Callers read and write plaintext either way.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
@@ -22,6 +27,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 
+use crate::crypto::{self, CryptoError, Keyring};
+use crate::layout;
 use crate::object_lock::{self, ObjectLockSource, Retention};
 
 /// Errors of archive storage.
@@ -56,6 +63,10 @@ pub enum StoreError {
     /// Local I/O failure.
     #[error("local file: {0}")]
     Io(#[from] std::io::Error),
+    /// An object cannot be opened with the keys given, or fails
+    /// authentication.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
 }
 
 impl StoreError {
@@ -86,7 +97,8 @@ impl StoreError {
             Self::InvalidUrl { .. }
             | Self::NotFound(_)
             | Self::Conflict(_)
-            | Self::NoWriteOnce { .. } => false,
+            | Self::NoWriteOnce { .. }
+            | Self::Crypto(_) => false,
         }
     }
 }
@@ -172,7 +184,18 @@ pub struct Archive {
     local: Option<Arc<object_store::local::LocalFileSystem>>,
     /// Where Object Lock retentions are read (`s3://` archives).
     object_lock: Option<Arc<dyn ObjectLockSource>>,
+    /// Keys of an encrypted archive (empty: not encrypted).
+    keys: Arc<Keyring>,
 }
+
+/// Whether an object is sealed in an encrypted archive: all but the archive
+/// manifest, which says whether the archive is encrypted.
+fn is_sealed_object(relative: &str) -> bool {
+    relative != layout::MANIFEST_NAME
+}
+
+/// Plaintext bytes read from a local file per upload step.
+const UPLOAD_READ_BYTES: usize = 1 << 20;
 
 /// Environment variable prefixes handed to the cloud store builders.
 const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
@@ -219,6 +242,7 @@ impl Archive {
                     url: url.to_owned(),
                     local: Some(store),
                     object_lock: None,
+                    keys: Arc::default(),
                 })
             }
             "s3" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
@@ -235,6 +259,7 @@ impl Archive {
                         url: url.to_owned(),
                         local: None,
                         object_lock: Some(bucket.lock),
+                        keys: Arc::default(),
                     });
                 }
                 let (store, prefix) = object_store::parse_url_opts(&parsed, env)
@@ -245,6 +270,7 @@ impl Archive {
                     url: url.to_owned(),
                     local: None,
                     object_lock: None,
+                    keys: Arc::default(),
                 })
             }
             other => Err(invalid(format!(
@@ -264,6 +290,7 @@ impl Archive {
             url: url.to_owned(),
             local: None,
             object_lock: None,
+            keys: Arc::default(),
         }
     }
 
@@ -299,6 +326,38 @@ impl Archive {
         match &self.object_lock {
             Some(source) => source.retention(&self.path(relative)).await,
             None => Ok(None),
+        }
+    }
+
+    /// The same archive, read and written with `keys` (the first seals new
+    /// objects; see [`crate::crypto`]). Empty keys: an unencrypted archive.
+    #[must_use]
+    pub fn with_keys(mut self, keys: Arc<Keyring>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The keys this handle reads and writes with.
+    pub fn keys(&self) -> &Keyring {
+        &self.keys
+    }
+
+    /// What is stored for an object's plaintext.
+    fn seal(&self, relative: &str, plaintext: Bytes) -> Result<Bytes, StoreError> {
+        match self.keys.sealing() {
+            Some(key) if is_sealed_object(relative) => {
+                Ok(crypto::seal(key, relative, &plaintext)?.into())
+            }
+            _ => Ok(plaintext),
+        }
+    }
+
+    /// An object's plaintext from what is stored.
+    fn open_object(&self, relative: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+        if is_sealed_object(relative) {
+            Ok(crypto::open(&self.keys, relative, &stored)?.into())
+        } else {
+            Ok(stored)
         }
     }
 
@@ -447,34 +506,46 @@ impl Archive {
         )
     }
 
-    /// Reads a whole object.
+    /// Reads a whole object (opened, for an encrypted archive).
     ///
     /// # Errors
-    /// [`StoreError::NotFound`] or a backend error.
+    /// [`StoreError::NotFound`], [`StoreError::Crypto`] or a backend error.
     pub async fn get(&self, relative: &str) -> Result<Bytes, StoreError> {
         match self.store.get(&self.path(relative)).await {
-            Ok(r) => Ok(r.bytes().await?),
+            Ok(r) => self.open_object(relative, r.bytes().await?),
             Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(relative.into())),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Reads bytes `range` of an object (a ranged read: only those bytes
-    /// travel).
+    /// Reads the first `n` bytes of an object's plaintext (the whole
+    /// object if shorter) with a ranged read: only those bytes travel, and
+    /// for a sealed object the chunks holding them.
     ///
     /// # Errors
-    /// [`StoreError::NotFound`] or a backend error (also when the object is
-    /// shorter than the range).
-    pub async fn get_range(
-        &self,
-        relative: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, StoreError> {
-        match self.store.get_range(&self.path(relative), range).await {
-            Ok(b) => Ok(b),
-            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(relative.into())),
-            Err(e) => Err(e.into()),
-        }
+    /// [`StoreError::NotFound`], [`StoreError::Crypto`] or a backend error.
+    pub async fn get_prefix(&self, relative: &str, n: u64) -> Result<Bytes, StoreError> {
+        let sealed = is_sealed_object(relative);
+        let want = if sealed {
+            crypto::stored_prefix_len(n, &self.keys)
+        } else {
+            n
+        };
+        let stored = match self.store.get_range(&self.path(relative), 0..want).await {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound(relative.into()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut plain = if sealed {
+            let whole = (stored.len() as u64) < want;
+            Bytes::from(crypto::open_prefix(&self.keys, relative, &stored, whole)?)
+        } else {
+            stored
+        };
+        plain.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        Ok(plain)
     }
 
     /// Deletes an object; one already gone counts as deleted.
@@ -512,8 +583,10 @@ impl Archive {
         }
     }
 
-    /// Writes an object once. If it already exists with the same content the
-    /// call succeeds (it was an earlier attempt of this same write).
+    /// Writes an object once (sealed, for an encrypted archive). If it
+    /// already exists with the same content the call succeeds (it was an
+    /// earlier attempt of this same write; sealed objects compare by
+    /// plaintext).
     ///
     /// # Errors
     /// [`StoreError::Conflict`] if it exists with other content.
@@ -523,10 +596,11 @@ impl Archive {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
+        let stored = self.seal(relative, bytes.clone())?;
         self.prepare_local(relative).await?;
         match self
             .store
-            .put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)
+            .put_opts(&path, PutPayload::from_bytes(stored), opts)
             .await
         {
             Ok(_) => self.finish_local(relative, false).await,
@@ -549,9 +623,10 @@ impl Archive {
         }
     }
 
-    /// Uploads a local file as an object (multipart, streaming; the file is
-    /// never held in memory whole). Used for snapshots, whose name carries
-    /// their revision so a second upload of the same name holds equal data.
+    /// Uploads a local file as an object (multipart, streaming, sealed on
+    /// the way for an encrypted archive; the file is never held in memory
+    /// whole). Used for snapshots, whose name carries their revision so a
+    /// second upload of the same name holds equal data.
     ///
     /// # Errors
     /// Local I/O or backend errors.
@@ -564,26 +639,46 @@ impl Archive {
         const PART_BYTES: usize = 8 << 20;
         let path = self.path(relative);
         let mut f = tokio::fs::File::open(file).await?;
+        let mut sealer = match self.keys.sealing() {
+            Some(key) if is_sealed_object(relative) => Some(crypto::Sealer::new(key, relative)?),
+            _ => None,
+        };
         self.prepare_local(relative).await?;
         let upload = self.store.put_multipart(&path).await?;
         let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; UPLOAD_READ_BYTES];
+        let mut sealed = Vec::new();
         loop {
             let n = f.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
             writer.wait_for_capacity(2).await?;
-            writer.write(&buf[..n]);
+            match &mut sealer {
+                Some(s) => {
+                    sealed.clear();
+                    s.update(&buf[..n], &mut sealed);
+                    writer.write(&sealed);
+                }
+                None => writer.write(&buf[..n]),
+            }
+        }
+        if let Some(s) = sealer {
+            sealed.clear();
+            s.finish(&mut sealed);
+            writer.write(&sealed);
         }
         writer.finish().await?;
         self.finish_local(relative, false).await
     }
 
-    /// Streams an object into a local writer, returning the byte count.
+    /// Streams an object into a local writer (opened on the way, for an
+    /// encrypted archive), returning the count of bytes written.
     ///
     /// # Errors
-    /// [`StoreError::NotFound`], local I/O or backend errors.
+    /// [`StoreError::NotFound`], [`StoreError::Crypto`], local I/O or
+    /// backend errors. On error, `out` may hold a prefix of the plaintext
+    /// that was authenticated so far.
     pub async fn download<W: tokio::io::AsyncWrite + Unpin>(
         &self,
         relative: &str,
@@ -599,9 +694,26 @@ impl Archive {
         };
         let mut stream = result.into_stream();
         let mut total = 0u64;
+        let mut opener =
+            is_sealed_object(relative).then(|| crypto::Opener::new(&self.keys, relative));
+        let mut plain = Vec::new();
         while let Some(chunk) = stream.try_next().await? {
-            out.write_all(&chunk).await?;
-            total += chunk.len() as u64;
+            let bytes = match &mut opener {
+                Some(o) => {
+                    plain.clear();
+                    o.update(&chunk, &mut plain)?;
+                    &plain[..]
+                }
+                None => &chunk[..],
+            };
+            out.write_all(bytes).await?;
+            total += bytes.len() as u64;
+        }
+        if let Some(o) = opener {
+            plain.clear();
+            o.finish(&mut plain)?;
+            out.write_all(&plain).await?;
+            total += plain.len() as u64;
         }
         out.flush().await?;
         Ok(total)
@@ -681,6 +793,107 @@ mod tests {
         assert_eq!(a.list("g", None).await.unwrap(), vec!["g/x".to_string()]);
         assert_eq!(a.list_root_dirs().await.unwrap(), vec!["g".to_string()]);
         assert!(matches!(a.get("g/y").await, Err(StoreError::NotFound(_))));
+    }
+
+    /// Every file under `dir`, with its bytes.
+    fn stored_files(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(stored_files(&path));
+            } else {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn encrypted_archives_store_only_sealed_bytes() {
+        use crate::crypto::{ArchiveKey, KEY_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let keys = Arc::new(Keyring::new(vec![ArchiveKey::from_bytes(&[3; KEY_BYTES])]));
+        let a = Archive::open(&url).unwrap().with_keys(keys.clone());
+        let secret = b"a value nobody may read in the store".repeat(3);
+        a.put_once(layout::MANIFEST_NAME, Bytes::from_static(b"{\"clear\":1}"))
+            .await
+            .unwrap();
+        a.put_once("g/x", Bytes::from(secret.clone()))
+            .await
+            .unwrap();
+        // A retry seals again (another nonce) and still succeeds; other
+        // content conflicts.
+        a.put_once("g/x", Bytes::from(secret.clone()))
+            .await
+            .unwrap();
+        let err = a.put_once("g/x", Bytes::from_static(b"two")).await;
+        assert!(matches!(err, Err(StoreError::Conflict(_))), "{err:?}");
+        let big: Vec<u8> = secret.iter().copied().cycle().take(300_000).collect();
+        let local = tempfile::tempdir().unwrap();
+        let src = local.path().join("big");
+        std::fs::write(&src, &big).unwrap();
+        a.upload_file("g/snapshots/big", &src).await.unwrap();
+
+        assert_eq!(a.get("g/x").await.unwrap().as_ref(), &secret[..]);
+        let mut back = Vec::new();
+        assert_eq!(
+            a.download("g/snapshots/big", &mut back).await.unwrap(),
+            big.len() as u64
+        );
+        assert!(back == big);
+        for (path, bytes) in stored_files(dir.path()) {
+            let clear = path.ends_with(layout::MANIFEST_NAME);
+            assert_eq!(
+                bytes.starts_with(crypto::MAGIC),
+                !clear,
+                "{}",
+                path.display()
+            );
+            assert!(
+                !bytes.windows(16).any(|w| w == &secret[..16]),
+                "{} holds plaintext",
+                path.display()
+            );
+        }
+
+        // Without keys, or with other keys, reads name the key id needed.
+        let id = keys.ids()[0].to_string();
+        let plain = Archive::open(&url).unwrap();
+        let other = plain
+            .clone()
+            .with_keys(Arc::new(Keyring::new(vec![ArchiveKey::from_bytes(
+                &[4; KEY_BYTES],
+            )])));
+        for reader in [&plain, &other] {
+            let err = reader.get("g/x").await.unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Crypto(e) if e.is_key_problem()),
+                "{err}"
+            );
+            assert!(err.to_string().contains(&id), "{err}");
+            let err = reader
+                .download("g/snapshots/big", &mut Vec::new())
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(&id), "{err}");
+            assert!(!err.is_retryable());
+        }
+        assert_eq!(
+            plain.get(layout::MANIFEST_NAME).await.unwrap().as_ref(),
+            b"{\"clear\":1}"
+        );
+        // A plaintext object in an encrypted archive is refused.
+        plain
+            .put_once("g/planted", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let err = a.get("g/planted").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Crypto(CryptoError::NotSealed { .. })),
+            "{err}"
+        );
     }
 
     /// Asserts every directory under `dir` is 0700 and every file 0600.

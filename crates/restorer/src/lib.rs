@@ -20,6 +20,7 @@ pub mod point;
 pub mod source;
 pub mod synth;
 
+use etcdpitr_common::crypto::{self, CryptoFault};
 use etcdpitr_common::store::StoreError;
 
 /// Failure classes with distinct, documented exit codes.
@@ -62,6 +63,12 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
         {
             return ExitKind::Integrity;
         }
+        // Before the store and listing errors that may wrap one.
+        match crypto::fault_of(cause) {
+            Some(CryptoFault::WrongKeys) => return ExitKind::Usage,
+            Some(CryptoFault::Damaged) => return ExitKind::Integrity,
+            None => {}
+        }
         if let Some(e) = cause.downcast_ref::<StoreError>() {
             return store_kind(e);
         }
@@ -70,6 +77,8 @@ pub fn classify(error: &anyhow::Error) -> ExitKind {
             return match e {
                 ListingError::Store(e) => store_kind(e),
                 ListingError::Manifest(_) => ExitKind::Integrity,
+                // Classified by `crypto::fault_of` above.
+                ListingError::Keys(_) => ExitKind::Usage,
             };
         }
     }
@@ -96,7 +105,11 @@ fn is_local_io(cause: &(dyn std::error::Error + 'static)) -> bool {
 fn store_kind(e: &StoreError) -> ExitKind {
     match e {
         StoreError::InvalidUrl { .. } => ExitKind::Usage,
-        StoreError::NotFound(_) | StoreError::Conflict(_) => ExitKind::Integrity,
+        // A crypto error was classified by `crypto::fault_of` first (key
+        // problems are usage); what reaches here is a damaged object.
+        StoreError::NotFound(_) | StoreError::Conflict(_) | StoreError::Crypto(_) => {
+            ExitKind::Integrity
+        }
         StoreError::Backend(_) | StoreError::NoWriteOnce { .. } => ExitKind::StoreUnreachable,
         StoreError::Io(_) => ExitKind::Other,
     }

@@ -16,11 +16,27 @@ struct Cli {
     command: Command,
 }
 
+/// The keys of an encrypted archive.
+#[derive(Args)]
+struct KeyArgs {
+    /// Key file of an encrypted archive (32 random bytes, base64). Repeat
+    /// the flag (or separate with commas) to give every key the archive was
+    /// sealed with across rotations; each object names the key it needs.
+    #[arg(
+        long = "encryption-key-file",
+        env = "ETCD_RESTORER_ENCRYPTION_KEY_FILE",
+        value_delimiter = ','
+    )]
+    files: Vec<PathBuf>,
+}
+
 #[derive(Args)]
 struct TargetArgs {
     /// Archive URL: file:///abs/dir, s3://bucket/prefix, gs://…, az://…
     #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
     archive: String,
+    #[command(flatten)]
+    keys: KeyArgs,
     /// Target revision.
     #[arg(long, conflicts_with = "time", required_unless_present = "time")]
     revision: Option<i64>,
@@ -49,6 +65,8 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// Machine-readable output (schema in docs/restorer.md).
         #[arg(long)]
         json: bool,
@@ -78,6 +96,8 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// Print the report as one JSON document.
         #[arg(long)]
         json: bool,
@@ -99,6 +119,8 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// The key (with --prefix: the prefix).
         #[arg(long)]
         key: String,
@@ -128,6 +150,8 @@ enum Command {
         /// Archive URL.
         #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
         archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// The earlier point: a revision or an RFC 3339 time.
         #[arg(long)]
         from: String,
@@ -154,7 +178,11 @@ fn main() -> ExitCode {
     let command = async {
         let mut stdout = std::io::stdout().lock();
         match cli.command {
-            Command::List { archive, json } => commands::list(&archive, json, &mut stdout).await,
+            Command::List {
+                archive,
+                keys,
+                json,
+            } => commands::list(&archive, &keys.files, json, &mut stdout).await,
             Command::Restore {
                 target,
                 output,
@@ -169,6 +197,7 @@ fn main() -> ExitCode {
                 };
                 commands::restore(
                     &target.archive,
+                    &target.keys.files,
                     &target.target(),
                     &output,
                     dry_run,
@@ -179,12 +208,23 @@ fn main() -> ExitCode {
             }
             Command::Verify {
                 archive,
+                keys,
                 json,
                 expect_head,
-            } => commands::verify(&archive, json, expect_head.as_deref(), &mut stdout).await,
+            } => {
+                commands::verify(
+                    &archive,
+                    &keys.files,
+                    json,
+                    expect_head.as_deref(),
+                    &mut stdout,
+                )
+                .await
+            }
             Command::Export { target, prefix } => {
                 commands::export(
                     &target.archive,
+                    &target.keys.files,
                     &target.target(),
                     prefix.as_deref(),
                     &mut stdout,
@@ -193,6 +233,7 @@ fn main() -> ExitCode {
             }
             Command::History {
                 archive,
+                keys,
                 key,
                 prefix,
                 from,
@@ -212,10 +253,11 @@ fn main() -> ExitCode {
                     values,
                     json,
                 };
-                commands::history(&archive, &span, &options, &mut stdout).await
+                commands::history(&archive, &keys.files, &span, &options, &mut stdout).await
             }
             Command::Diff {
                 archive,
+                keys,
                 from,
                 to,
                 prefix,
@@ -233,7 +275,7 @@ fn main() -> ExitCode {
                     values,
                     json,
                 };
-                commands::diff(&archive, &span, &options, &mut stdout).await
+                commands::diff(&archive, &keys.files, &span, &options, &mut stdout).await
             }
         }
     };

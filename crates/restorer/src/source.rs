@@ -406,6 +406,7 @@ pub async fn resolve_time(
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use etcdpitr_common::crypto::Keyring;
     use etcdpitr_common::manifest::{ArchiveManifest, ClockEpoch, GenerationManifest, StartReason};
     use etcdpitr_common::segment::{Event, EventKind, RevisionRecord, SegmentBuilder};
 
@@ -427,7 +428,7 @@ mod tests {
         put(
             &archive,
             layout::MANIFEST_NAME,
-            serde_json::to_vec(&ArchiveManifest::new(0)).unwrap(),
+            serde_json::to_vec(&ArchiveManifest::new(0, &Keyring::default())).unwrap(),
         )
         .await;
         let g = GenerationId(1);

@@ -3,6 +3,7 @@
 //! only the keys they touched (see [`crate::diff`]).
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use base64::Engine;
@@ -58,11 +59,12 @@ struct DiffLine {
 /// errors.
 pub async fn diff(
     url: &str,
+    key_files: &[PathBuf],
     span: &Span,
     options: &DiffOptions,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let (archive, listing) = load(url).await?;
+    let (archive, listing) = load(url, key_files).await?;
     let plan = plan_span(&archive, &listing, span).await?;
     let prefix = options.prefix.clone().unwrap_or_default();
     let builder = DiffBuilder::new(plan.from_revision(), prefix.as_bytes(), options.values);

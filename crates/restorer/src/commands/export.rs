@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use base64::Engine;
@@ -31,11 +32,12 @@ struct ExportedKey {
 /// As for `restore`.
 pub async fn export(
     url: &str,
+    key_files: &[PathBuf],
     target: &Target,
     prefix: Option<&str>,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let (archive, listing) = load(url).await?;
+    let (archive, listing) = load(url, key_files).await?;
     let (plan, choice) = plan_target(&archive, &listing, target).await?;
     if let Some(choice) = &choice {
         eprintln!("{}", describe_time_choice(target, choice));

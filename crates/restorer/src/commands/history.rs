@@ -2,6 +2,7 @@
 //! two points, read from the segments alone and streamed as it is read.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use base64::Engine;
@@ -66,11 +67,12 @@ struct HistoryLine {
 /// already printed stay printed when reading a later segment fails.
 pub async fn history(
     url: &str,
+    key_files: &[PathBuf],
     span: &Span,
     options: &HistoryOptions,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let (archive, listing) = load(url).await?;
+    let (archive, listing) = load(url, key_files).await?;
     let plan = plan_span(&archive, &listing, span).await?;
     let mut events = ArchiveEvents::new(
         &archive,

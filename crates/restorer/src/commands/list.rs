@@ -1,6 +1,7 @@
 //! `etcd-restorer list`.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::Revision;
@@ -165,8 +166,13 @@ pub fn list_view(url: &str, listing: &ArchiveListing) -> ListOutput {
 ///
 /// # Errors
 /// Store or layout errors.
-pub async fn list(url: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (_, listing) = load(url).await?;
+pub async fn list(
+    url: &str,
+    key_files: &[PathBuf],
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let (_, listing) = load(url, key_files).await?;
     let view = list_view(url, &listing);
     if json {
         serde_json::to_writer_pretty(&mut *out, &view)?;

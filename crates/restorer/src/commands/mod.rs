@@ -19,11 +19,12 @@ use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use etcdpitr_common::chain::{self, Continuity, IntegrityError};
+use etcdpitr_common::crypto::Keyring;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::segment::{LeaseRecord, Record, RevisionRecord};
@@ -48,8 +49,14 @@ pub struct Target {
     pub generation: Option<u64>,
 }
 
-pub(super) async fn load(url: &str) -> anyhow::Result<(Archive, ArchiveListing)> {
-    let archive = Archive::open(url)?;
+/// Opens the archive at `url` with the keys in `key_files` (none for an
+/// unencrypted archive) and lists it.
+pub(super) async fn load(
+    url: &str,
+    key_files: &[PathBuf],
+) -> anyhow::Result<(Archive, ArchiveListing)> {
+    let keys = Keyring::load(key_files)?;
+    let archive = Archive::open(url)?.with_keys(Arc::new(keys));
     let listing = ArchiveListing::load(&archive)
         .await
         .with_context(|| format!("list archive {url}"))?;

@@ -21,6 +21,7 @@ use crate::UsageError;
 /// behind on error.
 pub async fn restore(
     url: &str,
+    key_files: &[PathBuf],
     target: &Target,
     output: &Path,
     dry_run: bool,
@@ -45,7 +46,7 @@ pub async fn restore(
         bail!(exists());
     }
     let started = Instant::now();
-    let (archive, listing) = load(url).await?;
+    let (archive, listing) = load(url, key_files).await?;
     let (plan, choice) = plan_target(&archive, &listing, target).await?;
     if let Some(choice) = &choice {
         println!("{}", describe_time_choice(target, choice));

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -28,6 +29,15 @@ struct Report {
     snapshot_bytes: u64,
     /// Each generation's hash-chain proof, oldest first.
     proofs: Vec<(GenerationId, Proof)>,
+}
+
+/// Failures that are not a problem of one object but stop `verify`: an
+/// unreachable store, or keys that cannot open the archive's objects.
+fn stops_verify(e: &anyhow::Error) -> bool {
+    matches!(
+        crate::classify(e),
+        crate::ExitKind::StoreUnreachable | crate::ExitKind::Usage
+    )
 }
 
 /// Revisions held by more than one segment: each must hold the same events
@@ -106,7 +116,7 @@ async fn verify_segments(
         let fetched = rx.recv().await.context("segment download stopped")?;
         let (key, bytes) = match fetched {
             Ok(kb) => kb,
-            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => {
                 report.problems.push(format!("{e:#}"));
                 rx = source::prefetch_segments(archive.clone(), id, names[i + 1..].to_vec());
@@ -206,7 +216,7 @@ async fn verify_clock(
         };
         match checked {
             Ok(()) => {}
-            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
@@ -224,7 +234,7 @@ async fn verify_clock(
                 g.clock_steps.len()
             ));
         }
-        Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+        Err(e) if stops_verify(&e) => return Err(e),
         Err(e) => report.problems.push(format!("{e:#}")),
     }
     Ok(())
@@ -272,7 +282,7 @@ async fn verify_generation(
                 report.snapshot_bytes += header.db_bytes;
                 evidence.snapshots.push(header);
             }
-            Err(e) if crate::classify(&e) == crate::ExitKind::StoreUnreachable => return Err(e),
+            Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
@@ -329,6 +339,7 @@ fn check_previous(g: &GenerationListing, previous: GenerationId, report: &mut Re
 /// [`crate::VerifyFailed`] if any problem was found; store errors.
 pub async fn verify(
     url: &str,
+    key_files: &[PathBuf],
     json: bool,
     expect_head: Option<&str>,
     out: &mut dyn Write,
@@ -342,7 +353,7 @@ pub async fn verify(
         None => None,
     };
     let started = Instant::now();
-    let (archive, listing) = load(url).await?;
+    let (archive, listing) = load(url, key_files).await?;
     let mut report = Report::default();
     for key in &listing.strays {
         report.problems.push(format!(
