@@ -8,7 +8,7 @@ use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::chain::{self, Chain};
 use etcdpitr_common::hashchain::{self, Digest};
 use etcdpitr_common::layout::GenerationObject;
-use etcdpitr_common::layout::{self, GenerationId, SegmentName};
+use etcdpitr_common::layout::{self, GenerationId, PrunedRange, SegmentName};
 use etcdpitr_common::listing::{list_generation_dir, GenerationListing};
 use etcdpitr_common::manifest::{GenerationManifest, LineageFingerprint};
 use etcdpitr_common::segment::{self, Record, RevisionRecord};
@@ -229,12 +229,21 @@ pub async fn load(
     // A listing narrowed by the catalog starts at the hint, not at the
     // generation's start.
     let start = known.map_or(manifest.start_revision, |n| n.prev());
+    let pruned: Vec<PrunedRange> = list_generation_dir(archive, generation, layout::PRUNED_DIR)
+        .await?
+        .into_iter()
+        .filter_map(|o| match o {
+            GenerationObject::Pruned(r) => Some(r),
+            _ => None,
+        })
+        .collect();
     let chain = Chain::build(
         generation,
         Some(start),
         &listing.segments,
         &listing.snapshots,
-    );
+    )
+    .with_pruned(&pruned);
     for gap in chain.gaps() {
         tracing::error!(generation = %generation, "{gap} from the archive and cannot be restored");
     }

@@ -156,8 +156,9 @@ pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies `policy` to the archive now and then every `interval` until
-/// `stop`; failures are logged and retried at the next interval.
+/// Applies `policy` to the archive every `interval` until `stop`, the first
+/// time one interval after the writer started (once it has read and marked
+/// its head); failures are logged and retried at the next interval.
 pub async fn periodically(
     archive: Archive,
     policy: Policy,
@@ -165,6 +166,10 @@ pub async fn periodically(
     stop: CancellationToken,
 ) {
     loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
         match prune(&archive, &policy, true).await {
             Ok(r) => {
                 if r.deleted > 0 || !r.refused.is_empty() || !r.retained.is_empty() {
@@ -194,10 +199,6 @@ pub async fn periodically(
                     "prune failed; trying again at the next interval"
                 );
             }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
         }
     }
 }

@@ -122,23 +122,20 @@ pub async fn take(
     // A snapshot name carries its revision: an existing object at that name
     // is a complete snapshot of the same revision (multipart uploads appear
     // atomically), so it is kept rather than overwritten.
-    let digest = match archive.exists(&key).await {
-        Ok(true) => {
-            tracing::info!(snapshot = %key, "snapshot of this revision already archived");
-            format::read_header(archive, generation, header.revision)
-                .await
-                .with_context(|| format!("read the header of {key}"))?
-                .digest()
-        }
-        Ok(false) => {
-            archive
-                .upload_file(&key, &obj_path)
-                .await
-                .with_context(|| format!("upload snapshot {key}"))?;
-            header.digest()
-        }
+    match archive.exists(&key).await {
+        Ok(true) => tracing::info!(snapshot = %key, "snapshot of this revision already archived"),
+        Ok(false) => archive
+            .upload_file(&key, &obj_path)
+            .await
+            .with_context(|| format!("upload snapshot {key}"))?,
         Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),
-    };
+    }
+    // Segments commit to what the store holds: another taker of the same
+    // revision (the `snapshot` command, a second writer) may have won.
+    let digest = format::read_header(archive, generation, header.revision)
+        .await
+        .with_context(|| format!("read the header of {key}"))?
+        .digest();
     tip.snapshot_archived(generation, header.revision, digest);
     tokio::fs::remove_file(&obj_path).await.ok();
     remove_abandoned_uploads(archive, generation).await;

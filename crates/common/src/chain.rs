@@ -24,7 +24,9 @@
 //! - A hole covered by retention records (`pruned/` objects, written before
 //!   retention deletes anything) is pruned history, not damage: it separates
 //!   runs like a gap, but [`Chain::gaps`] leaves it out ([`Chain::pruned_gaps`]
-//!   lists it).
+//!   lists it). Segments inside such a range (left by an interrupted prune
+//!   or kept by a lock) and snapshots strictly inside it are not part of
+//!   the chain: what retention declared gone is never restored from them.
 //! - A restore point R needs a base snapshot S <= R inside the same run as R
 //!   (or R == S): see [`Chain::restorable`].
 //! - Observed times come from one clock epoch per writer process and
@@ -157,13 +159,37 @@ pub struct Chain {
     pub snapshots: Vec<Revision>,
     /// Revision ranges retention deleted on purpose, ascending.
     pub pruned: Vec<PrunedRange>,
+    /// Segments left inside pruned ranges (a prune interrupted, or an
+    /// object a lock kept): never part of the chain, so nothing that
+    /// retention declared gone is restored from them.
+    pub leftovers: Vec<SegmentName>,
 }
 
 impl Chain {
     /// Chooses the chain of a listed generation (see the module rules).
     pub fn of(g: &GenerationListing) -> Self {
         let start = g.manifest.as_ref().map(|m| m.start_revision);
-        Self::build(g.generation(), start, &g.segments, &g.snapshots).with_pruned(&g.pruned)
+        let inside = |r: Revision| g.pruned.iter().any(|p| p.first <= r && r < p.last);
+        let (leftovers, segments): (Vec<SegmentName>, Vec<SegmentName>) =
+            g.segments.iter().partition(|s| {
+                if s.is_empty() {
+                    inside(s.last)
+                } else {
+                    g.pruned
+                        .iter()
+                        .any(|p| p.first <= s.first && s.last <= p.last)
+                }
+            });
+        let snapshots: Vec<Revision> = g
+            .snapshots
+            .iter()
+            .copied()
+            .filter(|&r| !inside(r))
+            .collect();
+        let mut chain =
+            Self::build(g.generation(), start, &segments, &snapshots).with_pruned(&g.pruned);
+        chain.leftovers = leftovers;
+        chain
     }
 
     /// The same chain, with holes inside `pruned` ranges counted as pruned.
@@ -198,6 +224,7 @@ impl Chain {
             superseded: Vec::new(),
             snapshots,
             pruned: Vec::new(),
+            leftovers: Vec::new(),
         };
         let Some(mut cur) = start else {
             return chain;

@@ -95,9 +95,11 @@ pub struct Proof {
     /// Things that are not damage (format 1 objects, snapshots not yet
     /// committed to).
     pub notes: Vec<String>,
-    /// Digests of every object reachable through the chain (counting a
-    /// link that breaks it, already reported, as a new start).
+    /// Digests of every object present and reachable through the chain
+    /// (counting a link that breaks it, already reported, as a new start).
     pub proven: HashSet<Digest>,
+    /// Digests retention records say they cut at (objects now deleted).
+    pub cut: HashSet<Digest>,
     /// The digest of the chain's last segment (the anchor when it has
     /// none).
     pub head: Option<Digest>,
@@ -116,8 +118,11 @@ pub fn prove(generation: GenerationId, chain: &Chain, evidence: &Evidence) -> Pr
     // A retention record vouches for the digests it cut at.
     for (range, cut) in &evidence.cuts {
         ends.entry(range.last).or_default().extend(cut);
-        proof.proven.extend(cut);
+        proof.cut.extend(cut);
     }
+    // Revisions at which some object ends (its predecessor may be checked).
+    let mut known: HashSet<Revision> = ends.keys().copied().collect();
+    known.extend(evidence.segments.iter().map(|(n, _, _)| n.last));
     // A run after a damage gap cannot be reached; it is proven from its
     // first link on (the gap itself is reported by the chain rules).
     let damage: HashSet<Revision> = chain.gaps().iter().map(|g| g.resumes_after).collect();
@@ -128,21 +133,23 @@ pub fn prove(generation: GenerationId, chain: &Chain, evidence: &Evidence) -> Pr
     // then by time.
     segments.sort_by_key(|(n, _, d)| (n.first, !n.is_empty(), n.end_ms, *d));
     let mut legacy = 0usize;
+    let mut restarts = 0usize;
     let mut unproven: HashSet<SegmentName> = HashSet::new();
     for (name, header, digest) in segments {
-        // A leftover inside a pruned range (a prune interrupted, or an
-        // object a lock kept) may follow a segment that retention deleted
-        // on purpose: it starts a new walk, like a run after a hole.
-        let after_pruned = chain
-            .pruned
-            .iter()
-            .any(|r| r.first <= name.prev() && name.prev() < r.last);
+        // No object ends where its predecessor did: that one was deleted
+        // (a duplicate another writer left, which retention removed), so
+        // the walk starts over here. A replaced object is still caught:
+        // its successor names the original's digest.
+        let predecessor_gone = !known.contains(&name.prev());
         let reachable = header.version < 2
             || ends
                 .get(&name.prev())
                 .is_some_and(|ds| ds.contains(&header.prev_digest))
             || damage.contains(&name.prev())
-            || after_pruned;
+            || predecessor_gone;
+        if predecessor_gone && header.version >= 2 && chain.links.contains(name) {
+            restarts += 1;
+        }
         if header.version < 2 {
             legacy += 1;
         }
@@ -166,6 +173,11 @@ pub fn prove(generation: GenerationId, chain: &Chain, evidence: &Evidence) -> Pr
     if stray > 0 {
         proof.notes.push(format!(
             "generation {generation}: {stray} superseded segments do not link to the hash chain (a writer's copies whose predecessor never reached the store); restores do not use them"
+        ));
+    }
+    if restarts > 0 {
+        proof.notes.push(format!(
+            "generation {generation}: {restarts} chain segments follow a segment no longer in the archive (a duplicate retention deleted); the chain is checked from each of them on"
         ));
     }
     if legacy > 0 {
@@ -228,12 +240,20 @@ fn prove_snapshots(
             proof.notes.push(format!(
                 "{key}: written in format 1, before the hash chain; checked by checksum only"
             ));
-        } else if !proof.proven.contains(&snap.prev_digest) {
-            let gone = chain.pruned.iter().any(|r| r.contains(snap.prev_revision))
+        } else if !proof.proven.contains(&snap.prev_digest)
+            && !proof.cut.contains(&snap.prev_digest)
+        {
+            let deleted = !evidence
+                .segments
+                .iter()
+                .any(|(n, _, _)| n.last == snap.prev_revision)
+                && snap.prev_revision != chain.start;
+            let in_hole = chain.pruned.iter().any(|r| r.contains(snap.prev_revision))
                 || chain
                     .gaps()
                     .iter()
                     .any(|g| g.after < snap.prev_revision && snap.prev_revision <= g.resumes_after);
+            let gone = deleted || in_hole;
             if gone {
                 proof.notes.push(format!(
                     "{key}: its predecessor (ending at revision {}) was pruned or is missing; the link cannot be checked",

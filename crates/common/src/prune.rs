@@ -186,8 +186,12 @@ async fn cut_digests(
     for key in &plan.delete {
         match layout::classify(key) {
             Some((g, GenerationObject::Segment(n))) if g == generation && n.last == range.last => {
-                let bytes = archive.get(key).await?;
-                out.push(crate::hashchain::hex(&crate::segment::digest(&bytes)));
+                match archive.get(key).await {
+                    Ok(bytes) => out.push(crate::hashchain::hex(&crate::segment::digest(&bytes))),
+                    // Another prune deleted it, after recording this range.
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
             _ => {}
         }
@@ -238,13 +242,19 @@ async fn snapshot_times(
         .iter()
         .flat_map(|g| g.snapshots.iter().map(|&s| (g.generation(), s)))
         .collect();
-    futures::stream::iter(wanted.into_iter().map(|(g, s)| async move {
-        let header = crate::snapshot::read_header(archive, g, s).await?;
-        Ok(((g, s), header.taken_ms))
-    }))
-    .buffer_unordered(HEADER_READS_IN_FLIGHT)
-    .try_collect()
-    .await
+    let read: Vec<Option<((GenerationId, Revision), i64)>> =
+        futures::stream::iter(wanted.into_iter().map(|(g, s)| async move {
+            match crate::snapshot::read_header(archive, g, s).await {
+                Ok(header) => Ok(Some(((g, s), header.taken_ms))),
+                // Deleted since the listing (another prune): no time, kept.
+                Err(HeaderReadError::Store(StoreError::NotFound(_))) => Ok(None),
+                Err(e) => Err(PruneError::from(e)),
+            }
+        }))
+        .buffer_unordered(HEADER_READS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    Ok(read.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

@@ -308,13 +308,16 @@ fn plan_generation(
     let generation = chain.generation;
     // Records: the revision ranges of the chain's doomed links, merged
     // while contiguous.
+    let bases: BTreeSet<Revision> = points.iter().map(|p| p.base).collect();
     let mut ranges: Vec<PrunedRange> = Vec::new();
     for link in chain.links.iter().filter(|l| !l.is_empty()) {
         if needed(link, points) {
             continue;
         }
         match ranges.last_mut() {
-            Some(r) if r.last + 1 == link.first => r.last = link.last,
+            // A kept base snapshot at a boundary ends the range: it must
+            // not lie inside one (see `Chain::of`).
+            Some(r) if r.last + 1 == link.first && !bases.contains(&r.last) => r.last = link.last,
             _ => ranges.push(PrunedRange {
                 first: link.first,
                 last: link.last,
@@ -335,7 +338,6 @@ fn plan_generation(
         .filter(|s| !needed(s, points))
         .copied()
         .collect();
-    let bases: BTreeSet<Revision> = points.iter().map(|p| p.base).collect();
     let doomed_snapshots: Vec<Revision> = g
         .snapshots
         .iter()

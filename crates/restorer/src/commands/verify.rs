@@ -9,10 +9,11 @@ use anyhow::Context;
 use etcdpitr_common::chain::{self, Chain, Continuity};
 use etcdpitr_common::hashchain::{self, Digest, Evidence, Proof};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
+use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::listing::GenerationListing;
 use etcdpitr_common::manifest::{ClockEpoch, PruneRecord};
 use etcdpitr_common::segment::{self, Record};
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::Revision;
 
 use super::{load, scratch_file};
@@ -29,6 +30,19 @@ struct Report {
     snapshot_bytes: u64,
     /// Each generation's hash-chain proof, oldest first.
     proofs: Vec<(GenerationId, Proof)>,
+    /// Objects listed but gone when read (deleted meanwhile, e.g. by a
+    /// concurrent prune).
+    vanished: Vec<String>,
+}
+
+/// Whether `e` says the object is gone.
+fn is_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StoreError>(),
+            Some(StoreError::NotFound(_))
+        )
+    })
 }
 
 /// Failures that are not a problem of one object but stop `verify`: an
@@ -118,7 +132,11 @@ async fn verify_segments(
             Ok(kb) => kb,
             Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => {
-                report.problems.push(format!("{e:#}"));
+                if is_gone(&e) {
+                    report.vanished.push(format!("{e:#}"));
+                } else {
+                    report.problems.push(format!("{e:#}"));
+                }
                 rx = source::prefetch_segments(archive.clone(), id, names[i + 1..].to_vec());
                 continue;
             }
@@ -283,6 +301,7 @@ async fn verify_generation(
                 evidence.snapshots.push(header);
             }
             Err(e) if stops_verify(&e) => return Err(e),
+            Err(e) if is_gone(&e) => report.vanished.push(format!("{e:#}")),
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
@@ -316,7 +335,7 @@ fn check_previous(g: &GenerationListing, previous: GenerationId, report: &mut Re
         return;
     };
     match report.proofs.iter().find(|(id, _)| *id == previous) {
-        Some((_, p)) if p.proven.contains(&digest) => {}
+        Some((_, p)) if p.proven.contains(&digest) || p.cut.contains(&digest) => {}
         Some(_) => report.problems.push(format!(
             "{key}: breaks the hash chain: generation {previous} holds no segment with the digest it names as the one it follows (that generation's end was removed or replaced)"
         )),
@@ -376,7 +395,39 @@ pub async fn verify(
     }
     let scratch = scratch_file("verify")?;
     for g in &listing.generations {
+        let (problems, notes) = (report.problems.len(), report.notes.len());
+        let counts = (
+            report.segments,
+            report.revisions,
+            report.snapshots,
+            report.snapshot_bytes,
+        );
         verify_generation(&archive, g, &scratch, &mut report).await?;
+        if report.vanished.is_empty() {
+            continue;
+        }
+        // Objects went between listing and reading (a prune running now):
+        // read the generation again as it stands, once.
+        report.problems.truncate(problems);
+        report.notes.truncate(notes);
+        report.proofs.pop();
+        (
+            report.segments,
+            report.revisions,
+            report.snapshots,
+            report.snapshot_bytes,
+        ) = counts;
+        let gone = std::mem::take(&mut report.vanished);
+        let relisted = ArchiveListing::load(&archive).await?;
+        if let Some(again) = relisted.generations.iter().find(|x| x.id == g.id) {
+            report.notes.push(format!(
+                "generation {}: {} objects were deleted while verify read it (a prune running meanwhile?); read it again",
+                g.generation(),
+                gone.len()
+            ));
+            verify_generation(&archive, again, &scratch, &mut report).await?;
+        }
+        report.problems.extend(std::mem::take(&mut report.vanished));
     }
     let head = report.proofs.last().and_then(|(_, p)| p.head);
     if let Some(expected) = expected {
