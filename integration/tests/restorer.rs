@@ -42,6 +42,10 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
             "128KiB",
             "--snapshot-interval",
             "2s",
+            // Idle progress reaches the store within a second, so the
+            // archive soon vouches for the last checkpoint's moment.
+            "--idle-interval",
+            "1s",
         ],
     );
     let mut rng = Rng::new(42);
@@ -63,6 +67,30 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
     }
     let last = current_revision(&mut client).await?;
     wait_archived(&url, 1, last, Duration::from_secs(30)).await?;
+    // The archive vouches for a moment only once a progress notification
+    // after it arrived (about every second): wait until it covers the last
+    // checkpoint, or `--time` rightly says that moment is not archived yet.
+    let newest_ms = checkpoints
+        .iter()
+        .filter_map(|c| chrono::DateTime::parse_from_rfc3339(&c.time).ok())
+        .map(|t| t.timestamp_millis())
+        .max()
+        .unwrap_or(0);
+    let archive = etcdpitr_common::store::Archive::open(&url)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while etcdpitr_common::listing::ArchiveListing::load(&archive)
+        .await?
+        .generations
+        .first()
+        .map_or(0, |g| g.chain().end_ms())
+        < newest_ms
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the archive does not vouch for {newest_ms} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, _) = archiver.terminate(Duration::from_secs(20))?;
     assert!(status.success());
 
