@@ -384,11 +384,12 @@ async fn encrypted_file_archive_holds_no_plaintext_and_restores_exactly() -> any
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not encrypted"), "{err}");
 
-    // A damaged sealed object fails authentication: exit 4.
-    let (segment, mut bytes) = stored
-        .iter()
-        .find(|(p, _)| p.extension().is_some_and(|e| e == "seg"))
-        .cloned()
+    // A damaged sealed object fails authentication: exit 4. (The last
+    // segment: the prune above deleted the oldest ones.)
+    let (segment, mut bytes) = files_under(&root)
+        .into_iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "seg"))
+        .max_by(|a, b| a.0.cmp(&b.0))
         .context("a segment")?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
