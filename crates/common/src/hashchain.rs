@@ -232,6 +232,7 @@ fn prove_snapshots(
         .filter(|(_, _, d)| proof.proven.contains(d))
         .filter_map(|(n, h, _)| h.snapshot.map(|(r, d)| (*n, r, d)))
         .collect();
+    let gaps = chain.gaps();
     let mut uncommitted = Vec::new();
     for snap in &evidence.snapshots {
         let key = layout::snapshot_key(generation, snap.revision);
@@ -249,8 +250,7 @@ fn prove_snapshots(
                 .any(|(n, _, _)| n.last == snap.prev_revision)
                 && snap.prev_revision != chain.start;
             let in_hole = chain.pruned.iter().any(|r| r.contains(snap.prev_revision))
-                || chain
-                    .gaps()
+                || gaps
                     .iter()
                     .any(|g| g.after < snap.prev_revision && snap.prev_revision <= g.resumes_after);
             let gone = deleted || in_hole;

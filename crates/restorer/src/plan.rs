@@ -163,6 +163,21 @@ pub fn ranges(listing: &ArchiveListing) -> Vec<RestorableRange> {
         .collect()
 }
 
+/// The generations a plan may use: the one named, else all, newest first.
+fn candidates(
+    listing: &ArchiveListing,
+    generation: Option<GenerationId>,
+) -> Result<Vec<&GenerationListing>, PlanError> {
+    Ok(match generation {
+        Some(id) => vec![listing
+            .generations
+            .iter()
+            .find(|g| g.id == Some(id))
+            .ok_or(PlanError::NoSuchGeneration(id))?],
+        None => listing.generations.iter().rev().collect(),
+    })
+}
+
 /// Plans a restore of `target`, from `generation` if given, else from the
 /// newest generation that can serve it.
 ///
@@ -174,14 +189,7 @@ pub fn plan(
     generation: Option<GenerationId>,
 ) -> Result<RestorePlan, PlanError> {
     let all = ranges(listing);
-    let candidates: Vec<&GenerationListing> = match generation {
-        Some(id) => vec![listing
-            .generations
-            .iter()
-            .find(|g| g.id == Some(id))
-            .ok_or(PlanError::NoSuchGeneration(id))?],
-        None => listing.generations.iter().rev().collect(),
-    };
+    let candidates = candidates(listing, generation)?;
     for g in &candidates {
         let chain = g.chain();
         if let Some(snapshot_revision) = chain.base_for(target) {
@@ -239,14 +247,7 @@ pub fn plan_span(
     generation: Option<GenerationId>,
 ) -> Result<SpanPlan, PlanError> {
     let all = ranges(listing);
-    let candidates: Vec<&GenerationListing> = match generation {
-        Some(id) => vec![listing
-            .generations
-            .iter()
-            .find(|g| g.id == Some(id))
-            .ok_or(PlanError::NoSuchGeneration(id))?],
-        None => listing.generations.iter().rev().collect(),
-    };
+    let candidates = candidates(listing, generation)?;
     let holds = |r: &RestorableRange, rev: Option<Revision>| {
         rev.is_none_or(|rev| r.first <= rev && rev <= r.last)
     };
