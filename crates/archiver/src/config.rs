@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use etcdpitr_common::crypto::{ArchiveKey, KeyId, Keyring};
+use etcdpitr_common::etcd::{Connection, ConnectionFlags};
 
 use crate::election::ElectionConfig;
 use crate::prune::{PolicyArgs, DEFAULT_PRUNE_INTERVAL};
@@ -148,15 +149,6 @@ struct FileSettings {
     encryption_key_file: Option<Vec<PathBuf>>,
 }
 
-/// TLS material for etcd, loaded and checked.
-#[derive(Clone)]
-pub struct TlsFiles {
-    /// CA certificate PEM.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Client certificate and key PEM.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
 /// Marks an error of [`Settings::resolve`]: the configuration is invalid
 /// (the binary exits 2).
 #[derive(Debug, thiserror::Error)]
@@ -184,21 +176,11 @@ pub fn keygen(path: &Path) -> anyhow::Result<KeyId> {
     Ok(key.id())
 }
 
-/// A secret that never prints.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("******")
-    }
-}
-
 /// The validated configuration.
 #[derive(Clone)]
 pub struct Config {
-    /// etcd endpoints.
-    pub endpoints: Vec<String>,
+    /// How to reach the source cluster.
+    pub etcd: Connection,
     /// Archive URL.
     pub archive: String,
     /// Data directory.
@@ -215,10 +197,6 @@ pub struct Config {
     pub idle_seal_interval: Duration,
     /// Shutdown budget.
     pub shutdown_timeout: Duration,
-    /// TLS material, if any.
-    pub tls: Option<TlsFiles>,
-    /// User and password, if any.
-    pub auth: Option<(String, Secret)>,
     /// The election among archivers of this archive (`None`: write alone).
     pub election: Option<ElectionConfig>,
     /// Retention policy applied every `prune_interval` while writing.
@@ -232,15 +210,13 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("endpoints", &self.endpoints)
+            .field("etcd", &self.etcd)
             .field("archive", &self.archive)
             .field("data_dir", &self.data_dir)
             .field("snapshot_interval", &self.snapshot_interval)
             .field("segment_max_age", &self.segment_max_age)
             .field("segment_max_bytes", &self.segment_max_bytes)
             .field("spool_max_bytes", &self.spool_max_bytes)
-            .field("tls", &self.tls.is_some())
-            .field("user", &self.auth.as_ref().map(|a| (&a.0, &a.1)))
             .field("election", &self.election)
             .field("retention", &self.retention.to_string())
             .field("keys", &self.keys.ids())
@@ -291,17 +267,6 @@ pub fn parse_size(field: &str, s: &str) -> anyhow::Result<u64> {
     Ok(bytes)
 }
 
-fn read_file(field: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("--{field}: cannot read {}", path.display()))
-}
-
-fn check_pem(field: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        bail!("--{field}: {} is not a PEM file", path.display());
-    }
-    Ok(())
-}
-
 /// The election name of an archive: archivers writing the same archive URL
 /// (spelled the same, trailing slashes aside) compete in one election.
 pub fn election_name(prefix: &str, archive: &str) -> String {
@@ -324,21 +289,20 @@ impl Settings {
             }
             None => FileSettings::default(),
         };
-        let endpoints = self
-            .endpoints
-            .or(file.endpoints)
-            .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_owned()]);
-        if endpoints.is_empty() {
-            bail!("--endpoints: at least one endpoint is required");
-        }
-        for e in &endpoints {
-            let url = url::Url::parse(e).with_context(|| {
-                format!("--endpoints: {e:?} is not a URL like http://127.0.0.1:2379")
-            })?;
-            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                bail!("--endpoints: {e:?} must be http://host:port or https://host:port");
-            }
-        }
+        let etcd = Connection::resolve(
+            ConnectionFlags {
+                endpoints: self
+                    .endpoints
+                    .or(file.endpoints)
+                    .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_owned()]),
+                cacert: self.cacert.or(file.cacert),
+                cert: self.cert.or(file.cert),
+                key: self.key.or(file.key),
+                user: self.user.or(file.user),
+                password_file: self.password_file.or(file.password_file),
+            },
+            "ETCD_ARCHIVER_PASSWORD",
+        )?;
         let archive = self.archive.or(file.archive).context(
             "--archive: required (e.g. file:///var/lib/etcd-archive or s3://bucket/prefix)",
         )?;
@@ -349,53 +313,6 @@ impl Settings {
             };
         let size = |field: &str, cli: Option<String>, file: Option<String>, default: u64| {
             cli.or(file).map_or(Ok(default), |s| parse_size(field, &s))
-        };
-        let cacert = self.cacert.or(file.cacert);
-        let cert = self.cert.or(file.cert);
-        let key = self.key.or(file.key);
-        let tls = if cacert.is_some() || cert.is_some() || key.is_some() {
-            let ca_pem = match &cacert {
-                Some(p) => {
-                    let b = read_file("cacert", p)?;
-                    check_pem("cacert", p, &b)?;
-                    Some(b)
-                }
-                None => None,
-            };
-            let identity = match (&cert, &key) {
-                (Some(c), Some(k)) => {
-                    let (cb, kb) = (read_file("cert", c)?, read_file("key", k)?);
-                    check_pem("cert", c, &cb)?;
-                    check_pem("key", k, &kb)?;
-                    Some((cb, kb))
-                }
-                (None, None) => None,
-                _ => bail!("--cert and --key: give both or neither"),
-            };
-            Some(TlsFiles { ca_pem, identity })
-        } else {
-            None
-        };
-        if tls.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
-            bail!("--endpoints: TLS options were given, so endpoints must use https://");
-        }
-        let user = self.user.or(file.user);
-        let password_file = self.password_file.or(file.password_file);
-        let auth = match user {
-            Some(u) => {
-                let password = match (&password_file, std::env::var("ETCD_ARCHIVER_PASSWORD")) {
-                    (Some(p), _) => String::from_utf8(read_file("password-file", p)?)
-                        .context("--password-file: not UTF-8")?
-                        .trim_end_matches(['\n', '\r'])
-                        .to_owned(),
-                    (None, Ok(p)) => p,
-                    (None, Err(_)) => bail!(
-                        "--user: a password is required in ETCD_ARCHIVER_PASSWORD or --password-file"
-                    ),
-                };
-                Some((u, Secret(password)))
-            }
-            None => None,
         };
         let election = if self.no_election || file.election == Some(false) {
             None
@@ -454,7 +371,7 @@ impl Settings {
                 DEFAULT_PRUNE_INTERVAL,
             )?,
             election,
-            endpoints,
+            etcd,
             archive,
             data_dir: self
                 .data_dir
@@ -496,8 +413,6 @@ impl Settings {
                 file.shutdown_timeout,
                 DEFAULT_SHUTDOWN_TIMEOUT,
             )?,
-            tls,
-            auth,
         })
     }
 }
@@ -516,7 +431,7 @@ mod tests {
     #[test]
     fn defaults_apply() {
         let c = base().resolve().unwrap();
-        assert_eq!(c.endpoints, vec![DEFAULT_ENDPOINT]);
+        assert_eq!(c.etcd.endpoints, vec![DEFAULT_ENDPOINT]);
         assert_eq!(c.segment_max_age, DEFAULT_SEGMENT_MAX_AGE);
         assert_eq!(c.segment_max_bytes, DEFAULT_SEGMENT_MAX_BYTES);
     }

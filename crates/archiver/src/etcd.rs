@@ -1,67 +1,14 @@
 //! Connecting to etcd and the few reads the archiver makes besides the watch.
 
-use std::time::Duration;
 
 use anyhow::Context;
-use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use etcd_client::{Client, GetOptions};
 use etcdpitr_common::segment::{Event, EventKind, RevisionRecord};
 use etcdpitr_common::Revision;
 
 use crate::config::Config;
 
-/// Largest gRPC message accepted from etcd. Fragmented watch responses stay
-/// near etcd's request limit, but a single event (or a snapshot of a key
-/// with a huge value) may exceed tonic's 4 MiB default.
-pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
-
-/// Whether an etcd error is final (bad credentials or permissions), as
-/// opposed to a member or network failure worth retrying.
-pub fn is_denied(error: &anyhow::Error) -> bool {
-    error.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<etcd_client::Error>(),
-            Some(etcd_client::Error::GRpcStatus(s)) if matches!(
-                s.code(),
-                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-            ) || s.message().contains("authentication failed")
-        )
-    })
-}
-
-/// Whether an etcd error says the auth token is invalid or expired. Most
-/// RPCs answer `Unauthenticated`; etcd 3.5's Maintenance.Snapshot answers
-/// `Unknown` with "auth: invalid auth token", which the client's own refresh
-/// does not recognize.
-pub fn is_invalid_token(error: &etcd_client::Error) -> bool {
-    matches!(
-        error,
-        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unauthenticated
-            || s.message().contains("invalid auth token")
-    )
-}
-
-/// Runs `call`, and once more after re-authenticating if etcd says the
-/// token expired (a no-op refresh without credentials).
-///
-/// # Errors
-/// The call's error, or the re-authentication's.
-pub async fn with_fresh_token<T, F, Fut>(client: &Client, mut call: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    match call().await {
-        Err(e) if is_invalid_token(&e) => {
-            tracing::debug!("etcd auth token expired; re-authenticating");
-            client
-                .refresh_token()
-                .await
-                .context("re-authenticate with etcd")?;
-            Ok(call().await?)
-        }
-        other => Ok(other?),
-    }
-}
+pub use etcdpitr_common::etcd::{is_denied, with_fresh_token, MAX_MESSAGE_BYTES};
 
 /// What the cluster says about itself in a response header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,33 +24,7 @@ pub struct ClusterInfo {
 /// # Errors
 /// Connection or authentication failures.
 pub async fn connect(config: &Config) -> anyhow::Result<Client> {
-    let mut opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    if let Some(tls) = &config.tls {
-        let mut t = TlsOptions::new();
-        if let Some(ca) = &tls.ca_pem {
-            t = t.ca_certificate(Certificate::from_pem(ca));
-        }
-        if let Some((cert, key)) = &tls.identity {
-            t = t.identity(Identity::from_pem(cert, key));
-        }
-        opts = opts.with_tls(t);
-    }
-    if let Some((user, password)) = &config.auth {
-        // etcd expires auth tokens (simple tokens after `--auth-token-ttl`
-        // idle seconds, JWTs at their expiry). The client re-authenticates
-        // and retries once on `Unauthenticated`; the snapshot RPC reports
-        // an expired token differently, see `with_fresh_token`.
-        opts = opts
-            .with_user(user.clone(), password.0.clone())
-            .with_auto_token_refresh(true);
-    }
-    Client::connect(&config.endpoints, Some(opts))
-        .await
-        .with_context(|| format!("connect to etcd at {}", config.endpoints.join(",")))
+    config.etcd.connect().await
 }
 
 /// Reads the cluster ID and current revision (a linearizable read of one

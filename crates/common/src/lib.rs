@@ -12,6 +12,7 @@
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`object_lock`]: S3 Object Lock (upload checksums, reading retentions).
 //! - [`crypto`]: encryption at rest: keys and the sealed-object envelope.
+//! - [`etcd`]: connecting to etcd (endpoints, TLS, credentials), error classes.
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod chain;
 pub mod cli;
 pub mod crypto;
+pub mod etcd;
 pub mod hashchain;
 pub mod layout;
 pub mod listing;
