@@ -1,6 +1,5 @@
 //! Connecting to etcd and the few reads the archiver makes besides the watch.
 
-
 use anyhow::Context;
 use etcd_client::{Client, GetOptions};
 use etcdpitr_common::segment::{Event, EventKind, RevisionRecord};

@@ -121,9 +121,9 @@ impl Connection {
                         .trim_end_matches(['\n', '\r'])
                         .to_owned(),
                     (None, Ok(p)) => p,
-                    (None, Err(_)) => bail!(
-                        "--user: a password is required in {password_env} or --password-file"
-                    ),
+                    (None, Err(_)) => {
+                        bail!("--user: a password is required in {password_env} or --password-file")
+                    }
                 };
                 Some((u, Secret(password)))
             }

@@ -16,6 +16,7 @@
 //! - [`catalog`]: the local SQLite catalog (a cache of the store).
 //! - [`bbolt`]: a read-only bbolt reader (snapshot revision, bucket walks).
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
+//! - [`metrics`]: a Prometheus endpoint.
 //! - [`cli`]: logging, runtime and exit codes shared by the binaries.
 
 pub mod bbolt;
@@ -28,6 +29,7 @@ pub mod hashchain;
 pub mod layout;
 pub mod listing;
 pub mod manifest;
+pub mod metrics;
 pub mod object_lock;
 pub mod prune;
 pub mod retention;

@@ -7,8 +7,8 @@
 //! - [`bolt_writer`]: a streaming bbolt file writer.
 //! - [`synth`]: the restored etcd snapshot file, and its read-back check.
 //! - [`diff`]: the difference between two points from the keys a span touched (pure).
-//! - [`commands`]: `list`, `restore`, `export`, `verify`, `history` and `diff`
-//!   as the binary runs them.
+//! - [`commands`]: `list`, `restore`, `export`, `verify`, `history`, `diff`
+//!   and `follow` as the binary runs them.
 //!
 //! Exit codes are part of the interface; see [`ExitKind`].
 
@@ -36,14 +36,20 @@ pub enum ExitKind {
     Integrity = 4,
     /// 5: the store could not be reached or refused access.
     StoreUnreachable = 5,
+    /// 6: `follow`'s destination is not the archive's history (refused
+    /// before writing, or written to by someone else while followed).
+    Diverged = 6,
 }
 
 /// Classifies an error chain into an exit code.
 pub fn classify(error: &anyhow::Error) -> ExitKind {
     use etcdpitr_common::listing::ListingError;
     for cause in error.chain() {
-        if cause.is::<plan::PlanError>() {
+        if cause.is::<plan::PlanError>() || cause.is::<commands::ArchiveEnds>() {
             return ExitKind::NotRestorable;
+        }
+        if cause.is::<commands::Diverged>() {
+            return ExitKind::Diverged;
         }
         if cause.is::<UsageError>() {
             return ExitKind::Usage;

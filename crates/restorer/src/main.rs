@@ -5,8 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use etcd_restorer::commands::{self, DiffOptions, HistoryOptions, Span, Target};
+use etcd_restorer::commands::{
+    self, DiffOptions, FollowOptions, HistoryOptions, Span, Target, Until,
+};
 use etcd_restorer::synth::Bump;
+use etcd_restorer::UsageError;
+use etcdpitr_common::etcd::{Connection, ConnectionFlags};
 
 /// Restores etcd to any archived revision or moment.
 #[derive(Parser)]
@@ -28,6 +32,62 @@ struct KeyArgs {
         value_delimiter = ','
     )]
     files: Vec<PathBuf>,
+}
+
+/// The destination etcd cluster of `follow`.
+#[derive(Args)]
+struct DestinationArgs {
+    /// Destination etcd endpoints, comma separated.
+    #[arg(
+        long,
+        env = "ETCD_RESTORER_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    endpoints: Vec<String>,
+    /// CA certificate (PEM) to verify the destination's server certificate.
+    #[arg(long, env = "ETCD_RESTORER_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for the destination.
+    #[arg(long, env = "ETCD_RESTORER_CERT")]
+    cert: Option<PathBuf>,
+    /// Client key (PEM) for the destination.
+    #[arg(long, env = "ETCD_RESTORER_KEY")]
+    key: Option<PathBuf>,
+    /// etcd user name (password from ETCD_RESTORER_PASSWORD or --password-file).
+    #[arg(long, env = "ETCD_RESTORER_USER")]
+    user: Option<String>,
+    /// File holding the etcd password.
+    #[arg(long, env = "ETCD_RESTORER_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+}
+
+impl DestinationArgs {
+    fn connection(self) -> anyhow::Result<Connection> {
+        Connection::resolve(
+            ConnectionFlags {
+                endpoints: self.endpoints,
+                cacert: self.cacert,
+                cert: self.cert,
+                key: self.key,
+                user: self.user,
+                password_file: self.password_file,
+            },
+            "ETCD_RESTORER_PASSWORD",
+        )
+        .map_err(|e| UsageError(format!("{e:#}")).into())
+    }
+}
+
+fn duration(flag: &str, text: &str) -> Result<std::time::Duration, UsageError> {
+    humantime::parse_duration(text.trim())
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            UsageError(format!(
+                "{flag}: {text:?} is not a duration like 500ms, 10s or 10m"
+            ))
+        })
 }
 
 #[derive(Args)]
@@ -87,6 +147,11 @@ enum Command {
         /// Mark the bumped revision as compacted (needs --bump-revision).
         #[arg(long)]
         mark_compacted: bool,
+        /// For a `follow` seed: give leases granted for less this TTL (e.g.
+        /// 10m), so the seeded member does not expire them before follow
+        /// keeps them alive. Their keys then outlive a dead owner that long.
+        #[arg(long, value_name = "DURATION")]
+        min_lease_ttl: Option<String>,
         /// Overwrite an existing output file.
         #[arg(long)]
         force: bool,
@@ -145,6 +210,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a destination etcd cluster identical to the archive's source,
+    /// revision for revision (for migrations with a cutover of seconds).
+    Follow {
+        /// Archive URL.
+        #[arg(long, env = "ETCD_RESTORER_ARCHIVE")]
+        archive: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        destination: DestinationArgs,
+        /// Stop once the destination holds this revision.
+        #[arg(long, conflicts_with = "until_caught_up")]
+        until_revision: Option<i64>,
+        /// Stop once the destination holds the archive's last revision and
+        /// the archive says the source is still there (it quiesced); print
+        /// the cutover gap.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Serve Prometheus metrics (and /healthz) on this address.
+        #[arg(long, env = "ETCD_RESTORER_METRICS_ADDR", value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Revisions sent to the destination before the first is confirmed.
+        #[arg(long, default_value_t = 64)]
+        max_in_flight: usize,
+        /// The destination's --max-txn-ops (a revision with more events is
+        /// applied with range deletes, each checked to be exact).
+        #[arg(long, default_value_t = 128)]
+        max_txn_ops: usize,
+        /// How often to look for new segments once caught up.
+        #[arg(long, default_value = "200ms")]
+        poll_interval: String,
+        /// How often to log the applied revision and the lag.
+        #[arg(long, default_value = "10s")]
+        log_interval: String,
+    },
     /// Keys added, changed and deleted between two points, by key.
     Diff {
         /// Archive URL.
@@ -175,6 +275,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // follow is long-running: its progress lines are INFO.
+    let log_default = if matches!(cli.command, Command::Follow { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     let command = async {
         let mut stdout = std::io::stdout().lock();
         match cli.command {
@@ -189,11 +295,20 @@ fn main() -> ExitCode {
                 dry_run,
                 bump_revision,
                 mark_compacted,
+                min_lease_ttl,
                 force,
             } => {
+                let min_lease_ttl_secs = match min_lease_ttl {
+                    Some(text) => {
+                        let d = duration("--min-lease-ttl", &text)?;
+                        i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)
+                    }
+                    None => 0,
+                };
                 let bump = Bump {
                     revisions: bump_revision,
                     mark_compacted,
+                    min_lease_ttl_secs,
                 };
                 commands::restore(
                     &target.archive,
@@ -255,6 +370,34 @@ fn main() -> ExitCode {
                 };
                 commands::history(&archive, &keys.files, &span, &options, &mut stdout).await
             }
+            Command::Follow {
+                archive,
+                keys,
+                destination,
+                until_revision,
+                until_caught_up,
+                metrics_addr,
+                max_in_flight,
+                max_txn_ops,
+                poll_interval,
+                log_interval,
+            } => {
+                let until = match (until_revision, until_caught_up) {
+                    (Some(r), _) => Until::Revision(r),
+                    (None, true) => Until::CaughtUp,
+                    (None, false) => Until::Forever,
+                };
+                let options = FollowOptions {
+                    until,
+                    max_in_flight,
+                    max_txn_ops,
+                    poll_interval: duration("--poll-interval", &poll_interval)?,
+                    log_interval: duration("--log-interval", &log_interval)?,
+                    metrics_addr,
+                };
+                let destination = destination.connection()?;
+                commands::follow(&archive, &keys.files, &destination, &options, &mut stdout).await
+            }
             Command::Diff {
                 archive,
                 keys,
@@ -279,7 +422,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    etcdpitr_common::cli::run_main("ETCD_RESTORER_LOG", "warn", command, |e| {
+    etcdpitr_common::cli::run_main("ETCD_RESTORER_LOG", log_default, command, |e| {
         etcd_restorer::classify(e) as u8
     })
 }

@@ -155,14 +155,47 @@ pub fn encode_lease(lease: &LeaseRecord) -> Vec<u8> {
     out
 }
 
-/// How to mark the restored revision as compacted after a bump, like etcd
-/// 3.6's `etcdutl snapshot restore --bump-revision N --mark-compacted`.
+/// `leasepb.Lease` as etcd stores it: its ID and granted TTL (the inverse
+/// of [`encode_lease`]; other fields are skipped).
+pub fn decode_lease(b: &[u8]) -> Option<(i64, i64)> {
+    let (mut id, mut ttl) = (None, 0);
+    let mut at = 0;
+    while at < b.len() {
+        let tag = get_varint(b, &mut at)?;
+        match (tag >> 3, tag & 7) {
+            (field, 0) => {
+                let v = get_varint(b, &mut at)? as i64;
+                match field {
+                    1 => id = Some(v),
+                    2 => ttl = v,
+                    _ => {}
+                }
+            }
+            (_, 2) => {
+                let len = usize::try_from(get_varint(b, &mut at)?).ok()?;
+                at = at.checked_add(len).filter(|&end| end <= b.len())?;
+            }
+            _ => return None,
+        }
+    }
+    Some((id?, ttl))
+}
+
+/// How the restored file departs from the archived state at the target:
+/// revisions skipped after it (like etcd 3.6's `etcdutl snapshot restore
+/// --bump-revision N --mark-compacted`), and lease TTLs lengthened for a
+/// `follow` seed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bump {
     /// Revisions to skip after the target.
     pub revisions: i64,
     /// Also mark the bumped revision as compacted.
     pub mark_compacted: bool,
+    /// Leases granted for fewer seconds get this TTL (0: none changed).
+    /// etcd gives every restored lease its full TTL when the member
+    /// starts; a seed that `follow` attaches to later must not expire a
+    /// lease on its own in between.
+    pub min_lease_ttl_secs: i64,
 }
 
 /// Feeds the events that follow the base snapshot.
@@ -190,6 +223,8 @@ pub struct Summary {
     pub replayed: u64,
     /// Bytes of the file (with the sha256 trailer).
     pub bytes: u64,
+    /// Leases whose TTL was raised to [`Bump::min_lease_ttl_secs`].
+    pub lengthened_leases: u64,
 }
 
 /// The restored file could not be written or did not read back as written.
@@ -271,6 +306,7 @@ pub fn synthesize(
         key_entries: 0,
         replayed: 0,
         bytes: 0,
+        lengthened_leases: 0,
     };
     for (name, sequence) in &buckets {
         let root = match name.as_slice() {
@@ -328,6 +364,22 @@ pub fn synthesize(
                     Ok(())
                 })
                 .map_err(bolt_err)?;
+                if bump.min_lease_ttl_secs > 0 {
+                    for v in leases.values_mut() {
+                        match decode_lease(v) {
+                            Some((id, ttl)) if ttl < bump.min_lease_ttl_secs => {
+                                *v = encode_lease(&LeaseRecord {
+                                    id,
+                                    ttl_secs: bump.min_lease_ttl_secs,
+                                    revision: 0,
+                                });
+                                summary.lengthened_leases += 1;
+                            }
+                            Some(_) => {}
+                            None => bail!("base snapshot: a lease entry does not decode"),
+                        }
+                    }
+                }
                 write_map(&mut w, &leases).map_err(&werr)?
             }
             b"meta" => {
@@ -590,6 +642,7 @@ mod tests {
             key_entries: 0,
             replayed: 0,
             bytes: 0,
+            lengthened_leases: 0,
         };
         let err = verify_output(&path, &summary).unwrap_err();
         assert!(matches!(err, OutputError::Read { .. }), "{err}");

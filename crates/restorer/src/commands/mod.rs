@@ -1,8 +1,10 @@
 //! The restorer's commands, as the binary (and the tests) run them: one
-//! file per command, shared target resolution and event streaming here.
+//! file (or directory) per command, shared target resolution and event
+//! streaming here.
 
 mod diff;
 mod export;
+mod follow;
 mod history;
 mod list;
 mod restore;
@@ -10,6 +12,7 @@ mod verify;
 
 pub use diff::{diff, DiffOptions};
 pub use export::export;
+pub use follow::{follow, ArchiveEnds, Diverged, FollowOptions, Until};
 pub use history::{history, HistoryOptions};
 pub use list::{list, list_view, ListGap, ListGeneration, ListOutput, ListRange};
 pub use restore::restore;

@@ -154,5 +154,11 @@ pub async fn restore(
         started.elapsed().as_secs_f64(),
         output.display()
     );
+    if summary.lengthened_leases > 0 {
+        println!(
+            "lengthened {} lease TTLs to {} s (--min-lease-ttl): keys attached to them now outlive a dead owner that long",
+            summary.lengthened_leases, bump.min_lease_ttl_secs
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,195 @@
+//! A Prometheus endpoint: gauges and counters kept in atomics, served as
+//! text exposition format on `/metrics` (and `200 ok` on `/healthz`) by a
+//! small HTTP/1.1 listener.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Gauge or counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A total that only grows.
+    Counter,
+}
+
+/// One metric: a name, its help text and an `f64` value.
+#[derive(Debug)]
+pub struct Metric {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    bits: AtomicU64,
+}
+
+impl Metric {
+    /// Sets the value.
+    pub fn set(&self, v: f64) {
+        self.bits.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Adds to the value.
+    pub fn add(&self, v: f64) {
+        let _ = self
+            .bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((f64::from_bits(b) + v).to_bits())
+            });
+    }
+
+    /// The value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.bits.load(Ordering::Relaxed))
+    }
+}
+
+/// The metrics a process exposes.
+#[derive(Debug, Default)]
+pub struct Registry {
+    metrics: Vec<Arc<Metric>>,
+}
+
+impl Registry {
+    /// Registers a metric (value 0).
+    pub fn register(&mut self, name: &'static str, help: &'static str, kind: Kind) -> Arc<Metric> {
+        let m = Arc::new(Metric {
+            name,
+            help,
+            kind,
+            bits: AtomicU64::new(0f64.to_bits()),
+        });
+        self.metrics.push(m.clone());
+        m
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for m in &self.metrics {
+            let kind = match m.kind {
+                Kind::Gauge => "gauge",
+                Kind::Counter => "counter",
+            };
+            let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
+            let _ = writeln!(out, "# TYPE {} {kind}", m.name);
+            let _ = writeln!(out, "{} {}", m.name, m.get());
+        }
+        out
+    }
+}
+
+/// Listens on `addr` and serves `registry` until the process ends.
+///
+/// # Errors
+/// The address cannot be bound (named in the message).
+pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr: cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), answer(conn, &registry)).await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+/// Answers one request and closes the connection.
+async fn answer(mut conn: tokio::net::TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            registry.render(),
+        ),
+        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_metrics_and_health() {
+        let mut registry = Registry::default();
+        let applied = registry.register("test_applied_revision", "Applied.", Kind::Gauge);
+        let total = registry.register("test_applied_total", "Total.", Kind::Counter);
+        applied.set(42.0);
+        total.add(3.0);
+        total.add(2.0);
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(registry))
+            .await
+            .unwrap();
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let metrics = get("/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+        assert!(metrics.contains("# TYPE test_applied_revision gauge\ntest_applied_revision 42\n"));
+        assert!(metrics.contains("# TYPE test_applied_total counter\ntest_applied_total 5\n"));
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200 OK"));
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_is_named() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = serve(addr, Arc::new(Registry::default()))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains(&format!("--metrics-addr: cannot listen on {addr}")));
+    }
+}

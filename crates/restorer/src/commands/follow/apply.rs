@@ -1,0 +1,606 @@
+//! Applying archived revisions to the destination: each revision as one
+//! transaction holding its events in order, several transactions in
+//! flight.
+//!
+//! Each transaction is guarded by a compare that holds only once the
+//! previous revision is applied: the previous revision's first put left
+//! its key at exactly that mod revision, which no earlier state of the
+//! destination can show. So a transaction that overtakes its predecessor
+//! changes nothing (a failed compare with no else-branch writes nothing and
+//! creates no revision) and is sent again. A revision after one that only
+//! deletes has no such mark (an absent key may also be absent earlier): it
+//! is sent once everything before it is confirmed, guarded by the deleted
+//! key's absence. After every commit the response's header revision must
+//! equal the archived revision; anything else means someone else wrote to
+//! the destination, and nothing more is sent.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcdpitr_common::segment::{Event, EventKind, RevisionRecord};
+use etcdpitr_common::Revision;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+
+use super::leases::{self, KeepAlive, LeaseBook};
+use super::Diverged;
+
+/// How one revision is applied.
+#[derive(Clone, Debug)]
+enum Action {
+    /// A transaction of `ops`; `deletes[i]` is how many keys op `i` must
+    /// delete (`None` for a put).
+    Txn {
+        ops: Vec<TxnOp>,
+        deletes: Vec<Option<i64>>,
+    },
+    /// A lease revoke: the revision deletes exactly the keys of this lease
+    /// (the source revoked it or it expired).
+    Revoke(i64),
+}
+
+struct Pending {
+    revision: Revision,
+    action: Action,
+    /// The guard of the next revision: this revision's effect.
+    guard_next: Option<Guard>,
+    /// The first events of this revision, to recognise it in the destination.
+    fingerprint: Vec<Event>,
+}
+
+type InFlight = FuturesOrdered<
+    futures::future::BoxFuture<'static, (Revision, Result<TxnResponse, etcd_client::Error>)>,
+>;
+
+/// What the applier has done.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Applied {
+    /// The destination's revision as last confirmed.
+    pub revision: Revision,
+    /// Unix ms the source's archiver observed that revision (0: unknown).
+    pub observed_ms: i64,
+    /// Unix ms it was confirmed in the destination.
+    pub confirmed_ms: i64,
+}
+
+/// Sends revisions in order, `window` at a time, and confirms each.
+pub struct Applier {
+    client: Client,
+    window: usize,
+    max_txn_ops: usize,
+    inflight: InFlight,
+    pending: VecDeque<(Pending, i64)>,
+    applied: Applied,
+    confirmed_guard: Option<Guard>,
+    book: LeaseBook,
+    keep_alive: KeepAlive,
+    alive: HashSet<i64>,
+    retire_at: Vec<(Revision, i64)>,
+}
+
+impl Applier {
+    /// An applier for a destination proven to hold the archive's revision
+    /// `applied.revision`, whose live keys use the leases in `book`, all
+    /// kept alive by `keep_alive`. `last` is that revision's record, if
+    /// known (its effect guards the first transaction).
+    pub fn new(
+        client: Client,
+        window: usize,
+        max_txn_ops: usize,
+        applied: Applied,
+        last: Option<&RevisionRecord>,
+        book: LeaseBook,
+        keep_alive: KeepAlive,
+    ) -> Self {
+        let alive = book.used().collect();
+        Self {
+            client,
+            window: window.max(1),
+            max_txn_ops: max_txn_ops.max(1),
+            inflight: FuturesOrdered::new(),
+            pending: VecDeque::new(),
+            applied,
+            confirmed_guard: last.and_then(guard_after),
+            book,
+            keep_alive,
+            alive,
+            retire_at: Vec::new(),
+        }
+    }
+
+    /// The last confirmed revision.
+    pub fn applied(&self) -> Applied {
+        self.applied
+    }
+
+    /// The last revision sent (confirmed or not).
+    pub fn sent(&self) -> Revision {
+        self.pending
+            .back()
+            .map_or(self.applied.revision, |(p, _)| p.revision)
+    }
+
+    /// When the source wrote the oldest revision sent but not confirmed.
+    pub fn oldest_unconfirmed_observed_ms(&self) -> Option<i64> {
+        self.pending.front().map(|&(_, ms)| ms)
+    }
+
+    /// Records a lease's granted TTL from the archive.
+    pub fn lease_granted(&mut self, id: i64, ttl_secs: i64) {
+        self.book.granted(id, ttl_secs);
+    }
+
+    /// Sends `record` (the revision after the last one sent).
+    ///
+    /// # Errors
+    /// [`Diverged`] when the destination is no longer the archive's
+    /// history; etcd failures that outlast the retries.
+    pub async fn apply(&mut self, record: &RevisionRecord) -> anyhow::Result<()> {
+        let expected = self.sent() + 1;
+        if record.revision != expected {
+            bail!(
+                "archive revision {} follows {}: the chain is broken",
+                record.revision,
+                expected - 1
+            );
+        }
+        for e in &record.events {
+            if e.kind == EventKind::Put && e.lease != 0 {
+                let ttl = self.book.ttl(e.lease).with_context(|| {
+                    format!(
+                        "the archive has no TTL for lease {:x} of revision {}",
+                        e.lease, record.revision
+                    )
+                })?;
+                leases::ensure(
+                    &mut self.client,
+                    &self.keep_alive,
+                    &mut self.alive,
+                    e.lease,
+                    ttl,
+                )
+                .await?;
+            }
+        }
+        let action = self.action_for(record).await?;
+        for e in &record.events {
+            if let Some(lease) = self.book.apply(e) {
+                self.retire_at.push((record.revision, lease));
+            }
+        }
+        let guard = self
+            .pending
+            .back()
+            .map_or(self.confirmed_guard.clone(), |(p, _)| p.guard_next.clone());
+        let pending = Pending {
+            revision: record.revision,
+            action,
+            guard_next: guard_after(record),
+            fingerprint: record.events.iter().take(4).cloned().collect(),
+        };
+        if let (Action::Txn { ops, .. }, Some(Guard::Put(guard))) = (&pending.action, guard) {
+            let txn = Txn::new().when([guard]).and_then(ops.clone());
+            self.send(record.revision, txn);
+            self.pending.push_back((pending, record.observed_ms));
+            while self.inflight.len() >= self.window {
+                self.complete_one().await?;
+            }
+        } else {
+            // Not pipelined (after a delete-only revision, nothing known of
+            // the previous revision, or a revoke): only once everything
+            // before it is confirmed.
+            self.drain().await?;
+            self.pending.push_back((pending, record.observed_ms));
+            self.send_alone().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every revision sent is confirmed.
+    ///
+    /// # Errors
+    /// As for [`Self::apply`].
+    pub async fn drain(&mut self) -> anyhow::Result<()> {
+        while !self.inflight.is_empty() {
+            self.complete_one().await?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, revision: Revision, txn: Txn) {
+        tracing::trace!(revision, "send");
+        let mut kv = self.client.kv_client();
+        self.inflight
+            .push_back(Box::pin(async move { (revision, kv.txn(txn).await) }));
+    }
+
+    /// Sends the oldest pending revision on its own and confirms it,
+    /// retrying etcd failures.
+    async fn send_alone(&mut self) -> anyhow::Result<()> {
+        let target = self.pending.front().expect("a pending revision").0.revision;
+        let mut delay = Duration::from_millis(100);
+        while self.applied.revision < target {
+            let before = self.applied.revision;
+            let (p, _) = self.pending.front().expect("a pending revision");
+            let outcome = match &p.action {
+                Action::Txn { ops, .. } => {
+                    let txn = match &self.confirmed_guard {
+                        Some(Guard::Put(g) | Guard::Delete(g)) => Txn::new().when([g.clone()]),
+                        None => Txn::new(),
+                    };
+                    self.client.txn(txn.and_then(ops.clone())).await.map(Some)
+                }
+                Action::Revoke(id) => self.client.lease_revoke(*id).await.map(|_| None),
+            };
+            match outcome {
+                Ok(Some(resp)) if resp.succeeded() => self.confirm(target, &resp)?,
+                Ok(None) => {
+                    let now = current_revision(&mut self.client).await?;
+                    if now != target {
+                        return Err(diverged(target, now));
+                    }
+                    self.confirmed(target);
+                }
+                Ok(Some(_)) => {
+                    // The guard failed although every earlier revision is
+                    // confirmed, unless the destination moved meanwhile.
+                    self.sync_position().await?;
+                    if self.applied.revision == before {
+                        return Err(Diverged(format!(
+                            "the destination at revision {before} does not read as the archive's revision {before} (the guard of revision {target} failed); follow stopped and wrote nothing more"
+                        ))
+                        .into());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(revision = target, error = %e, "applying a revision failed; checking the destination");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    self.sync_position().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn complete_one(&mut self) -> anyhow::Result<()> {
+        let Some((revision, result)) = self.inflight.next().await else {
+            return Ok(());
+        };
+        tracing::trace!(revision, ok = result.is_ok(), "answer");
+        match result {
+            Ok(resp) if resp.succeeded() => self.confirm(revision, &resp),
+            Ok(_) => {
+                tracing::debug!(revision, "guard failed (overtaken); resending in order");
+                self.resync().await
+            }
+            Err(e) => {
+                tracing::warn!(revision, error = %e, "applying a revision failed; checking the destination");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.resync().await
+            }
+        }
+    }
+
+    /// Checks a committed transaction: its revision and what it deleted.
+    fn confirm(&mut self, revision: Revision, resp: &TxnResponse) -> anyhow::Result<()> {
+        let got = resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        if got != revision {
+            return Err(diverged(revision, got));
+        }
+        let (p, _) = self.pending.front().expect("a pending revision");
+        if let Action::Txn { deletes, .. } = &p.action {
+            for (i, (want, op)) in deletes.iter().zip(resp.op_responses()).enumerate() {
+                if let (Some(want), TxnOpResponse::Delete(d)) = (want, op) {
+                    if d.deleted() != *want {
+                        return Err(Diverged(format!(
+                            "archived revision {revision}: operation {i} deleted {} keys in the destination, the archive says {want}",
+                            d.deleted()
+                        ))
+                        .into());
+                    }
+                }
+            }
+        }
+        self.confirmed(revision);
+        Ok(())
+    }
+
+    fn confirmed(&mut self, revision: Revision) {
+        let (p, observed_ms) = self.pending.pop_front().expect("a pending revision");
+        debug_assert_eq!(p.revision, revision);
+        self.confirmed_guard = p.guard_next;
+        self.applied = Applied {
+            revision,
+            observed_ms,
+            confirmed_ms: etcdpitr_common::now_ms(),
+        };
+    }
+
+    /// Leases whose last key went away in a confirmed revision, and that
+    /// no later revision sent uses again: revoke them in the destination.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn retire_leases(&mut self) -> anyhow::Result<()> {
+        let confirmed = self.applied.revision;
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.retire_at.drain(..).partition(|&(r, _)| r <= confirmed);
+        self.retire_at = later;
+        for (_, id) in due {
+            if !self.book.in_use(id) {
+                leases::retire(&mut self.client, &self.keep_alive, &mut self.alive, id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed or overtaken transaction: confirms what the
+    /// destination holds, then sends the rest again one by one.
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        self.sync_position().await?;
+        while !self.pending.is_empty() {
+            self.send_alone().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every answer still due, reads the destination's revision
+    /// and counts the pending revisions it holds as confirmed, after
+    /// recognising the newest of them there.
+    async fn sync_position(&mut self) -> anyhow::Result<()> {
+        while self.inflight.next().await.is_some() {}
+        let mut delay = Duration::from_millis(100);
+        let now = loop {
+            match current_revision(&mut self.client).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cannot read the destination's revision; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let confirmed = self.applied.revision;
+        if now < confirmed || now > self.sent() {
+            return Err(diverged(confirmed + 1, now));
+        }
+        if now > confirmed {
+            let (p, _) = self
+                .pending
+                .iter()
+                .find(|(p, _)| p.revision == now)
+                .expect("a pending revision up to sent()");
+            check_holds(&mut self.client, now, &p.fingerprint).await?;
+            while self.applied.revision < now {
+                let r = self.applied.revision + 1;
+                self.confirmed(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// How to apply `record`: one op per event, or fewer when the
+    /// destination's `--max-txn-ops` would refuse that many.
+    async fn action_for(&mut self, record: &RevisionRecord) -> anyhow::Result<Action> {
+        let events = &record.events;
+        if events.len() > self.max_txn_ops && events.iter().all(|e| e.kind == EventKind::Delete) {
+            if let Some(lease) = self.revoked_lease(events) {
+                return Ok(Action::Revoke(lease));
+            }
+        }
+        let mut ops = Vec::new();
+        let mut deletes = Vec::new();
+        if events.len() <= self.max_txn_ops {
+            for e in events {
+                match e.kind {
+                    EventKind::Put => {
+                        let opts = (e.lease != 0)
+                            .then(|| etcd_client::PutOptions::new().with_lease(e.lease));
+                        ops.push(TxnOp::put(e.key.clone(), e.value.clone(), opts));
+                        deletes.push(None);
+                    }
+                    EventKind::Delete => {
+                        ops.push(TxnOp::delete(e.key.clone(), None));
+                        deletes.push(Some(1));
+                    }
+                }
+            }
+        } else {
+            // Runs of deletes become range deletes, each checked to cover
+            // exactly the archived keys in the destination (which must be
+            // at the previous revision to be counted).
+            self.drain().await?;
+            let mut i = 0;
+            while i < events.len() {
+                let e = &events[i];
+                if e.kind == EventKind::Put {
+                    let opts =
+                        (e.lease != 0).then(|| etcd_client::PutOptions::new().with_lease(e.lease));
+                    ops.push(TxnOp::put(e.key.clone(), e.value.clone(), opts));
+                    deletes.push(None);
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j + 1 < events.len()
+                    && events[j + 1].kind == EventKind::Delete
+                    && events[j + 1].key > events[j].key
+                {
+                    j += 1;
+                }
+                let keys: Vec<&[u8]> = events[i..=j].iter().map(|e| e.key.as_slice()).collect();
+                for (from, to) in self.exact_ranges(record.revision - 1, &keys).await? {
+                    let n = to - from;
+                    let end = range_end_after(keys[to - 1]);
+                    ops.push(TxnOp::delete(
+                        keys[from].to_vec(),
+                        Some(etcd_client::DeleteOptions::new().with_range(end)),
+                    ));
+                    deletes.push(Some(n as i64));
+                }
+                i = j + 1;
+            }
+            if ops.len() > self.max_txn_ops {
+                bail!(
+                    "archived revision {} holds {} events that need {} operations in one transaction, more than --max-txn-ops {}: raise etcd's --max-txn-ops on the destination and pass the same value to follow",
+                    record.revision,
+                    events.len(),
+                    ops.len(),
+                    self.max_txn_ops
+                );
+            }
+        }
+        Ok(Action::Txn { ops, deletes })
+    }
+
+    /// The lease whose keys are exactly those `deletes` removes, if any.
+    fn revoked_lease(&self, deletes: &[Event]) -> Option<i64> {
+        let lease = self.book.lease(&deletes.first()?.key)?;
+        (self.book.key_count(lease) == deletes.len()
+            && deletes
+                .iter()
+                .all(|e| self.book.lease(&e.key) == Some(lease))
+            && deletes.windows(2).all(|w| w[0].key < w[1].key))
+        .then_some(lease)
+    }
+
+    /// Splits sorted `keys` into index ranges `[from, to)` such that the
+    /// destination at `revision` holds no other key between the first and
+    /// the last key of each.
+    async fn exact_ranges(
+        &mut self,
+        revision: Revision,
+        keys: &[&[u8]],
+    ) -> anyhow::Result<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        let mut todo = vec![(0, keys.len())];
+        while let Some((from, to)) = todo.pop() {
+            if to - from == 1 {
+                out.push((from, to));
+                continue;
+            }
+            let resp = self
+                .client
+                .get(
+                    keys[from].to_vec(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(range_end_after(keys[to - 1]))
+                            .with_revision(revision)
+                            .with_count_only(),
+                    ),
+                )
+                .await
+                .context("count keys in the destination")?;
+            if resp.count() == (to - from) as i64 {
+                out.push((from, to));
+            } else {
+                let mid = from + (to - from) / 2;
+                todo.push((mid, to));
+                todo.push((from, mid));
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+}
+
+/// The smallest key after `key` (a range `[a, range_end_after(b))` ends
+/// right after `b`).
+fn range_end_after(key: &[u8]) -> Vec<u8> {
+    let mut end = key.to_vec();
+    end.push(0);
+    end
+}
+
+/// A compare that holds once a revision is applied.
+#[derive(Clone, Debug)]
+enum Guard {
+    /// Its first put's key has its mod revision: true only from that
+    /// revision on, so a transaction guarded by it may be sent early.
+    Put(Compare),
+    /// Its first deleted key is absent: also true before the key was
+    /// created, so only a check once everything before is confirmed.
+    Delete(Compare),
+}
+
+/// The guard that holds once `record` is applied.
+fn guard_after(record: &RevisionRecord) -> Option<Guard> {
+    if let Some(put) = record.events.iter().find(|e| e.kind == EventKind::Put) {
+        return Some(Guard::Put(Compare::mod_revision(
+            put.key.clone(),
+            CompareOp::Equal,
+            record.revision,
+        )));
+    }
+    record
+        .events
+        .first()
+        .map(|d| Guard::Delete(Compare::version(d.key.clone(), CompareOp::Equal, 0)))
+}
+
+fn diverged(expected: Revision, got: Revision) -> anyhow::Error {
+    Diverged(format!(
+        "the destination is at revision {got} where archived revision {expected} was expected: something else wrote to it; follow stopped and wrote nothing more"
+    ))
+    .into()
+}
+
+/// The destination's current revision.
+///
+/// # Errors
+/// etcd failures.
+pub async fn current_revision(client: &mut Client) -> anyhow::Result<Revision> {
+    let resp = client
+        .get(vec![0u8], Some(GetOptions::new().with_count_only()))
+        .await
+        .context("read the destination's revision")?;
+    Ok(resp
+        .header()
+        .context("etcd response without header")?
+        .revision())
+}
+
+/// Checks that the destination's revision `revision` is the archived one:
+/// its first events' keys read as the archive says at that revision.
+async fn check_holds(
+    client: &mut Client,
+    revision: Revision,
+    events: &[Event],
+) -> anyhow::Result<()> {
+    for e in events {
+        let resp = client
+            .get(
+                e.key.clone(),
+                Some(GetOptions::new().with_revision(revision)),
+            )
+            .await
+            .context("read the destination")?;
+        let kv = resp.kvs().first();
+        let same = match (e.kind, kv) {
+            (EventKind::Put, Some(kv)) => {
+                kv.mod_revision() == revision
+                    && kv.value() == e.value.as_slice()
+                    && kv.lease() == e.lease
+            }
+            (EventKind::Delete, None) => true,
+            _ => false,
+        };
+        if !same {
+            return Err(Diverged(format!(
+                "the destination's revision {revision} is not the archive's: key {} differs",
+                e.key.escape_ascii()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Leases while following: which leases the destination's keys use, their
+//! granted TTLs, and a task that keeps them alive so that the destination
+//! never expires one on its own (the source's expiries arrive as archived
+//! delete events).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use etcd_client::{
+    Client, LeaseClient, LeaseGrantOptions, LeaseKeepAliveStream, LeaseKeeper,
+    LeaseTimeToLiveOptions,
+};
+use etcdpitr_common::segment::{Event, EventKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// The leases of the destination's live keys, as the applied revisions
+/// leave them, and every lease's granted TTL as the archive recorded it.
+#[derive(Debug, Default)]
+pub struct LeaseBook {
+    ttl: HashMap<i64, i64>,
+    lease_of: HashMap<Vec<u8>, i64>,
+    keys_of: HashMap<i64, usize>,
+}
+
+impl LeaseBook {
+    /// Records a lease's granted TTL (seconds).
+    pub fn granted(&mut self, id: i64, ttl_secs: i64) {
+        self.ttl.insert(id, ttl_secs);
+    }
+
+    /// The granted TTL the archive recorded for `id`.
+    pub fn ttl(&self, id: i64) -> Option<i64> {
+        self.ttl.get(&id).copied()
+    }
+
+    /// Notes that live key `key` uses lease `lease`. Returns the lease it
+    /// used before, if any.
+    pub fn attach(&mut self, key: Vec<u8>, lease: i64) -> Option<i64> {
+        *self.keys_of.entry(lease).or_default() += 1;
+        self.lease_of.insert(key, lease)
+    }
+
+    /// Applies one event. Returns the lease that lost its last key, if any.
+    pub fn apply(&mut self, event: &Event) -> Option<i64> {
+        let before = match event.kind {
+            EventKind::Put if event.lease != 0 => self.attach(event.key.clone(), event.lease),
+            _ => self.lease_of.remove(&event.key),
+        }?;
+        let n = self.keys_of.get_mut(&before).expect("a counted lease");
+        *n -= 1;
+        if *n == 0 {
+            self.keys_of.remove(&before);
+            return Some(before);
+        }
+        None
+    }
+
+    /// Whether any live key uses `id`.
+    pub fn in_use(&self, id: i64) -> bool {
+        self.keys_of.contains_key(&id)
+    }
+
+    /// The lease of live key `key`, if it has one.
+    pub fn lease(&self, key: &[u8]) -> Option<i64> {
+        self.lease_of.get(key).copied()
+    }
+
+    /// How many live keys use `id`.
+    pub fn key_count(&self, id: i64) -> usize {
+        self.keys_of.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Leases with live keys.
+    pub fn used(&self) -> impl Iterator<Item = i64> + '_ {
+        self.keys_of.keys().copied()
+    }
+}
+
+enum Command {
+    Keep { id: i64, ttl_secs: i64 },
+    Drop(i64),
+}
+
+/// Keeps leases of the destination alive: each every third of its TTL, so
+/// that none reaches its end while followed.
+#[derive(Clone)]
+pub struct KeepAlive {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+struct Kept {
+    ttl: Duration,
+    due: Instant,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl KeepAlive {
+    /// Starts the task on `client`'s lease service.
+    pub fn start(client: &Client) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut leases = client.lease_client();
+        tokio::spawn(async move {
+            let mut kept: HashMap<i64, Kept> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    command = rx.recv() => match command {
+                        Some(Command::Keep { id, ttl_secs }) => {
+                            let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
+                            kept.entry(id).or_insert(Kept { ttl, due: Instant::now(), stream: None });
+                        }
+                        Some(Command::Drop(id)) => {
+                            kept.remove(&id);
+                        }
+                        None => return,
+                    },
+                    _ = tick.tick() => {
+                        let now = Instant::now();
+                        for (id, k) in kept.iter_mut().filter(|(_, k)| k.due <= now) {
+                            match renew(&mut leases, *id, k).await {
+                                Ok(()) => k.due = now + (k.ttl / 3).max(Duration::from_millis(300)),
+                                Err(e) => {
+                                    k.stream = None;
+                                    k.due = now + Duration::from_millis(200);
+                                    tracing::warn!(lease = format!("{id:x}"), error = format!("{e:#}"), "cannot keep a destination lease alive; retrying");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Keeps `id` alive from now on.
+    pub fn keep(&self, id: i64, ttl_secs: i64) {
+        let _ = self.tx.send(Command::Keep { id, ttl_secs });
+    }
+
+    /// Stops keeping `id` alive.
+    pub fn drop_lease(&self, id: i64) {
+        let _ = self.tx.send(Command::Drop(id));
+    }
+}
+
+async fn renew(leases: &mut LeaseClient, id: i64, k: &mut Kept) -> anyhow::Result<()> {
+    if k.stream.is_none() {
+        k.stream = Some(leases.keep_alive(id).await?);
+    }
+    let (keeper, stream) = k.stream.as_mut().expect("just opened");
+    keeper.keep_alive().await?;
+    let response = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .context("no keep-alive answer within 2 s")??
+        .context("keep-alive stream closed")?;
+    if response.ttl() <= 0 {
+        // etcd answers TTL 0 for a lease it no longer has.
+        anyhow::bail!("the destination no longer has lease {id:x}");
+    }
+    Ok(())
+}
+
+/// Makes sure the destination has lease `id` with granted TTL `ttl_secs`
+/// and keeps it alive. A lease the destination still has is renewed at
+/// once (back to its full TTL); a missing one is granted with the same id.
+///
+/// # Errors
+/// etcd failures.
+pub async fn ensure(
+    client: &mut Client,
+    keep_alive: &KeepAlive,
+    alive: &mut HashSet<i64>,
+    id: i64,
+    ttl_secs: i64,
+) -> anyhow::Result<()> {
+    if alive.contains(&id) {
+        return Ok(());
+    }
+    let status = client
+        .lease_time_to_live(id, None)
+        .await
+        .with_context(|| format!("look up lease {id:x} in the destination"))?;
+    if status.ttl() <= 0 {
+        tracing::debug!(lease = format!("{id:x}"), "grant");
+        client
+            .lease_grant(ttl_secs, Some(LeaseGrantOptions::new().with_id(id)))
+            .await
+            .with_context(|| format!("grant lease {id:x} in the destination"))?;
+    } else {
+        let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+        keeper.keep_alive().await?;
+        stream.message().await?;
+    }
+    keep_alive.keep(id, ttl_secs);
+    alive.insert(id);
+    Ok(())
+}
+
+/// Revokes lease `id` in the destination if no key uses it there (a
+/// revoke that deletes nothing creates no revision), and stops keeping it
+/// alive. A lease that still has keys there is left alone.
+///
+/// # Errors
+/// etcd failures.
+pub async fn retire(
+    client: &mut Client,
+    keep_alive: &KeepAlive,
+    alive: &mut HashSet<i64>,
+    id: i64,
+) -> anyhow::Result<()> {
+    keep_alive.drop_lease(id);
+    alive.remove(&id);
+    let status = client
+        .lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .with_context(|| format!("look up lease {id:x} in the destination"))?;
+    if status.ttl() <= 0 {
+        return Ok(());
+    }
+    if !status.keys().is_empty() {
+        tracing::warn!(
+            lease = format!("{id:x}"),
+            keys = status.keys().len(),
+            "a lease the archive no longer uses still has keys in the destination; left alone"
+        );
+        return Ok(());
+    }
+    tracing::debug!(lease = format!("{id:x}"), "revoke");
+    match client.lease_revoke(id).await {
+        Ok(_) => Ok(()),
+        // Expired meanwhile: nothing to revoke.
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("revoke lease {id:x} in the destination")),
+    }
+}
