@@ -218,6 +218,11 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// How often idle progress is sealed (`--idle-interval`).
+    pub fn idle_interval(&self) -> Duration {
+        self.policy.idle_interval
+    }
+
     /// Digest of the segment sealed last (the start of the chain when none
     /// was sealed): the generation's head in the hash chain.
     pub fn head_digest(&self) -> Digest {

@@ -47,7 +47,9 @@ pub enum SessionEnd {
     Fatal(anyhow::Error),
 }
 
-/// How often to ask for a progress notification while no events arrive.
+/// How often to ask for a progress notification while no events arrive, at
+/// most: a shorter `--idle-interval` asks as often (so that an idle source is
+/// vouched for that soon, which a migration's cutover waits for).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often to check whether the open segment is due for sealing.
 const SEAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
@@ -350,7 +352,7 @@ async fn follow(
     let (mut requests, mut received, _receiver) =
         open_watch(client, start, RECEIVE_BUFFER_BYTES).await?;
     tracing::info!(generation = %writer.generation(), from_revision = start, "watching the whole keyspace");
-    let mut progress_tick = tokio::time::interval(PROGRESS_INTERVAL);
+    let mut progress_tick = tokio::time::interval(PROGRESS_INTERVAL.min(writer.idle_interval()));
     let mut seal_tick = tokio::time::interval(SEAL_CHECK_INTERVAL);
     let mut events_since_tick = true;
     loop {

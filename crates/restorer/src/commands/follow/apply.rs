@@ -393,6 +393,11 @@ impl Applier {
         let events = &record.events;
         if events.len() > self.max_txn_ops && events.iter().all(|e| e.kind == EventKind::Delete) {
             if let Some(lease) = self.revoked_lease(events) {
+                tracing::debug!(
+                    revision = record.revision,
+                    lease = format!("{lease:x}"),
+                    "applied as a lease revoke"
+                );
                 return Ok(Action::Revoke(lease));
             }
         }
@@ -448,6 +453,12 @@ impl Applier {
                 }
                 i = j + 1;
             }
+            tracing::debug!(
+                revision = record.revision,
+                events = events.len(),
+                ops = ops.len(),
+                "applied with range deletes"
+            );
             if ops.len() > self.max_txn_ops {
                 bail!(
                     "archived revision {} holds {} events that need {} operations in one transaction, more than --max-txn-ops {}: raise etcd's --max-txn-ops on the destination and pass the same value to follow",
