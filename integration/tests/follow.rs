@@ -207,6 +207,21 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
     });
     let dest = seed(version, &url, seeded, dir, "seed").await?;
     let mut dest_client = dest.client().await?;
+    // The seed's leases (the workload's last a second or two) were
+    // lengthened, so that the member does not expire them before follow.
+    let leases = dest_client.leases().await?;
+    anyhow::ensure!(!leases.leases().is_empty(), "the seed has no leases");
+    for l in leases.leases() {
+        let granted = dest_client
+            .lease_time_to_live(l.id(), None)
+            .await?
+            .granted_ttl();
+        anyhow::ensure!(
+            granted == 600,
+            "seed lease {:x}: granted TTL {granted}",
+            l.id()
+        );
+    }
     let port = free_port();
     let mut first = start_follow(
         &url,

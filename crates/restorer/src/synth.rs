@@ -536,6 +536,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn leases_decode_as_encoded_and_as_etcd_stores_them() {
+        let lease = LeaseRecord {
+            id: 0x694d_7a1b_2c3d_4e5f,
+            ttl_secs: 5,
+            revision: 0,
+        };
+        assert_eq!(decode_lease(&encode_lease(&lease)), Some((lease.id, 5)));
+        // etcd may add RemainingTTL (field 3); it is skipped.
+        let mut with_remaining = encode_lease(&lease);
+        with_remaining.extend([0x18, 0x03]);
+        assert_eq!(decode_lease(&with_remaining), Some((lease.id, 5)));
+        assert_eq!(decode_lease(&[0x10, 0x05]), None, "no id");
+        assert_eq!(decode_lease(&[0x08]), None, "truncated");
+    }
+
+    #[test]
     fn key_value_encoding_matches_etcd() {
         // Bytes etcd 3.5 stored for put("a", "b") at revision 2 (create 2,
         // mod 2, version 1) and for its tombstone.

@@ -94,7 +94,6 @@ impl Applier {
         book: LeaseBook,
         keep_alive: KeepAlive,
     ) -> Self {
-        let alive = book.used().collect();
         Self {
             client,
             window: window.max(1),
@@ -105,9 +104,26 @@ impl Applier {
             confirmed_guard: last.and_then(guard_after),
             book,
             keep_alive,
-            alive,
+            alive: HashSet::new(),
             retire_at: Vec::new(),
         }
+    }
+
+    /// Makes sure every lease the destination's keys use exists there and
+    /// is kept alive (granted again with the archive's TTL if it is gone).
+    ///
+    /// # Errors
+    /// etcd failures, or a lease the archive has no TTL for.
+    pub async fn keep_used_leases(&mut self) -> anyhow::Result<()> {
+        let used: Vec<i64> = self.book.used().collect();
+        for id in used {
+            let ttl = self
+                .book
+                .ttl(id)
+                .with_context(|| format!("the archive has no TTL for lease {id:x}"))?;
+            leases::ensure(&mut self.client, &self.keep_alive, &mut self.alive, id, ttl).await?;
+        }
+        Ok(())
     }
 
     /// The last confirmed revision.
@@ -254,6 +270,7 @@ impl Applier {
                         .into());
                     }
                 }
+                Err(e) if is_refusal(&e) => return Err(refused(target, e)),
                 Err(e) => {
                     tracing::warn!(revision = target, error = %e, "applying a revision failed; checking the destination");
                     tokio::time::sleep(delay).await;
@@ -276,6 +293,7 @@ impl Applier {
                 tracing::debug!(revision, "guard failed (overtaken); resending in order");
                 self.resync().await
             }
+            Err(e) if is_refusal(&e) => Err(refused(revision, e)),
             Err(e) => {
                 tracing::warn!(revision, error = %e, "applying a revision failed; checking the destination");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -558,6 +576,32 @@ fn guard_after(record: &RevisionRecord) -> Option<Guard> {
         .map(|d| Guard::Delete(Compare::version(d.key.clone(), CompareOp::Equal, 0)))
 }
 
+/// Whether etcd refused a request for what it is (too large, too many
+/// operations, a missing lease, no space, no permission): sending it again
+/// cannot help.
+fn is_refusal(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    matches!(
+        e,
+        etcd_client::Error::GRpcStatus(s) if matches!(
+            s.code(),
+            Code::InvalidArgument
+                | Code::NotFound
+                | Code::FailedPrecondition
+                | Code::ResourceExhausted
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::OutOfRange
+        )
+    )
+}
+
+fn refused(revision: Revision, e: etcd_client::Error) -> anyhow::Error {
+    anyhow::Error::from(e).context(format!(
+        "the destination refused archived revision {revision}; follow stopped (check the destination's --max-request-bytes, --max-txn-ops and --quota-backend-bytes against the source's)"
+    ))
+}
+
 fn diverged(expected: Revision, got: Revision) -> anyhow::Error {
     Diverged(format!(
         "the destination is at revision {got} where archived revision {expected} was expected: something else wrote to it; follow stopped and wrote nothing more"
@@ -614,4 +658,64 @@ async fn check_holds(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(revision: Revision, events: &[(EventKind, &str)]) -> RevisionRecord {
+        RevisionRecord {
+            revision,
+            observed_ms: 0,
+            catching_up: false,
+            events: events
+                .iter()
+                .map(|&(kind, key)| Event {
+                    kind,
+                    key: key.as_bytes().to_vec(),
+                    value: Vec::new(),
+                    create_revision: 0,
+                    mod_revision: revision,
+                    version: 0,
+                    lease: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_revisions_mark_is_its_first_put_else_a_deleted_key() {
+        let mixed = record(5, &[(EventKind::Delete, "a"), (EventKind::Put, "b")]);
+        let Some(Guard::Put(c)) = guard_after(&mixed) else {
+            panic!("a put marks the revision exactly");
+        };
+        assert_eq!(
+            format!("{c:?}"),
+            format!("{:?}", Compare::mod_revision("b", CompareOp::Equal, 5))
+        );
+        let deletes = record(6, &[(EventKind::Delete, "x"), (EventKind::Delete, "y")]);
+        let Some(Guard::Delete(c)) = guard_after(&deletes) else {
+            panic!("only deletes: a weaker mark");
+        };
+        assert_eq!(
+            format!("{c:?}"),
+            format!("{:?}", Compare::version("x", CompareOp::Equal, 0))
+        );
+    }
+
+    #[test]
+    fn a_range_ends_right_after_its_last_key() {
+        assert_eq!(range_end_after(b"/a"), b"/a\0".to_vec());
+        assert!(b"/a\0".as_slice() > b"/a".as_slice() && b"/a\0".as_slice() < b"/a\0\0".as_slice());
+    }
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        let status = |code| etcd_client::Error::GRpcStatus(tonic::Status::new(code, "x"));
+        assert!(is_refusal(&status(tonic::Code::InvalidArgument)));
+        assert!(is_refusal(&status(tonic::Code::NotFound)));
+        assert!(!is_refusal(&status(tonic::Code::Unavailable)));
+        assert!(!is_refusal(&status(tonic::Code::DeadlineExceeded)));
+    }
 }

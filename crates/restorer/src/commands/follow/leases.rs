@@ -79,19 +79,18 @@ impl LeaseBook {
 }
 
 enum Command {
-    Keep { id: i64, ttl_secs: i64 },
+    Keep(i64),
     Drop(i64),
 }
 
-/// Keeps leases of the destination alive: each every third of its TTL, so
-/// that none reaches its end while followed.
+/// Keeps leases of the destination alive: each every third of its TTL (as
+/// the renewals report it), so that none reaches its end while followed.
 #[derive(Clone)]
 pub struct KeepAlive {
     tx: mpsc::UnboundedSender<Command>,
 }
 
 struct Kept {
-    ttl: Duration,
     due: Instant,
     stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
 }
@@ -107,9 +106,8 @@ impl KeepAlive {
             loop {
                 tokio::select! {
                     command = rx.recv() => match command {
-                        Some(Command::Keep { id, ttl_secs }) => {
-                            let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
-                            kept.entry(id).or_insert(Kept { ttl, due: Instant::now(), stream: None });
+                        Some(Command::Keep(id)) => {
+                            kept.entry(id).or_insert(Kept { due: Instant::now(), stream: None });
                         }
                         Some(Command::Drop(id)) => {
                             kept.remove(&id);
@@ -118,15 +116,23 @@ impl KeepAlive {
                     },
                     _ = tick.tick() => {
                         let now = Instant::now();
+                        let mut gone = Vec::new();
                         for (id, k) in kept.iter_mut().filter(|(_, k)| k.due <= now) {
                             match renew(&mut leases, *id, k).await {
-                                Ok(()) => k.due = now + (k.ttl / 3).max(Duration::from_millis(300)),
+                                Ok(Some(ttl)) => k.due = now + (ttl / 3).max(Duration::from_millis(300)),
+                                Ok(None) => gone.push(*id),
                                 Err(e) => {
                                     k.stream = None;
                                     k.due = now + Duration::from_millis(200);
                                     tracing::warn!(lease = format!("{id:x}"), error = format!("{e:#}"), "cannot keep a destination lease alive; retrying");
                                 }
                             }
+                        }
+                        for id in gone {
+                            // Its keys are gone with it, which follow sees
+                            // as a revision the archive does not have.
+                            tracing::warn!(lease = format!("{id:x}"), "the destination no longer has a lease follow keeps alive");
+                            kept.remove(&id);
                         }
                     }
                 }
@@ -135,9 +141,9 @@ impl KeepAlive {
         Self { tx }
     }
 
-    /// Keeps `id` alive from now on.
-    pub fn keep(&self, id: i64, ttl_secs: i64) {
-        let _ = self.tx.send(Command::Keep { id, ttl_secs });
+    /// Keeps `id` alive from now on, renewing it at once.
+    pub fn keep(&self, id: i64) {
+        let _ = self.tx.send(Command::Keep(id));
     }
 
     /// Stops keeping `id` alive.
@@ -146,7 +152,13 @@ impl KeepAlive {
     }
 }
 
-async fn renew(leases: &mut LeaseClient, id: i64, k: &mut Kept) -> anyhow::Result<()> {
+/// Renews `id`; returns its TTL, or `None` when the destination no longer
+/// has it.
+async fn renew(
+    leases: &mut LeaseClient,
+    id: i64,
+    k: &mut Kept,
+) -> anyhow::Result<Option<Duration>> {
     if k.stream.is_none() {
         k.stream = Some(leases.keep_alive(id).await?);
     }
@@ -156,16 +168,15 @@ async fn renew(leases: &mut LeaseClient, id: i64, k: &mut Kept) -> anyhow::Resul
         .await
         .context("no keep-alive answer within 2 s")??
         .context("keep-alive stream closed")?;
-    if response.ttl() <= 0 {
-        // etcd answers TTL 0 for a lease it no longer has.
-        anyhow::bail!("the destination no longer has lease {id:x}");
-    }
-    Ok(())
+    // etcd answers TTL 0 for a lease it no longer has.
+    Ok((response.ttl() > 0).then(|| Duration::from_secs(response.ttl() as u64)))
 }
 
 /// Makes sure the destination has lease `id` with granted TTL `ttl_secs`
 /// and keeps it alive. A lease the destination still has is renewed at
 /// once (back to its full TTL); a missing one is granted with the same id.
+/// A lease past its end that the destination has not revoked yet can be
+/// neither renewed nor granted: it is granted again once it is gone.
 ///
 /// # Errors
 /// etcd failures.
@@ -179,24 +190,41 @@ pub async fn ensure(
     if alive.contains(&id) {
         return Ok(());
     }
-    let status = client
-        .lease_time_to_live(id, None)
-        .await
-        .with_context(|| format!("look up lease {id:x} in the destination"))?;
-    if status.ttl() <= 0 {
-        tracing::debug!(lease = format!("{id:x}"), "grant");
-        client
-            .lease_grant(ttl_secs, Some(LeaseGrantOptions::new().with_id(id)))
+    // etcd revokes expired leases every 500 ms.
+    for _ in 0..100 {
+        let status = client
+            .lease_time_to_live(id, None)
             .await
-            .with_context(|| format!("grant lease {id:x} in the destination"))?;
-    } else {
-        let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
-        keeper.keep_alive().await?;
-        stream.message().await?;
+            .with_context(|| format!("look up lease {id:x} in the destination"))?;
+        let held = if status.ttl() > 0 {
+            let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            stream.message().await?.is_some_and(|r| r.ttl() > 0)
+        } else {
+            tracing::debug!(lease = format!("{id:x}"), "grant");
+            match client
+                .lease_grant(ttl_secs, Some(LeaseGrantOptions::new().with_id(id)))
+                .await
+            {
+                Ok(_) => true,
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.message().contains("already exists") =>
+                {
+                    false
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("grant lease {id:x} in the destination"))
+                }
+            }
+        };
+        if held {
+            keep_alive.keep(id);
+            alive.insert(id);
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    keep_alive.keep(id, ttl_secs);
-    alive.insert(id);
-    Ok(())
+    anyhow::bail!("lease {id:x} in the destination is past its end but not revoked after 10 s")
 }
 
 /// Revokes lease `id` in the destination if no key uses it there (a
@@ -234,5 +262,55 @@ pub async fn retire(
         // Expired meanwhile: nothing to revoke.
         Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => Ok(()),
         Err(e) => Err(e).with_context(|| format!("revoke lease {id:x} in the destination")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, lease: i64) -> Event {
+        Event {
+            kind: EventKind::Put,
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease,
+        }
+    }
+
+    fn delete(key: &str) -> Event {
+        Event {
+            kind: EventKind::Delete,
+            key: key.as_bytes().to_vec(),
+            value: Vec::new(),
+            create_revision: 0,
+            mod_revision: 2,
+            version: 0,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_free_once_its_last_key_goes() {
+        let mut book = LeaseBook::default();
+        assert_eq!(book.apply(&put("a", 7)), None);
+        assert_eq!(book.apply(&put("b", 7)), None);
+        assert_eq!(book.key_count(7), 2);
+        // Rewriting a key with the same lease keeps the count.
+        assert_eq!(book.apply(&put("a", 7)), None);
+        assert_eq!(book.key_count(7), 2);
+        assert_eq!(book.apply(&delete("a")), None);
+        // Moving the last key to another lease frees the first.
+        assert_eq!(book.apply(&put("b", 9)), Some(7));
+        assert!(!book.in_use(7));
+        assert_eq!(book.lease(b"b"), Some(9));
+        // Dropping the lease from a key (a put without one) frees it too.
+        assert_eq!(book.apply(&put("b", 0)), Some(9));
+        assert_eq!(book.used().count(), 0);
+        // Deleting a key without a lease changes nothing.
+        assert_eq!(book.apply(&delete("b")), None);
     }
 }

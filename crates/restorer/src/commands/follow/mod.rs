@@ -128,10 +128,10 @@ pub async fn follow(
             .map_err(|e| UsageError(format!("{e:#}")))?;
         tracing::info!(%bound, "serving metrics");
     }
-    let (archive, listing) = load(url, key_files).await?;
+    // Before anything else, keep every lease the destination has alive: a
+    // follow that was killed renews them no more, and one that expires
+    // deletes its keys (a revision the source never had).
     let mut client = destination.connect().await?;
-    // The proof takes a while: keep every lease the destination has alive
-    // from the start, so that none expires (and deletes keys) meanwhile.
     let keep_alive = KeepAlive::start(&client);
     let existing: Vec<i64> = client
         .leases()
@@ -142,11 +142,9 @@ pub async fn follow(
         .map(etcd_client::LeaseStatus::id)
         .collect();
     for &id in &existing {
-        let status = client.lease_time_to_live(id, None).await?;
-        if status.ttl() > 0 {
-            keep_alive.keep(id, status.granted_ttl());
-        }
+        keep_alive.keep(id);
     }
+    let (archive, listing) = load(url, key_files).await?;
     let start = current_revision(&mut client).await?;
     let until_revision = match options.until {
         Until::Revision(r) if r < start => bail!(UsageError(format!(
@@ -203,6 +201,7 @@ pub async fn follow(
         proven.book,
         keep_alive,
     );
+    applier.keep_used_leases().await?;
     let mut feed = feed::start(archive, g, start, until_revision, options.poll_interval);
     let mut archived = start;
     let mut next_log = Instant::now() + options.log_interval;
@@ -226,7 +225,7 @@ pub async fn follow(
                     && done.revision == last
                     && vouched_ms > done.observed_ms
                 {
-                    report_cutover(out, done, vouched_ms)?;
+                    report_cutover(out, done, vouched_ms, done.revision == start)?;
                     return Ok(());
                 }
             }
@@ -285,8 +284,15 @@ pub async fn follow(
     }
 }
 
-fn report_cutover(out: &mut dyn Write, done: Applied, vouched_ms: i64) -> anyhow::Result<()> {
-    let gap = if done.observed_ms > 0 {
+fn report_cutover(
+    out: &mut dyn Write,
+    done: Applied,
+    vouched_ms: i64,
+    held_at_start: bool,
+) -> anyhow::Result<()> {
+    let gap = if held_at_start {
+        "unknown (the destination already held it when follow started)".to_owned()
+    } else if done.observed_ms > 0 {
         format!(
             "{:.3} s (the source wrote it at {}, the destination held it at {})",
             (done.confirmed_ms - done.observed_ms) as f64 / 1000.0,
@@ -294,7 +300,7 @@ fn report_cutover(out: &mut dyn Write, done: Applied, vouched_ms: i64) -> anyhow
             crate::format_ms(done.confirmed_ms)
         )
     } else {
-        "unknown (the destination already held the base snapshot's revision)".to_owned()
+        "unknown (the archive holds no time for that revision)".to_owned()
     };
     writeln!(
         out,
