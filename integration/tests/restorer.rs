@@ -224,15 +224,14 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
         "{out}"
     );
 
-    // --dry-run prints the plan and writes nothing.
+    // --dry-run prints the plan and writes nothing; without a target the
+    // newest restorable revision is planned.
     let dry = tmp.path().join("dry.db");
     let (code, out, _) = run_restorer(
         &[
             "restore",
             "--archive",
             &url,
-            "--revision",
-            &archived_last.to_string(),
             "--output",
             &dry.display().to_string(),
             "--dry-run",
@@ -241,7 +240,8 @@ async fn restore_round_trip(version: EtcdVersion) -> anyhow::Result<()> {
     )?;
     assert_eq!(code, 0);
     assert!(
-        out.contains("plan: generation 1, base snapshot at revision"),
+        out.contains("plan: generation 1, base snapshot at revision")
+            && out.contains(&format!("target revision {archived_last}\n")),
         "{out}"
     );
     assert!(!dry.exists());

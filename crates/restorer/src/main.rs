@@ -97,8 +97,9 @@ struct TargetArgs {
     archive: String,
     #[command(flatten)]
     keys: KeyArgs,
-    /// Target revision.
-    #[arg(long, conflicts_with = "time", required_unless_present = "time")]
+    /// Target revision (neither this nor --time: the newest restorable
+    /// revision).
+    #[arg(long, conflicts_with = "time")]
     revision: Option<i64>,
     /// Target moment (RFC 3339): the last revision observed at or before it.
     #[arg(long)]

@@ -11,10 +11,13 @@ use etcdpitr_common::Revision;
 use crate::source::{self, TimeChoice};
 use crate::{format_ms, UsageError};
 
-/// A revision, or a moment to place on the last revision observed at or
-/// before it.
+/// A revision, a moment to place on the last revision observed at or
+/// before it, or the newest restorable revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Point {
+    /// The newest restorable revision (of the generation given, else of the
+    /// archive).
+    Latest,
     /// A revision number.
     Revision(Revision),
     /// A moment.
@@ -27,16 +30,18 @@ pub enum Point {
 }
 
 impl Point {
-    /// The point of `--revision N` or `--time T`.
+    /// The point of `--revision N` or `--time T`; neither is the newest
+    /// restorable revision.
     ///
     /// # Errors
-    /// [`UsageError`] unless exactly one is given, or for a bad time.
+    /// [`UsageError`] when both are given, or for a bad time.
     pub fn from_flags(revision: Option<Revision>, time: Option<&str>) -> Result<Self, UsageError> {
         match (revision, time) {
             (Some(r), None) => Ok(Self::Revision(r)),
             (None, Some(t)) => Self::time("--time", t),
-            _ => Err(UsageError(
-                "give exactly one of --revision or --time".into(),
+            (None, None) => Ok(Self::Latest),
+            (Some(_), Some(_)) => Err(UsageError(
+                "give at most one of --revision or --time".into(),
             )),
         }
     }
@@ -103,6 +108,18 @@ pub async fn place(
     generation: Option<GenerationId>,
 ) -> anyhow::Result<Placed> {
     Ok(match point {
+        Point::Latest => {
+            let newest = crate::plan::ranges(listing)
+                .into_iter()
+                .filter(|r| generation.is_none_or(|g| r.generation == g))
+                .max_by_key(|r| (r.generation, r.last))
+                .ok_or(crate::plan::PlanError::Empty)?;
+            Placed {
+                revision: newest.last,
+                generation: Some(newest.generation),
+                choice: None,
+            }
+        }
         Point::Revision(r) => Placed {
             revision: *r,
             generation,
@@ -167,7 +184,7 @@ mod tests {
     #[test]
     fn revision_and_time_flags_are_exclusive() {
         assert_eq!(Point::from_flags(Some(7), None), Ok(Point::Revision(7)));
-        assert!(Point::from_flags(None, None).is_err());
+        assert_eq!(Point::from_flags(None, None), Ok(Point::Latest));
         assert!(Point::from_flags(Some(7), Some("1970-01-01T00:00:00Z")).is_err());
         let e = Point::from_flags(None, Some("noon")).unwrap_err();
         assert!(e.0.starts_with("--time: \"noon\""), "{e}");

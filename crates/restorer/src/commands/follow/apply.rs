@@ -257,6 +257,10 @@ impl Applier {
                     if now != target {
                         return Err(diverged(target, now));
                     }
+                    if let Some(Action::Revoke(id)) = self.pending.front().map(|(p, _)| &p.action) {
+                        self.keep_alive.drop_lease(*id);
+                        self.alive.remove(id);
+                    }
                     self.confirmed(target);
                 }
                 Ok(Some(_)) => {

@@ -154,8 +154,13 @@ pub async fn follow(
         _ => None,
     };
     let span = plan::plan_span(&listing, Some(start), None, None).map_err(|e| {
+        let hint = if matches!(e, plan::PlanError::BeyondLast { .. }) {
+            " (it is ahead of the archive: written to after seeding, or seeded from elsewhere)"
+        } else {
+            ""
+        };
         anyhow::Error::from(e).context(format!(
-            "the destination is at revision {start}, which the archive cannot serve"
+            "the destination is at revision {start}, which the archive cannot serve{hint}"
         ))
     })?;
     let generation = span.from.generation;
