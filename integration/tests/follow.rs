@@ -284,6 +284,7 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
         "{text}"
     );
     eprintln!("follow --until-caught-up exited {took:?} after the workload stopped");
+    eprintln!("DEBUG {text}");
     // The wide revisions took the paths for more events than --max-txn-ops.
     let logs = format!("{}{text}", output(dir, "first"));
     for path in ["applied as a lease revoke", "applied with range deletes"] {
@@ -293,7 +294,7 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
     // benchmark (docs/benchmarks.md).
     anyhow::ensure!(
         took < Duration::from_secs(15),
-        "took {took:?} after the workload stopped"
+        "took {took:?} after the workload stopped\n{text}"
     );
     check_identical(&mut client, &mut dest_client, seeded).await?;
     drop(archiver);
@@ -422,6 +423,16 @@ async fn refuses_what_is_not_the_archives_history() -> anyhow::Result<()> {
         "is not the archive's history",
     )
     .await?;
+    // The source itself is the archive's history, but never a destination.
+    refused(
+        &url,
+        &RestoredEtcdOrCluster::Cluster(&cluster),
+        dir,
+        "source",
+        6,
+        "is the archive's source cluster",
+    )
+    .await?;
 
     // A gap after the seed: a middle segment of the range to apply is gone.
     let (status, _) = archiver.terminate(Duration::from_secs(20))?;
@@ -436,8 +447,12 @@ async fn refuses_what_is_not_the_archives_history() -> anyhow::Result<()> {
     let after_seed: Vec<&String> = names
         .iter()
         .filter(|n| {
-            i64::from_str_radix(&n[..16], 16).is_ok_and(|first| first > seeded + 1)
-                && i64::from_str_radix(&n[17..33], 16).is_ok_and(|last| last < head)
+            let (first, last) = (
+                i64::from_str_radix(&n[..16], 16).unwrap_or(0),
+                i64::from_str_radix(&n[17..33], 16).unwrap_or(0),
+            );
+            // Not a progress-only segment: one that holds revisions.
+            first > seeded + 1 && first <= last && last < head
         })
         .collect();
     let victim = after_seed
@@ -453,5 +468,56 @@ async fn refuses_what_is_not_the_archives_history() -> anyhow::Result<()> {
         "has a gap after revision",
     )
     .await?;
+    Ok(())
+}
+
+/// Two follows on one destination at once (an operator's cutover run next
+/// to a forgotten service): the second refuses, as the first holds the
+/// destination; once the first is killed (-9), its hold lapses and the
+/// next follow continues exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_follow_on_one_destination_refuses() -> anyhow::Result<()> {
+    let version = EtcdVersion::V35;
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(version, 1).await?;
+    let dir = tmp.path();
+    let args = archiver_args(
+        &cluster.endpoints(),
+        &url,
+        &dir.join("data"),
+        ARCHIVER_FLAGS,
+    );
+    let archiver = ArchiverProcess::start(&args, &[], &log)?;
+    archiver.wait_writing(Duration::from_secs(30)).await?;
+    let mut rng = Rng::new(0x2f0);
+    mixed_workload(&mut client, &mut rng, 50).await?;
+    let seeded = current_revision(&mut client).await?;
+    wait_archived(&url, 1, seeded, Duration::from_secs(30)).await?;
+    let dest = seed(version, &url, seeded, dir, "seed").await?;
+    let mut dest_client = dest.client().await?;
+    let mut first = start_follow(&url, &dest.client_url, dir, "first", &[])?;
+    mixed_workload(&mut client, &mut rng, 200).await?;
+    let mut second = start_follow(&url, &dest.client_url, dir, "second", &[])?;
+    let status = wait_exit(&mut second, Duration::from_mins(1)).await?;
+    let text = output(dir, "second");
+    anyhow::ensure!(status.code() == Some(6), "second follow: {status}\n{text}");
+    anyhow::ensure!(
+        text.contains("another follow holds this destination"),
+        "{text}"
+    );
+    mixed_workload(&mut client, &mut rng, 200).await?;
+    anyhow::ensure!(first.try_wait()?.is_none(), "{}", output(dir, "first"));
+    first.kill()?;
+    first.wait()?;
+    let mut last = start_follow(&url, &dest.client_url, dir, "last", &["--until-caught-up"])?;
+    let status = wait_exit(&mut last, Duration::from_mins(1)).await?;
+    anyhow::ensure!(status.success(), "{}", output(dir, "last"));
+    check_identical(&mut client, &mut dest_client, seeded).await?;
+    drop(archiver);
     Ok(())
 }

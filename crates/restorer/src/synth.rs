@@ -365,19 +365,19 @@ pub fn synthesize(
                 })
                 .map_err(bolt_err)?;
                 if bump.min_lease_ttl_secs > 0 {
+                    // Every lease is written anew: without a remaining TTL
+                    // checkpointed by etcd, each starts with its full TTL.
                     for v in leases.values_mut() {
-                        match decode_lease(v) {
-                            Some((id, ttl)) if ttl < bump.min_lease_ttl_secs => {
-                                *v = encode_lease(&LeaseRecord {
-                                    id,
-                                    ttl_secs: bump.min_lease_ttl_secs,
-                                    revision: 0,
-                                });
-                                summary.lengthened_leases += 1;
-                            }
-                            Some(_) => {}
-                            None => bail!("base snapshot: a lease entry does not decode"),
+                        let (id, ttl) = decode_lease(v)
+                            .context("base snapshot: a lease entry does not decode")?;
+                        if ttl < bump.min_lease_ttl_secs {
+                            summary.lengthened_leases += 1;
                         }
+                        *v = encode_lease(&LeaseRecord {
+                            id,
+                            ttl_secs: ttl.max(bump.min_lease_ttl_secs),
+                            revision: 0,
+                        });
                     }
                 }
                 write_map(&mut w, &leases).map_err(&werr)?

@@ -58,9 +58,20 @@ pub(super) async fn load(
     url: &str,
     key_files: &[PathBuf],
 ) -> anyhow::Result<(Archive, ArchiveListing)> {
+    let archive = open(url, key_files)?;
+    let listing = list_archive(&archive, url).await?;
+    Ok((archive, listing))
+}
+
+/// Opens the archive at `url` with the keys in `key_files`.
+pub(super) fn open(url: &str, key_files: &[PathBuf]) -> anyhow::Result<Archive> {
     let keys = Keyring::load(key_files)?;
-    let archive = Archive::open(url)?.with_keys(Arc::new(keys));
-    let listing = ArchiveListing::load(&archive)
+    Ok(Archive::open(url)?.with_keys(Arc::new(keys)))
+}
+
+/// Lists `archive` (at `url`), refusing a store that holds no archive.
+pub(super) async fn list_archive(archive: &Archive, url: &str) -> anyhow::Result<ArchiveListing> {
+    let listing = ArchiveListing::load(archive)
         .await
         .with_context(|| format!("list archive {url}"))?;
     if listing.manifest.is_none() {
@@ -69,7 +80,7 @@ pub(super) async fn load(
             layout::MANIFEST_NAME
         )));
     }
-    Ok((archive, listing))
+    Ok(listing)
 }
 
 /// Resolves the target to a plan and says what a `--time` was placed on.

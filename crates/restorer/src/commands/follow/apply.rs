@@ -10,9 +10,13 @@
 //! creates no revision) and is sent again. A revision after one that only
 //! deletes has no such mark (an absent key may also be absent earlier): it
 //! is sent once everything before it is confirmed, guarded by the deleted
-//! key's absence. After every commit the response's header revision must
-//! equal the archived revision; anything else means someone else wrote to
-//! the destination, and nothing more is sent.
+//! key's absence. Each transaction also holds only while its own revision
+//! is not applied (its first put's key has an older mod revision, or its
+//! first deleted key still exists), so a copy sent again after a lost
+//! answer, or by a second follow, changes nothing. After every commit the
+//! response's header revision must equal the archived revision; anything
+//! else means someone else wrote to the destination, and nothing more is
+//! sent.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -22,7 +26,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpRespo
 use etcdpitr_common::segment::{Event, EventKind, RevisionRecord};
 use etcdpitr_common::Revision;
 use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use super::leases::{self, KeepAlive, LeaseBook};
 use super::Diverged;
@@ -37,8 +41,8 @@ enum Action {
         deletes: Vec<Option<i64>>,
     },
     /// A lease revoke: the revision deletes exactly the keys of this lease
-    /// (the source revoked it or it expired).
-    Revoke(i64),
+    /// (the source revoked it or it expired), checked before revoking.
+    Revoke { lease: i64, keys: Vec<Vec<u8>> },
 }
 
 struct Pending {
@@ -46,8 +50,15 @@ struct Pending {
     action: Action,
     /// The guard of the next revision: this revision's effect.
     guard_next: Option<Guard>,
+    /// Compares that hold until this revision is applied.
+    not_yet: Vec<Compare>,
     /// The first events of this revision, to recognise it in the destination.
     fingerprint: Vec<Event>,
+    /// Its transaction succeeded (it is confirmed once all before are).
+    done: bool,
+    /// Its last copy went out with everything before it confirmed: a
+    /// failed compare then means the destination is not where it should be.
+    alone: bool,
 }
 
 type InFlight = FuturesOrdered<
@@ -71,6 +82,8 @@ pub struct Applier {
     window: usize,
     max_txn_ops: usize,
     inflight: InFlight,
+    /// Answers taken from `inflight` before their turn to be handled.
+    ready: VecDeque<(Revision, Result<TxnResponse, etcd_client::Error>)>,
     pending: VecDeque<(Pending, i64)>,
     applied: Applied,
     confirmed_guard: Option<Guard>,
@@ -78,6 +91,11 @@ pub struct Applier {
     keep_alive: KeepAlive,
     alive: HashSet<i64>,
     retire_at: Vec<(Revision, i64)>,
+    /// The destination was found at this revision, beyond what this
+    /// process sent (another follow got there first): revisions up to it
+    /// are counted as applied as they arrive, and it is checked against
+    /// the archive when it does.
+    ahead: Option<Revision>,
 }
 
 impl Applier {
@@ -99,6 +117,7 @@ impl Applier {
             window: window.max(1),
             max_txn_ops: max_txn_ops.max(1),
             inflight: FuturesOrdered::new(),
+            ready: VecDeque::new(),
             pending: VecDeque::new(),
             applied,
             confirmed_guard: last.and_then(guard_after),
@@ -106,6 +125,7 @@ impl Applier {
             keep_alive,
             alive: HashSet::new(),
             retire_at: Vec::new(),
+            ahead: None,
         }
     }
 
@@ -180,12 +200,23 @@ impl Applier {
                 .await?;
             }
         }
-        let action = self.action_for(record).await?;
-        for e in &record.events {
-            if let Some(lease) = self.book.apply(e) {
-                self.retire_at.push((record.revision, lease));
+        if let Some(ahead) = self.ahead.filter(|&a| record.revision <= a) {
+            self.book_events(record);
+            if record.revision == ahead {
+                let events = &record.events[..record.events.len().min(FINGERPRINT)];
+                check_holds(&mut self.client, ahead, events).await?;
+                self.ahead = None;
             }
+            self.confirmed_guard = guard_after(record);
+            self.applied = Applied {
+                revision: record.revision,
+                observed_ms: record.observed_ms,
+                confirmed_ms: etcdpitr_common::now_ms(),
+            };
+            return Ok(());
         }
+        let action = self.action_for(record).await?;
+        self.book_events(record);
         let guard = self
             .pending
             .back()
@@ -194,13 +225,18 @@ impl Applier {
             revision: record.revision,
             action,
             guard_next: guard_after(record),
-            fingerprint: record.events.iter().take(4).cloned().collect(),
+            not_yet: not_yet(record),
+            fingerprint: record.events.iter().take(FINGERPRINT).cloned().collect(),
+            done: false,
+            alone: self.pending.is_empty(),
         };
         if let (Action::Txn { ops, .. }, Some(Guard::Put(guard))) = (&pending.action, guard) {
-            let txn = Txn::new().when([guard]).and_then(ops.clone());
-            self.send(record.revision, txn);
+            let mut compares = vec![guard];
+            compares.extend(pending.not_yet.iter().cloned());
+            let txn = Txn::new().when(compares).and_then(ops.clone());
             self.pending.push_back((pending, record.observed_ms));
-            while self.inflight.len() >= self.window {
+            self.send(record.revision, txn);
+            while self.outstanding() >= self.window {
                 self.complete_one().await?;
             }
         } else {
@@ -214,22 +250,55 @@ impl Applier {
         Ok(())
     }
 
+    /// Notes `record`'s effect on the leases' keys.
+    fn book_events(&mut self, record: &RevisionRecord) {
+        for e in &record.events {
+            if let Some(lease) = self.book.apply(e) {
+                self.retire_at.push((record.revision, lease));
+            }
+        }
+    }
+
+    /// The revision another follow took the destination to, beyond what
+    /// this one has seen in the archive yet.
+    pub fn ahead(&self) -> Option<Revision> {
+        self.ahead
+    }
+
     /// Waits until every revision sent is confirmed.
     ///
     /// # Errors
     /// As for [`Self::apply`].
     pub async fn drain(&mut self) -> anyhow::Result<()> {
-        while !self.inflight.is_empty() {
+        while self.outstanding() > 0 {
             self.complete_one().await?;
         }
         Ok(())
     }
 
+    /// Transactions sent and not handled yet.
+    fn outstanding(&self) -> usize {
+        self.inflight.len() + self.ready.len()
+    }
+
+    /// Queues `txn` and polls the queue once, so that it goes out now (in
+    /// queue order); answers already there are kept for their turn.
     fn send(&mut self, revision: Revision, txn: Txn) {
         tracing::trace!(revision, "send");
         let mut kv = self.client.kv_client();
         self.inflight
             .push_back(Box::pin(async move { (revision, kv.txn(txn).await) }));
+        while let Some(Some(answer)) = self.inflight.next().now_or_never() {
+            self.ready.push_back(answer);
+        }
+    }
+
+    /// The next answer, in sending order.
+    async fn next_answer(&mut self) -> Option<(Revision, Result<TxnResponse, etcd_client::Error>)> {
+        match self.ready.pop_front() {
+            Some(answer) => Some(answer),
+            None => self.inflight.next().await,
+        }
     }
 
     /// Sends the oldest pending revision on its own and confirms it,
@@ -240,26 +309,28 @@ impl Applier {
         while self.applied.revision < target {
             let before = self.applied.revision;
             let (p, _) = self.pending.front().expect("a pending revision");
+            let is_revoke = matches!(p.action, Action::Revoke { .. });
             let outcome = match &p.action {
                 Action::Txn { ops, .. } => {
-                    let txn = match &self.confirmed_guard {
-                        Some(Guard::Put(g) | Guard::Delete(g)) => Txn::new().when([g.clone()]),
-                        None => Txn::new(),
+                    let mut compares: Vec<Compare> = match &self.confirmed_guard {
+                        Some(Guard::Put(g) | Guard::Delete(g)) => vec![g.clone()],
+                        None => Vec::new(),
                     };
-                    self.client.txn(txn.and_then(ops.clone())).await.map(Some)
+                    compares.extend(p.not_yet.iter().cloned());
+                    let txn = Txn::new().when(compares).and_then(ops.clone());
+                    self.client.txn(txn).await.map(Some)
                 }
-                Action::Revoke(id) => self.client.lease_revoke(*id).await.map(|_| None),
+                Action::Revoke { lease, keys } => {
+                    check_lease_keys(&mut self.client, target, *lease, keys).await?;
+                    self.client.lease_revoke(*lease).await.map(|_| None)
+                }
             };
             match outcome {
-                Ok(Some(resp)) if resp.succeeded() => self.confirm(target, &resp)?,
+                Ok(Some(resp)) if resp.succeeded() => self.succeeded(0, &resp)?,
                 Ok(None) => {
                     let now = current_revision(&mut self.client).await?;
                     if now != target {
                         return Err(diverged(target, now));
-                    }
-                    if let Some(Action::Revoke(id)) = self.pending.front().map(|(p, _)| &p.action) {
-                        self.keep_alive.drop_lease(*id);
-                        self.alive.remove(id);
                     }
                     self.confirmed(target);
                 }
@@ -274,8 +345,10 @@ impl Applier {
                         .into());
                     }
                 }
-                Err(e) if is_refusal(&e) => return Err(refused(target, e)),
+                Err(e) if is_refusal(&e) && !is_revoke => return Err(refused(target, e)),
                 Err(e) => {
+                    // A revoke whose answer was lost finds the lease gone
+                    // when sent again: the position tells.
                     tracing::warn!(revision = target, error = %e, "applying a revision failed; checking the destination");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -286,36 +359,126 @@ impl Applier {
         Ok(())
     }
 
+    /// Handles the next answer.
     async fn complete_one(&mut self) -> anyhow::Result<()> {
-        let Some((revision, result)) = self.inflight.next().await else {
+        let Some((revision, result)) = self.next_answer().await else {
             return Ok(());
         };
+        self.handle(revision, result).await
+    }
+
+    /// Handles the answer to a transaction (in sending order).
+    async fn handle(
+        &mut self,
+        revision: Revision,
+        result: Result<TxnResponse, etcd_client::Error>,
+    ) -> anyhow::Result<()> {
         tracing::trace!(revision, ok = result.is_ok(), "answer");
+        let Some(i) = self.index_of(revision) else {
+            // Confirmed meanwhile (by reading the destination).
+            return Ok(());
+        };
         match result {
-            Ok(resp) if resp.succeeded() => self.confirm(revision, &resp),
+            Ok(resp) if resp.succeeded() => self.succeeded(i, &resp),
+            Ok(_) if self.pending[i].0.alone => {
+                // Sent once everything before it was confirmed, and still
+                // refused: unless the destination moved meanwhile, it is
+                // not at the archive's previous revision.
+                self.sync_position().await?;
+                if self.index_of(revision).is_some() && self.applied.revision < revision {
+                    let at = self.applied.revision;
+                    return Err(Diverged(format!(
+                        "the destination at revision {at} does not read as the archive's revision {at} (the guard of revision {revision} failed); follow stopped and wrote nothing more"
+                    ))
+                    .into());
+                }
+                self.resend_all();
+                Ok(())
+            }
             Ok(_) => {
-                tracing::debug!(revision, "guard failed (overtaken); resending in order");
-                self.resync().await
+                // Overtaken its predecessor: a failed compare changed
+                // nothing; send it again, behind its predecessor's copy.
+                tracing::trace!(revision, "overtaken; sent again");
+                self.pending[i].0.alone = i == 0;
+                let txn = self.txn_at(i);
+                self.send(revision, txn);
+                Ok(())
             }
             Err(e) if is_refusal(&e) => Err(refused(revision, e)),
             Err(e) => {
                 tracing::warn!(revision, error = %e, "applying a revision failed; checking the destination");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                self.resync().await
+                self.sync_position().await?;
+                self.resend_all();
+                Ok(())
             }
         }
     }
 
+    /// Position of pending revision `revision`, if still pending.
+    fn index_of(&self, revision: Revision) -> Option<usize> {
+        let front = self.pending.front()?.0.revision;
+        usize::try_from(revision - front)
+            .ok()
+            .filter(|&i| i < self.pending.len())
+    }
+
+    /// The transaction of pending revision `i`: guarded by the previous
+    /// revision's effect, and by its own not being applied yet.
+    fn txn_at(&self, i: usize) -> Txn {
+        let guard = match i {
+            0 => self.confirmed_guard.as_ref(),
+            _ => self.pending[i - 1].0.guard_next.as_ref(),
+        };
+        let (p, _) = &self.pending[i];
+        let Action::Txn { ops, .. } = &p.action else {
+            unreachable!("only transactions are pending together");
+        };
+        let mut compares: Vec<Compare> = match guard {
+            Some(Guard::Put(g) | Guard::Delete(g)) => vec![g.clone()],
+            None => Vec::new(),
+        };
+        compares.extend(p.not_yet.iter().cloned());
+        Txn::new().when(compares).and_then(ops.clone())
+    }
+
+    /// Sends every pending revision not yet done again, in order, after
+    /// the destination's position was read (nothing else in flight). Only
+    /// guarded transactions are ever pending together: the others are sent
+    /// alone, once everything before them is confirmed.
+    fn resend_all(&mut self) {
+        for i in 0..self.pending.len() {
+            if !self.pending[i].0.done {
+                self.pending[i].0.alone = i == 0;
+                let txn = self.txn_at(i);
+                let revision = self.pending[i].0.revision;
+                self.send(revision, txn);
+            }
+        }
+    }
+
+    /// A transaction of pending revision `i` committed: checks its revision
+    /// and what it deleted, and confirms what is done in order.
+    fn succeeded(&mut self, i: usize, resp: &TxnResponse) -> anyhow::Result<()> {
+        let revision = self.pending[i].0.revision;
+        Self::check_commit(revision, &self.pending[i].0.action, resp)?;
+        self.pending[i].0.done = true;
+        while self.pending.front().is_some_and(|(p, _)| p.done) {
+            let r = self.pending[0].0.revision;
+            self.confirmed(r);
+        }
+        Ok(())
+    }
+
     /// Checks a committed transaction: its revision and what it deleted.
-    fn confirm(&mut self, revision: Revision, resp: &TxnResponse) -> anyhow::Result<()> {
+    fn check_commit(revision: Revision, action: &Action, resp: &TxnResponse) -> anyhow::Result<()> {
         let got = resp
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision);
         if got != revision {
             return Err(diverged(revision, got));
         }
-        let (p, _) = self.pending.front().expect("a pending revision");
-        if let Action::Txn { deletes, .. } = &p.action {
+        if let Action::Txn { deletes, .. } = action {
             for (i, (want, op)) in deletes.iter().zip(resp.op_responses()).enumerate() {
                 if let (Some(want), TxnOpResponse::Delete(d)) = (want, op) {
                     if d.deleted() != *want {
@@ -328,13 +491,16 @@ impl Applier {
                 }
             }
         }
-        self.confirmed(revision);
         Ok(())
     }
 
     fn confirmed(&mut self, revision: Revision) {
         let (p, observed_ms) = self.pending.pop_front().expect("a pending revision");
         debug_assert_eq!(p.revision, revision);
+        if let Action::Revoke { lease, .. } = p.action {
+            self.keep_alive.drop_lease(lease);
+            self.alive.remove(&lease);
+        }
         self.confirmed_guard = p.guard_next;
         self.applied = Applied {
             revision,
@@ -361,21 +527,19 @@ impl Applier {
         Ok(())
     }
 
-    /// After a failed or overtaken transaction: confirms what the
-    /// destination holds, then sends the rest again one by one.
-    async fn resync(&mut self) -> anyhow::Result<()> {
-        self.sync_position().await?;
-        while !self.pending.is_empty() {
-            self.send_alone().await?;
-        }
-        Ok(())
-    }
-
     /// Waits for every answer still due, reads the destination's revision
     /// and counts the pending revisions it holds as confirmed, after
     /// recognising the newest of them there.
     async fn sync_position(&mut self) -> anyhow::Result<()> {
-        while self.inflight.next().await.is_some() {}
+        // Answers still due are checked as they come, in order, as long as
+        // they confirm the oldest pending revision.
+        while let Some((revision, result)) = self.next_answer().await {
+            if let (Ok(resp), Some(i)) = (result, self.index_of(revision)) {
+                if resp.succeeded() {
+                    self.succeeded(i, &resp)?;
+                }
+            }
+        }
         let mut delay = Duration::from_millis(100);
         let now = loop {
             match current_revision(&mut self.client).await {
@@ -391,8 +555,24 @@ impl Applier {
             }
         };
         let confirmed = self.applied.revision;
-        if now < confirmed || now > self.sent() {
-            return Err(diverged(confirmed + 1, now));
+        if now < confirmed {
+            return Err(Diverged(format!(
+                "the destination is at revision {now}, behind revision {confirmed} follow confirmed there; follow stopped and wrote nothing more"
+            ))
+            .into());
+        }
+        if now > self.sent() {
+            // Further than this process sent: another follow (or a
+            // writer, found out when the archive reaches `now`).
+            if let Some((p, _)) = self.pending.back() {
+                check_holds(&mut self.client, p.revision, &p.fingerprint).await?;
+            }
+            while let Some(r) = self.pending.front().map(|(p, _)| p.revision) {
+                self.confirmed(r);
+            }
+            tracing::info!(revision = now, "the destination is further than this follow sent (another follow?); counting up to it");
+            self.ahead = Some(now);
+            return Ok(());
         }
         if now > confirmed {
             let (p, _) = self
@@ -420,7 +600,10 @@ impl Applier {
                     lease = format!("{lease:x}"),
                     "applied as a lease revoke"
                 );
-                return Ok(Action::Revoke(lease));
+                return Ok(Action::Revoke {
+                    lease,
+                    keys: events.iter().map(|e| e.key.clone()).collect(),
+                });
             }
         }
         let mut ops = Vec::new();
@@ -445,6 +628,13 @@ impl Applier {
             // exactly the archived keys in the destination (which must be
             // at the previous revision to be counted).
             self.drain().await?;
+            // etcd refuses a put inside a range deleted in the same
+            // transaction: ranges never span one of this revision's puts.
+            let puts: Vec<&[u8]> = events
+                .iter()
+                .filter(|e| e.kind == EventKind::Put)
+                .map(|e| e.key.as_slice())
+                .collect();
             let mut i = 0;
             while i < events.len() {
                 let e = &events[i];
@@ -464,7 +654,7 @@ impl Applier {
                     j += 1;
                 }
                 let keys: Vec<&[u8]> = events[i..=j].iter().map(|e| e.key.as_slice()).collect();
-                for (from, to) in self.exact_ranges(record.revision - 1, &keys).await? {
+                for (from, to) in self.exact_ranges(record.revision - 1, &keys, &puts).await? {
                     let n = to - from;
                     let end = range_end_after(keys[to - 1]);
                     ops.push(TxnOp::delete(
@@ -507,11 +697,12 @@ impl Applier {
 
     /// Splits sorted `keys` into index ranges `[from, to)` such that the
     /// destination at `revision` holds no other key between the first and
-    /// the last key of each.
+    /// the last key of each, and no key of `puts` lies between them.
     async fn exact_ranges(
         &mut self,
         revision: Revision,
         keys: &[&[u8]],
+        puts: &[&[u8]],
     ) -> anyhow::Result<Vec<(usize, usize)>> {
         let mut out = Vec::new();
         let mut todo = vec![(0, keys.len())];
@@ -520,20 +711,25 @@ impl Applier {
                 out.push((from, to));
                 continue;
             }
-            let resp = self
-                .client
-                .get(
-                    keys[from].to_vec(),
-                    Some(
-                        GetOptions::new()
-                            .with_range(range_end_after(keys[to - 1]))
-                            .with_revision(revision)
-                            .with_count_only(),
-                    ),
-                )
-                .await
-                .context("count keys in the destination")?;
-            if resp.count() == (to - from) as i64 {
+            let (first, last) = (keys[from], keys[to - 1]);
+            let spans_put = puts.iter().any(|&p| p > first && p < last);
+            let exact = !spans_put && {
+                let resp = self
+                    .client
+                    .get(
+                        first.to_vec(),
+                        Some(
+                            GetOptions::new()
+                                .with_range(range_end_after(last))
+                                .with_revision(revision)
+                                .with_count_only(),
+                        ),
+                    )
+                    .await
+                    .context("count keys in the destination")?;
+                resp.count() == (to - from) as i64
+            };
+            if exact {
                 out.push((from, to));
             } else {
                 let mid = from + (to - from) / 2;
@@ -582,28 +778,49 @@ fn guard_after(record: &RevisionRecord) -> Option<Guard> {
 
 /// Whether etcd refused a request for what it is (too large, too many
 /// operations, a missing lease, no space, no permission): sending it again
-/// cannot help.
+/// cannot help. Told by etcd's messages, as the same status codes also
+/// carry passing conditions (too many requests, an old auth revision).
 fn is_refusal(e: &etcd_client::Error) -> bool {
-    use tonic::Code;
-    matches!(
-        e,
-        etcd_client::Error::GRpcStatus(s) if matches!(
-            s.code(),
-            Code::InvalidArgument
-                | Code::NotFound
-                | Code::FailedPrecondition
-                | Code::ResourceExhausted
-                | Code::PermissionDenied
-                | Code::Unauthenticated
-                | Code::OutOfRange
-        )
-    )
+    const REFUSALS: &[&str] = &[
+        "too many operations in txn request",
+        "request is too large",
+        "requested lease not found",
+        "duplicate key given in txn request",
+        "database space exceeded",
+        "permission denied",
+        "authentication failed",
+        "message length too large",
+    ];
+    matches!(e, etcd_client::Error::GRpcStatus(s) if REFUSALS.iter().any(|r| s.message().contains(r)))
 }
 
 fn refused(revision: Revision, e: etcd_client::Error) -> anyhow::Error {
     anyhow::Error::from(e).context(format!(
         "the destination refused archived revision {revision}; follow stopped (check the destination's --max-request-bytes, --max-txn-ops and --quota-backend-bytes against the source's)"
     ))
+}
+
+/// Events of a revision compared when recognising it in the destination.
+const FINGERPRINT: usize = 16;
+
+/// Compares that hold until `record` is applied: its first put's key has
+/// an older mod revision, or else its first deleted key still exists (at
+/// an older mod revision).
+fn not_yet(record: &RevisionRecord) -> Vec<Compare> {
+    let r = record.revision;
+    if let Some(put) = record.events.iter().find(|e| e.kind == EventKind::Put) {
+        return vec![Compare::mod_revision(put.key.clone(), CompareOp::Less, r)];
+    }
+    record
+        .events
+        .first()
+        .map(|d| {
+            vec![
+                Compare::version(d.key.clone(), CompareOp::Greater, 0),
+                Compare::mod_revision(d.key.clone(), CompareOp::Less, r),
+            ]
+        })
+        .unwrap_or_default()
 }
 
 fn diverged(expected: Revision, got: Revision) -> anyhow::Error {
@@ -613,19 +830,54 @@ fn diverged(expected: Revision, got: Revision) -> anyhow::Error {
     .into()
 }
 
+/// The destination's cluster ID and current revision.
+///
+/// # Errors
+/// etcd failures.
+pub async fn cluster_and_revision(client: &mut Client) -> anyhow::Result<(u64, Revision)> {
+    let resp = client
+        .get(vec![0u8], Some(GetOptions::new().with_count_only()))
+        .await
+        .context("read the destination's revision")?;
+    let header = resp.header().context("etcd response without header")?;
+    Ok((header.cluster_id(), header.revision()))
+}
+
 /// The destination's current revision.
 ///
 /// # Errors
 /// etcd failures.
 pub async fn current_revision(client: &mut Client) -> anyhow::Result<Revision> {
-    let resp = client
-        .get(vec![0u8], Some(GetOptions::new().with_count_only()))
+    Ok(cluster_and_revision(client).await?.1)
+}
+
+/// Checks, before revoking `lease` for archived revision `revision`, that
+/// the destination's keys of that lease are exactly `keys` (the revision's
+/// deletes): the revoke then deletes just those.
+async fn check_lease_keys(
+    client: &mut Client,
+    revision: Revision,
+    lease: i64,
+    keys: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    let status = client
+        .lease_time_to_live(
+            lease,
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
         .await
-        .context("read the destination's revision")?;
-    Ok(resp
-        .header()
-        .context("etcd response without header")?
-        .revision())
+        .with_context(|| format!("look up lease {lease:x} in the destination"))?;
+    let mut theirs = status.keys().to_vec();
+    theirs.sort_unstable();
+    if theirs != keys {
+        return Err(Diverged(format!(
+            "archived revision {revision} deletes the {} keys of lease {lease:x}, which has {} keys in the destination; follow stopped and wrote nothing more",
+            keys.len(),
+            theirs.len()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Checks that the destination's revision `revision` is the archived one:
@@ -647,6 +899,8 @@ async fn check_holds(
         let same = match (e.kind, kv) {
             (EventKind::Put, Some(kv)) => {
                 kv.mod_revision() == revision
+                    && kv.create_revision() == e.create_revision
+                    && kv.version() == e.version
                     && kv.value() == e.value.as_slice()
                     && kv.lease() == e.lease
             }
@@ -715,11 +969,59 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_told_from_outages() {
-        let status = |code| etcd_client::Error::GRpcStatus(tonic::Status::new(code, "x"));
-        assert!(is_refusal(&status(tonic::Code::InvalidArgument)));
-        assert!(is_refusal(&status(tonic::Code::NotFound)));
-        assert!(!is_refusal(&status(tonic::Code::Unavailable)));
-        assert!(!is_refusal(&status(tonic::Code::DeadlineExceeded)));
+    fn refusals_are_told_from_passing_conditions() {
+        use tonic::Code;
+        let status =
+            |code, message: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, message));
+        assert!(is_refusal(&status(
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request"
+        )));
+        assert!(is_refusal(&status(
+            Code::InvalidArgument,
+            "etcdserver: request is too large"
+        )));
+        assert!(is_refusal(&status(
+            Code::NotFound,
+            "etcdserver: requested lease not found"
+        )));
+        assert!(is_refusal(&status(
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded"
+        )));
+        assert!(!is_refusal(&status(
+            Code::ResourceExhausted,
+            "etcdserver: too many requests"
+        )));
+        assert!(!is_refusal(&status(
+            Code::InvalidArgument,
+            "etcdserver: revision of auth store is old"
+        )));
+        assert!(!is_refusal(&status(
+            Code::Unavailable,
+            "etcdserver: leader changed"
+        )));
+    }
+
+    #[test]
+    fn a_revision_not_yet_applied_is_told_by_its_first_change() {
+        let put = record(9, &[(EventKind::Delete, "a"), (EventKind::Put, "b")]);
+        let c = not_yet(&put);
+        assert_eq!(
+            format!("{c:?}"),
+            format!("{:?}", [Compare::mod_revision("b", CompareOp::Less, 9)])
+        );
+        let del = record(9, &[(EventKind::Delete, "a")]);
+        let c = not_yet(&del);
+        assert_eq!(
+            format!("{c:?}"),
+            format!(
+                "{:?}",
+                [
+                    Compare::version("a", CompareOp::Greater, 0),
+                    Compare::mod_revision("a", CompareOp::Less, 9)
+                ]
+            )
+        );
     }
 }

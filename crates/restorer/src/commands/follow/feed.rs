@@ -40,13 +40,16 @@ pub enum Item {
 const GENERATION_CHECK: Duration = Duration::from_secs(5);
 
 /// Feeds generation `g` after revision `pos` (through `until`, if given),
-/// listing new segments every `poll`.
+/// listing new segments every `poll`. With `strict_idle`, every `Idle`
+/// comes after a look for a newer generation (whoever stops on it must
+/// not miss one); else that look is taken every few seconds.
 pub fn start(
     archive: Archive,
     g: GenerationListing,
     pos: Revision,
     until: Option<Revision>,
     poll: Duration,
+    strict_idle: bool,
 ) -> mpsc::Receiver<anyhow::Result<Item>> {
     let (tx, rx) = mpsc::channel(1024);
     let last_key = g
@@ -60,6 +63,7 @@ pub fn start(
         pos,
         until,
         poll,
+        strict_idle,
     };
     tokio::spawn(async move {
         let tx2 = tx.clone();
@@ -77,6 +81,7 @@ struct Feed {
     pos: Revision,
     until: Option<Revision>,
     poll: Duration,
+    strict_idle: bool,
 }
 
 impl Feed {
@@ -139,16 +144,16 @@ impl Feed {
                 ))
                 .into());
             }
+            if self.strict_idle || Instant::now() >= next_generation_check {
+                self.check_generations(generation).await?;
+                next_generation_check = Instant::now() + GENERATION_CHECK;
+            }
             tx.send(Ok(Item::Idle {
                 last: self.pos,
                 vouched_ms: run.end_ms,
             }))
             .await
             .map_err(|_| anyhow!("follow stopped"))?;
-            if Instant::now() >= next_generation_check {
-                self.check_generations(generation).await?;
-                next_generation_check = Instant::now() + GENERATION_CHECK;
-            }
             tokio::time::sleep(self.poll).await;
             self.refresh().await?;
         }

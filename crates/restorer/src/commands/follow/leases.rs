@@ -13,6 +13,8 @@ use etcd_client::{
 };
 use etcdpitr_common::segment::{Event, EventKind};
 use tokio::sync::mpsc;
+
+use super::Diverged;
 use tokio::time::Instant;
 
 /// The leases of the destination's live keys, as the applied revisions
@@ -99,7 +101,7 @@ impl KeepAlive {
     /// Starts the task on `client`'s lease service.
     pub fn start(client: &Client) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut leases = client.lease_client();
+        let leases = client.lease_client();
         tokio::spawn(async move {
             let mut kept: HashMap<i64, Kept> = HashMap::new();
             let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -115,12 +117,18 @@ impl KeepAlive {
                         None => return,
                     },
                     _ = tick.tick() => {
+                        // All due leases at once: one slow answer must not
+                        // hold back the others' renewals.
                         let now = Instant::now();
+                        let renewals = kept.iter_mut().filter(|(_, k)| k.due <= now).map(|(id, k)| {
+                            let mut leases = leases.clone();
+                            async move { (*id, renew(&mut leases, *id, k).await, k) }
+                        });
                         let mut gone = Vec::new();
-                        for (id, k) in kept.iter_mut().filter(|(_, k)| k.due <= now) {
-                            match renew(&mut leases, *id, k).await {
+                        for (id, result, k) in futures::future::join_all(renewals).await {
+                            match result {
                                 Ok(Some(ttl)) => k.due = now + (ttl / 3).max(Duration::from_millis(300)),
-                                Ok(None) => gone.push(*id),
+                                Ok(None) => gone.push(id),
                                 Err(e) => {
                                     k.stream = None;
                                     k.due = now + Duration::from_millis(200);
@@ -160,7 +168,13 @@ async fn renew(
     k: &mut Kept,
 ) -> anyhow::Result<Option<Duration>> {
     if k.stream.is_none() {
-        k.stream = Some(leases.keep_alive(id).await?);
+        k.stream = match leases.keep_alive(id).await {
+            Ok(s) => Some(s),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+        };
     }
     let (keeper, stream) = k.stream.as_mut().expect("just opened");
     keeper.keep_alive().await?;
@@ -197,9 +211,8 @@ pub async fn ensure(
             .await
             .with_context(|| format!("look up lease {id:x} in the destination"))?;
         let held = if status.ttl() > 0 {
-            let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            stream.message().await?.is_some_and(|r| r.ttl() > 0)
+            // It may expire meanwhile: then it is granted again below.
+            renew_once(client, id).await.unwrap_or(false)
         } else {
             tracing::debug!(lease = format!("{id:x}"), "grant");
             match client
@@ -227,6 +240,69 @@ pub async fn ensure(
     anyhow::bail!("lease {id:x} in the destination is past its end but not revoked after 10 s")
 }
 
+async fn renew_once(client: &mut Client, id: i64) -> Result<bool, etcd_client::Error> {
+    let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+    keeper.keep_alive().await?;
+    Ok(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+}
+
+/// The lease by which one follow holds its destination ("etcdpitr" in
+/// ASCII). No key ever uses it, so holding it creates no revision; a second
+/// follow on the same destination finds it renewed and refuses, as two
+/// would apply the same revisions twice.
+pub const HOLD_LEASE: i64 = 0x6574_6364_7069_7472;
+/// TTL of [`HOLD_LEASE`] (etcd raises it to its minimum, about 2 s by
+/// default): a killed follow's hold lapses within it.
+const HOLD_TTL_SECS: i64 = 2;
+
+/// Takes [`HOLD_LEASE`] in the destination and keeps it alive. A hold left
+/// by a follow that is gone lapses within its TTL and is then taken; one
+/// that is still renewed refuses.
+///
+/// # Errors
+/// [`Diverged`] when another follow holds the destination; etcd failures.
+pub async fn hold(client: &mut Client, keep_alive: &KeepAlive) -> anyhow::Result<()> {
+    let mut last_ttl = i64::MAX;
+    for _ in 0..100 {
+        match client
+            .lease_grant(
+                HOLD_TTL_SECS,
+                Some(LeaseGrantOptions::new().with_id(HOLD_LEASE)),
+            )
+            .await
+        {
+            Ok(_) => {
+                keep_alive.keep(HOLD_LEASE);
+                return Ok(());
+            }
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("already exists") => {}
+            Err(e) => return Err(e).context("take the follow hold lease in the destination"),
+        }
+        let ttl = client
+            .lease_time_to_live(HOLD_LEASE, None)
+            .await
+            .context("look up the follow hold lease in the destination")?
+            .ttl();
+        if ttl > last_ttl {
+            return Err(Diverged(format!(
+                "another follow holds this destination (it renews lease {HOLD_LEASE:x}): stop it first; two would apply the same revisions twice"
+            ))
+            .into());
+        }
+        last_ttl = ttl;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("the follow hold lease {HOLD_LEASE:x} in the destination did not lapse")
+}
+
+/// Gives up [`HOLD_LEASE`] (on the way out; a failure only delays the
+/// next follow by the lease's TTL).
+pub async fn release(client: &mut Client) {
+    if let Err(e) = client.lease_revoke(HOLD_LEASE).await {
+        tracing::debug!(error = %e, "cannot release the follow hold lease");
+    }
+}
+
 /// Revokes lease `id` in the destination if no key uses it there (a
 /// revoke that deletes nothing creates no revision), and stops keeping it
 /// alive. A lease that still has keys there is left alone.
@@ -239,21 +315,22 @@ pub async fn retire(
     alive: &mut HashSet<i64>,
     id: i64,
 ) -> anyhow::Result<()> {
-    keep_alive.drop_lease(id);
-    alive.remove(&id);
     let status = client
         .lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
         .await
         .with_context(|| format!("look up lease {id:x} in the destination"))?;
-    if status.ttl() <= 0 {
-        return Ok(());
-    }
-    if !status.keys().is_empty() {
+    if !status.keys().is_empty() && status.ttl() > 0 {
+        // Still kept alive: its keys must not expire.
         tracing::warn!(
             lease = format!("{id:x}"),
             keys = status.keys().len(),
-            "a lease the archive no longer uses still has keys in the destination; left alone"
+            "a lease the archive no longer uses still has keys in the destination; kept alive"
         );
+        return Ok(());
+    }
+    keep_alive.drop_lease(id);
+    alive.remove(&id);
+    if status.ttl() <= 0 {
         return Ok(());
     }
     tracing::debug!(lease = format!("{id:x}"), "revoke");

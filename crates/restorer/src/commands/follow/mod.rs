@@ -20,14 +20,17 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use etcdpitr_common::etcd::Connection;
+use etcdpitr_common::layout::{self, GenerationId};
+use etcdpitr_common::manifest::GenerationManifest;
 use etcdpitr_common::metrics::{self, Kind, Registry};
+use etcdpitr_common::store::Archive;
 use etcdpitr_common::Revision;
 use tokio::time::Instant;
 
-use super::load;
+use super::{list_archive, open};
 use crate::plan;
 use crate::UsageError;
-use apply::{current_revision, Applied, Applier};
+use apply::{cluster_and_revision, current_revision, Applied, Applier};
 use feed::Item;
 use leases::KeepAlive;
 
@@ -128,10 +131,13 @@ pub async fn follow(
             .map_err(|e| UsageError(format!("{e:#}")))?;
         tracing::info!(%bound, "serving metrics");
     }
-    // Before anything else, keep every lease the destination has alive: a
-    // follow that was killed renews them no more, and one that expires
-    // deletes its keys (a revision the source never had).
+    let archive = open(url, key_files)?;
     let mut client = destination.connect().await?;
+    let (cluster_id, _) = cluster_and_revision(&mut client).await?;
+    refuse_source(&archive, cluster_id).await?;
+    // Then, before anything slower, keep every lease the destination has
+    // alive: a follow that was killed renews them no more, and one that
+    // expires deletes its keys (a revision the source never had).
     let keep_alive = KeepAlive::start(&client);
     let existing: Vec<i64> = client
         .leases()
@@ -141,11 +147,41 @@ pub async fn follow(
         .iter()
         .map(etcd_client::LeaseStatus::id)
         .collect();
-    for &id in &existing {
+    for &id in existing.iter().filter(|&&id| id != leases::HOLD_LEASE) {
         keep_alive.keep(id);
     }
-    let (archive, listing) = load(url, key_files).await?;
-    let start = current_revision(&mut client).await?;
+    leases::hold(&mut client, &keep_alive).await?;
+    let result = follow_held(
+        &archive,
+        url,
+        &mut client,
+        keep_alive,
+        &existing,
+        cluster_id,
+        options,
+        &metrics,
+        out,
+    )
+    .await;
+    leases::release(&mut client).await;
+    result
+}
+
+/// `follow` once the destination is held.
+#[allow(clippy::too_many_arguments)]
+async fn follow_held(
+    archive: &Archive,
+    url: &str,
+    client: &mut etcd_client::Client,
+    keep_alive: KeepAlive,
+    existing: &[i64],
+    cluster_id: u64,
+    options: &FollowOptions,
+    metrics: &Metrics,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let listing = list_archive(archive, url).await?;
+    let start = current_revision(client).await?;
     let until_revision = match options.until {
         Until::Revision(r) if r < start => bail!(UsageError(format!(
             "--until-revision {r}: the destination is already at revision {start}"
@@ -154,13 +190,14 @@ pub async fn follow(
         _ => None,
     };
     let span = plan::plan_span(&listing, Some(start), None, None).map_err(|e| {
-        let hint = if matches!(e, plan::PlanError::BeyondLast { .. }) {
-            " (it is ahead of the archive: written to after seeding, or seeded from elsewhere)"
-        } else {
-            ""
-        };
+        if let plan::PlanError::BeyondLast { ranges, .. } = &e {
+            return anyhow::Error::from(Diverged(format!(
+                "the destination is at revision {start}, ahead of the archive ({}): it was written to after seeding, or seeded from elsewhere; nothing was written",
+                etcdpitr_common::chain::describe(ranges)
+            )));
+        }
         anyhow::Error::from(e).context(format!(
-            "the destination is at revision {start}, which the archive cannot serve{hint}"
+            "the destination is at revision {start}, which the archive cannot serve"
         ))
     })?;
     let generation = span.from.generation;
@@ -187,7 +224,7 @@ pub async fn follow(
         generation = %generation,
         "proving that the destination holds the archive's history at its revision"
     );
-    let proven = proof::prove(&archive, &span.from, &mut client).await?;
+    let proven = proof::prove(archive, &span.from, client).await?;
     let used: std::collections::HashSet<i64> = proven.book.used().collect();
     for id in existing.iter().filter(|id| !used.contains(id)) {
         keep_alive.drop_lease(*id);
@@ -207,7 +244,14 @@ pub async fn follow(
         keep_alive,
     );
     applier.keep_used_leases().await?;
-    let mut feed = feed::start(archive, g, start, until_revision, options.poll_interval);
+    let mut feed = feed::start(
+        archive.clone(),
+        g,
+        start,
+        until_revision,
+        options.poll_interval,
+        options.until == Until::CaughtUp,
+    );
     let mut archived = start;
     let mut next_log = Instant::now() + options.log_interval;
     let mut logged = (Instant::now(), start);
@@ -224,24 +268,34 @@ pub async fn follow(
             }
             Some(Ok(Item::Idle { last, vouched_ms })) => {
                 applier.drain().await?;
+                if let Some(ahead) = applier.ahead().filter(|&a| a > last) {
+                    bail!(Diverged(format!(
+                        "the destination is at revision {ahead}, beyond the archive's last revision {last}: something else wrote to it"
+                    )));
+                }
                 applier.retire_leases().await?;
                 let done = applier.applied();
                 if options.until == Until::CaughtUp
                     && done.revision == last
                     && vouched_ms > done.observed_ms
                 {
+                    still_at(client, cluster_id, done.revision).await?;
                     report_cutover(out, done, vouched_ms, done.revision == start)?;
                     return Ok(());
                 }
             }
             Some(Err(e)) => {
-                applier.drain().await?;
-                return Err(e);
+                // What the feed says wins, unless the destination diverged.
+                return match applier.drain().await {
+                    Err(d) if d.is::<Diverged>() => Err(d),
+                    _ => Err(e),
+                };
             }
             None => {
                 applier.drain().await?;
                 let done = applier.applied();
                 if until_revision == Some(done.revision) {
+                    still_at(client, cluster_id, done.revision).await?;
                     writeln!(
                         out,
                         "the destination holds revision {} (--until-revision)",
@@ -279,6 +333,7 @@ pub async fn follow(
             next_log = Instant::now() + options.log_interval;
         }
         if until_revision == Some(done.revision) && applier.sent() == done.revision {
+            still_at(client, cluster_id, done.revision).await?;
             writeln!(
                 out,
                 "the destination holds revision {} (--until-revision)",
@@ -287,6 +342,49 @@ pub async fn follow(
             return Ok(());
         }
     }
+}
+
+/// Refuses the archive's own source cluster as a destination: its cluster
+/// ID is in every generation manifest (read directly: a full listing of a
+/// large archive takes longer than a short lease lives).
+async fn refuse_source(archive: &Archive, cluster_id: u64) -> anyhow::Result<()> {
+    let dirs = archive
+        .list_root_dirs()
+        .await
+        .context("list the archive's generations")?;
+    for g in dirs
+        .iter()
+        .filter_map(|d| GenerationId::parse_dir(d.trim_end_matches('/')))
+    {
+        let key = layout::generation_manifest_key(g);
+        let Some(bytes) = archive.get_opt(&key).await? else {
+            continue;
+        };
+        let manifest = GenerationManifest::parse_in(&key, &bytes, g)?;
+        if manifest.cluster_id == cluster_id {
+            bail!(Diverged(format!(
+                "the destination is the archive's source cluster (cluster ID {cluster_id:x}, generation {g}): follow writes only to a new cluster seeded from a restore (restore its members with an --initial-cluster-token of their own if they keep the source's names and peer URLs); nothing was written"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the destination once more before reporting success: it must
+/// still be the cluster followed, at `revision`.
+async fn still_at(
+    client: &mut etcd_client::Client,
+    cluster_id: u64,
+    revision: Revision,
+) -> anyhow::Result<()> {
+    let (id, now) = cluster_and_revision(client).await?;
+    if id != cluster_id || now != revision {
+        return Err(Diverged(format!(
+            "the destination (cluster ID {id:x}) is at revision {now}, where follow left cluster {cluster_id:x} at revision {revision}: something else wrote to it"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn report_cutover(
