@@ -29,15 +29,40 @@ fn start_follow(
     dir: &std::path::Path,
     name: &str,
     extra: &[&str],
-) -> anyhow::Result<Child> {
-    Ok(Command::new(binary("etcd-restorer"))
-        .args(["follow", "--archive", url, "--endpoints", dest])
-        .args(extra)
-        .env("ETCD_RESTORER_LOG", "info,etcd_restorer=debug")
-        .stdout(std::fs::File::create(dir.join(format!("{name}.out")))?)
-        .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?)
-        .stdin(Stdio::null())
-        .spawn()?)
+) -> anyhow::Result<Follow> {
+    Ok(Follow(
+        Command::new(binary("etcd-restorer"))
+            .args(["follow", "--archive", url, "--endpoints", dest])
+            .args(extra)
+            .env("ETCD_RESTORER_LOG", "info,etcd_restorer=debug")
+            .stdout(std::fs::File::create(dir.join(format!("{name}.out")))?)
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?)
+            .stdin(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+/// A running `follow`, killed when dropped (a failed test leaves none).
+struct Follow(Child);
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+impl std::ops::Deref for Follow {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Follow {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
 }
 
 fn output(dir: &std::path::Path, name: &str) -> String {
@@ -271,6 +296,8 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
         &["--until-caught-up"],
     )?;
     workload.await??;
+    // The workload's last leases (1-2 s) expire: source writes too.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let stopped = Instant::now();
     let status = wait_exit(&mut second, Duration::from_mins(1)).await?;
     let took = stopped.elapsed();
@@ -284,7 +311,6 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
         "{text}"
     );
     eprintln!("follow --until-caught-up exited {took:?} after the workload stopped");
-    eprintln!("DEBUG {text}");
     // The wide revisions took the paths for more events than --max-txn-ops.
     let logs = format!("{}{text}", output(dir, "first"));
     for path in ["applied as a lease revoke", "applied with range deletes"] {
@@ -511,6 +537,9 @@ async fn a_second_follow_on_one_destination_refuses() -> anyhow::Result<()> {
         "{text}"
     );
     mixed_workload(&mut client, &mut rng, 200).await?;
+    // The workload's last leases (1-2 s) expire before the cutover (while
+    // followed: a destination left alone would expire them itself).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     anyhow::ensure!(first.try_wait()?.is_none(), "{}", output(dir, "first"));
     first.kill()?;
     first.wait()?;

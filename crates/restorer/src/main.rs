@@ -233,7 +233,10 @@ enum Command {
         #[arg(long, env = "ETCD_RESTORER_METRICS_ADDR", value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
         /// Revisions sent to the destination before the first is confirmed.
-        #[arg(long, default_value_t = 64)]
+        /// More than 1 pipelines guarded transactions; etcd often proposes
+        /// requests that arrive together in another order, and every one
+        /// overtaken costs the window a resend (docs/benchmarks.md).
+        #[arg(long, default_value_t = 1)]
         max_in_flight: usize,
         /// The destination's --max-txn-ops (a revision with more events is
         /// applied with range deletes, each checked to be exact).

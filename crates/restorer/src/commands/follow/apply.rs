@@ -82,6 +82,9 @@ pub struct Applier {
     window: usize,
     max_txn_ops: usize,
     inflight: InFlight,
+    /// The newest revision sent with a put, and that put's key, if no
+    /// revision sent since deleted it (see [`guard_after`]).
+    last_put: Option<(Vec<u8>, Revision)>,
     /// Answers taken from `inflight` before their turn to be handled.
     ready: VecDeque<(Revision, Result<TxnResponse, etcd_client::Error>)>,
     pending: VecDeque<(Pending, i64)>,
@@ -118,9 +121,10 @@ impl Applier {
             max_txn_ops: max_txn_ops.max(1),
             inflight: FuturesOrdered::new(),
             ready: VecDeque::new(),
+            last_put: last.and_then(|r| last_put_after(r, None)),
             pending: VecDeque::new(),
             applied,
-            confirmed_guard: last.and_then(guard_after),
+            confirmed_guard: last.and_then(|r| guard_after(r, None)),
             book,
             keep_alive,
             alive: HashSet::new(),
@@ -207,7 +211,8 @@ impl Applier {
                 check_holds(&mut self.client, ahead, events).await?;
                 self.ahead = None;
             }
-            self.confirmed_guard = guard_after(record);
+            self.confirmed_guard = guard_after(record, self.last_put.as_ref());
+            self.last_put = last_put_after(record, self.last_put.take());
             self.applied = Applied {
                 revision: record.revision,
                 observed_ms: record.observed_ms,
@@ -221,17 +226,26 @@ impl Applier {
             .pending
             .back()
             .map_or(self.confirmed_guard.clone(), |(p, _)| p.guard_next.clone());
+        let guard_next = guard_after(record, self.last_put.as_ref());
+        self.last_put = last_put_after(record, self.last_put.take());
         let pending = Pending {
             revision: record.revision,
             action,
-            guard_next: guard_after(record),
+            guard_next,
             not_yet: not_yet(record),
             fingerprint: record.events.iter().take(FINGERPRINT).cloned().collect(),
             done: false,
             alone: self.pending.is_empty(),
         };
-        if let (Action::Txn { ops, .. }, Some(Guard::Put(guard))) = (&pending.action, guard) {
-            let mut compares = vec![guard];
+        if let (
+            Action::Txn { ops, .. },
+            Some(Guard {
+                compares,
+                exact: true,
+            }),
+        ) = (&pending.action, guard)
+        {
+            let mut compares = compares;
             compares.extend(pending.not_yet.iter().cloned());
             let txn = Txn::new().when(compares).and_then(ops.clone());
             self.pending.push_back((pending, record.observed_ms));
@@ -313,7 +327,7 @@ impl Applier {
             let outcome = match &p.action {
                 Action::Txn { ops, .. } => {
                     let mut compares: Vec<Compare> = match &self.confirmed_guard {
-                        Some(Guard::Put(g) | Guard::Delete(g)) => vec![g.clone()],
+                        Some(g) => g.compares.clone(),
                         None => Vec::new(),
                     };
                     compares.extend(p.not_yet.iter().cloned());
@@ -392,25 +406,23 @@ impl Applier {
                     ))
                     .into());
                 }
-                self.resend_all();
-                Ok(())
+                self.recover().await
             }
             Ok(_) => {
                 // Overtaken its predecessor: a failed compare changed
-                // nothing; send it again, behind its predecessor's copy.
-                tracing::trace!(revision, "overtaken; sent again");
-                self.pending[i].0.alone = i == 0;
-                let txn = self.txn_at(i);
-                self.send(revision, txn);
-                Ok(())
+                // nothing. The ones after it fail likewise; send them all
+                // again one by one (a burst sent at once is what gets
+                // reordered), then pipelining resumes with new revisions.
+                tracing::debug!(revision, "overtaken; sending the window again in order");
+                self.sync_position().await?;
+                self.recover().await
             }
             Err(e) if is_refusal(&e) => Err(refused(revision, e)),
             Err(e) => {
                 tracing::warn!(revision, error = %e, "applying a revision failed; checking the destination");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 self.sync_position().await?;
-                self.resend_all();
-                Ok(())
+                self.recover().await
             }
         }
     }
@@ -423,38 +435,14 @@ impl Applier {
             .filter(|&i| i < self.pending.len())
     }
 
-    /// The transaction of pending revision `i`: guarded by the previous
-    /// revision's effect, and by its own not being applied yet.
-    fn txn_at(&self, i: usize) -> Txn {
-        let guard = match i {
-            0 => self.confirmed_guard.as_ref(),
-            _ => self.pending[i - 1].0.guard_next.as_ref(),
-        };
-        let (p, _) = &self.pending[i];
-        let Action::Txn { ops, .. } = &p.action else {
-            unreachable!("only transactions are pending together");
-        };
-        let mut compares: Vec<Compare> = match guard {
-            Some(Guard::Put(g) | Guard::Delete(g)) => vec![g.clone()],
-            None => Vec::new(),
-        };
-        compares.extend(p.not_yet.iter().cloned());
-        Txn::new().when(compares).and_then(ops.clone())
-    }
-
-    /// Sends every pending revision not yet done again, in order, after
-    /// the destination's position was read (nothing else in flight). Only
-    /// guarded transactions are ever pending together: the others are sent
-    /// alone, once everything before them is confirmed.
-    fn resend_all(&mut self) {
-        for i in 0..self.pending.len() {
-            if !self.pending[i].0.done {
-                self.pending[i].0.alone = i == 0;
-                let txn = self.txn_at(i);
-                let revision = self.pending[i].0.revision;
-                self.send(revision, txn);
-            }
+    /// Sends every pending revision again, one by one, after the
+    /// destination's position was read (nothing else in flight): sent at
+    /// once, a burst would be reordered again.
+    async fn recover(&mut self) -> anyhow::Result<()> {
+        while !self.pending.is_empty() {
+            self.send_alone().await?;
         }
+        Ok(())
     }
 
     /// A transaction of pending revision `i` committed: checks its revision
@@ -750,30 +738,60 @@ fn range_end_after(key: &[u8]) -> Vec<u8> {
     end
 }
 
-/// A compare that holds once a revision is applied.
+/// Compares that hold once a revision is applied.
 #[derive(Clone, Debug)]
-enum Guard {
-    /// Its first put's key has its mod revision: true only from that
-    /// revision on, so a transaction guarded by it may be sent early.
-    Put(Compare),
-    /// Its first deleted key is absent: also true before the key was
-    /// created, so only a check once everything before is confirmed.
-    Delete(Compare),
+struct Guard {
+    compares: Vec<Compare>,
+    /// They hold only from that revision on (not at any earlier state of
+    /// the destination), so a transaction guarded by them may be sent
+    /// before its predecessor is confirmed.
+    exact: bool,
 }
 
-/// The guard that holds once `record` is applied.
-fn guard_after(record: &RevisionRecord) -> Option<Guard> {
+/// The guard that holds once `record` is applied. A revision with a put
+/// leaves that key at exactly its mod revision. A delete-only revision
+/// leaves its first deleted key absent, which also holds before the key
+/// was created; `last_put` (the newest earlier revision with a put, and
+/// that put's key, untouched since) makes it exact: between that revision
+/// and this one only deletes happened, so the deleted key existed at every
+/// state from that revision until this one.
+fn guard_after(record: &RevisionRecord, last_put: Option<&(Vec<u8>, Revision)>) -> Option<Guard> {
     if let Some(put) = record.events.iter().find(|e| e.kind == EventKind::Put) {
-        return Some(Guard::Put(Compare::mod_revision(
-            put.key.clone(),
-            CompareOp::Equal,
-            record.revision,
-        )));
+        return Some(Guard {
+            compares: vec![Compare::mod_revision(
+                put.key.clone(),
+                CompareOp::Equal,
+                record.revision,
+            )],
+            exact: true,
+        });
     }
-    record
-        .events
-        .first()
-        .map(|d| Guard::Delete(Compare::version(d.key.clone(), CompareOp::Equal, 0)))
+    let deleted = record.events.first()?;
+    let absent = Compare::version(deleted.key.clone(), CompareOp::Equal, 0);
+    Some(match last_put {
+        Some((key, revision)) if !record.events.iter().any(|e| &e.key == key) => Guard {
+            compares: vec![
+                Compare::mod_revision(key.clone(), CompareOp::Equal, *revision),
+                absent,
+            ],
+            exact: true,
+        },
+        _ => Guard {
+            compares: vec![absent],
+            exact: false,
+        },
+    })
+}
+
+/// The newest revision with a put and that put's key, after `record`.
+fn last_put_after(
+    record: &RevisionRecord,
+    before: Option<(Vec<u8>, Revision)>,
+) -> Option<(Vec<u8>, Revision)> {
+    if let Some(put) = record.events.iter().find(|e| e.kind == EventKind::Put) {
+        return Some((put.key.clone(), record.revision));
+    }
+    before.filter(|(key, _)| !record.events.iter().any(|e| &e.key == key))
 }
 
 /// Whether etcd refused a request for what it is (too large, too many
@@ -943,23 +961,37 @@ mod tests {
     }
 
     #[test]
-    fn a_revisions_mark_is_its_first_put_else_a_deleted_key() {
+    fn a_revisions_mark_is_its_first_put_else_a_deleted_key_after_the_last_put() {
         let mixed = record(5, &[(EventKind::Delete, "a"), (EventKind::Put, "b")]);
-        let Some(Guard::Put(c)) = guard_after(&mixed) else {
-            panic!("a put marks the revision exactly");
-        };
+        let g = guard_after(&mixed, None).expect("a guard");
+        assert!(g.exact, "a put marks the revision exactly");
         assert_eq!(
-            format!("{c:?}"),
-            format!("{:?}", Compare::mod_revision("b", CompareOp::Equal, 5))
+            format!("{:?}", g.compares),
+            format!("{:?}", [Compare::mod_revision("b", CompareOp::Equal, 5)])
         );
+        let last_put = last_put_after(&mixed, None);
+        assert_eq!(last_put, Some((b"b".to_vec(), 5)));
         let deletes = record(6, &[(EventKind::Delete, "x"), (EventKind::Delete, "y")]);
-        let Some(Guard::Delete(c)) = guard_after(&deletes) else {
-            panic!("only deletes: a weaker mark");
-        };
+        let g = guard_after(&deletes, last_put.as_ref()).expect("a guard");
+        assert!(g.exact, "the last put pins the state before the deletes");
         assert_eq!(
-            format!("{c:?}"),
-            format!("{:?}", Compare::version("x", CompareOp::Equal, 0))
+            format!("{:?}", g.compares),
+            format!(
+                "{:?}",
+                [
+                    Compare::mod_revision("b", CompareOp::Equal, 5),
+                    Compare::version("x", CompareOp::Equal, 0)
+                ]
+            )
         );
+        let still = last_put_after(&deletes, last_put);
+        assert_eq!(still, Some((b"b".to_vec(), 5)));
+        // Deleting the last put's key loses the pin.
+        let gone = record(7, &[(EventKind::Delete, "b")]);
+        let g = guard_after(&gone, still.as_ref()).expect("a guard");
+        assert!(!g.exact);
+        assert_eq!(last_put_after(&gone, still), None);
+        assert!(!guard_after(&deletes, None).expect("a guard").exact);
     }
 
     #[test]

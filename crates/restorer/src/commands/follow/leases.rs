@@ -262,8 +262,8 @@ const HOLD_TTL_SECS: i64 = 2;
 /// # Errors
 /// [`Diverged`] when another follow holds the destination; etcd failures.
 pub async fn hold(client: &mut Client, keep_alive: &KeepAlive) -> anyhow::Result<()> {
-    let mut last_ttl = i64::MAX;
-    for _ in 0..100 {
+    let started = Instant::now();
+    loop {
         match client
             .lease_grant(
                 HOLD_TTL_SECS,
@@ -278,21 +278,22 @@ pub async fn hold(client: &mut Client, keep_alive: &KeepAlive) -> anyhow::Result
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("already exists") => {}
             Err(e) => return Err(e).context("take the follow hold lease in the destination"),
         }
-        let ttl = client
+        let granted = client
             .lease_time_to_live(HOLD_LEASE, None)
             .await
             .context("look up the follow hold lease in the destination")?
-            .ttl();
-        if ttl > last_ttl {
+            .granted_ttl();
+        // A hold nobody renews lapses within its TTL (etcd revokes expired
+        // leases every 500 ms); one still there after that is renewed.
+        let lapse = Duration::from_secs(granted.max(HOLD_TTL_SECS) as u64 + 2);
+        if started.elapsed() > lapse {
             return Err(Diverged(format!(
                 "another follow holds this destination (it renews lease {HOLD_LEASE:x}): stop it first; two would apply the same revisions twice"
             ))
             .into());
         }
-        last_ttl = ttl;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    anyhow::bail!("the follow hold lease {HOLD_LEASE:x} in the destination did not lapse")
 }
 
 /// Gives up [`HOLD_LEASE`] (on the way out; a failure only delays the

@@ -226,7 +226,10 @@ async fn follow_held(
     );
     let proven = proof::prove(archive, &span.from, client).await?;
     let used: std::collections::HashSet<i64> = proven.book.used().collect();
-    for id in existing.iter().filter(|id| !used.contains(id)) {
+    for id in existing
+        .iter()
+        .filter(|&&id| !used.contains(&id) && id != leases::HOLD_LEASE)
+    {
         keep_alive.drop_lease(*id);
     }
     let applied = Applied {
