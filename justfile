@@ -44,6 +44,12 @@ bench-restorer revisions="1000000": setup
 bench-audit revisions="1000000": setup
     cargo build --release --workspace --bins
     target/release/bench-audit {{revisions}}
+
+# Follow benchmark: apply ceiling, lag at sustained rates next to make-mirror, cutover (see docs/benchmarks.md).
+bench-follow seconds="30" backlog="100000": setup
+    cargo build --release --workspace --bins
+    target/release/bench-follow {{seconds}} {{backlog}}
+
 # Encryption overhead on a large snapshot and a full segment (see docs/benchmarks.md).
 bench-envelope mib="512":
     cargo build --release -p integration --bin bench-envelope
