@@ -201,7 +201,9 @@ async fn check_identical(
     Ok(last)
 }
 
-async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
+/// With `by_signal`, the restarted follow runs without an end and the
+/// cutover is asked of it with SIGUSR1; else it runs `--until-caught-up`.
+async fn follows_a_live_source(version: EtcdVersion, by_signal: bool) -> anyhow::Result<()> {
     let TestBed {
         cluster,
         mut client,
@@ -288,17 +290,21 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
     );
     first.kill()?;
     first.wait()?;
-    let mut second = start_follow(
-        &url,
-        &dest.client_url,
-        dir,
-        "second",
-        &["--until-caught-up"],
-    )?;
+    let until: &[&str] = if by_signal {
+        &[]
+    } else {
+        &["--until-caught-up"]
+    };
+    let mut second = start_follow(&url, &dest.client_url, dir, "second", until)?;
     workload.await??;
     // The workload's last leases (1-2 s) expire: source writes too.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let stopped = Instant::now();
+    if by_signal {
+        Command::new("kill")
+            .args(["-USR1", &second.id().to_string()])
+            .status()?;
+    }
     let status = wait_exit(&mut second, Duration::from_mins(1)).await?;
     let took = stopped.elapsed();
     let text = output(dir, "second");
@@ -329,12 +335,13 @@ async fn follows_a_live_source(version: EtcdVersion) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follows_a_live_source_revision_for_revision_v35() -> anyhow::Result<()> {
-    Box::pin(follows_a_live_source(EtcdVersion::V35)).await
+    Box::pin(follows_a_live_source(EtcdVersion::V35, false)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follows_a_live_source_revision_for_revision_v34() -> anyhow::Result<()> {
-    Box::pin(follows_a_live_source(EtcdVersion::V34)).await
+    // The cutover asked of a running follow (SIGUSR1).
+    Box::pin(follows_a_live_source(EtcdVersion::V34, true)).await
 }
 
 /// Runs follow to its end and checks it refused with `code` and `text`

@@ -162,11 +162,6 @@ impl Applier {
             .map_or(self.applied.revision, |(p, _)| p.revision)
     }
 
-    /// When the source wrote the oldest revision sent but not confirmed.
-    pub fn oldest_unconfirmed_observed_ms(&self) -> Option<i64> {
-        self.pending.front().map(|&(_, ms)| ms)
-    }
-
     /// Records a lease's granted TTL from the archive.
     pub fn lease_granted(&mut self, id: i64, ttl_secs: i64) {
         self.book.granted(id, ttl_secs);

@@ -3,6 +3,8 @@
 //! source is still there. A gap or the start of another generation ends
 //! the feed with an error: follow never bridges two histories.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -24,6 +26,8 @@ use crate::synth::EventSource;
 pub enum Item {
     /// A lease's granted TTL, before the revision that first uses it.
     Lease(LeaseRecord),
+    /// The archive holds revisions through this one (more are coming).
+    Archived(Revision),
     /// The next revision.
     Revision(RevisionRecord),
     /// The archive holds nothing after `last` yet; it vouches that the
@@ -40,16 +44,16 @@ pub enum Item {
 const GENERATION_CHECK: Duration = Duration::from_secs(5);
 
 /// Feeds generation `g` after revision `pos` (through `until`, if given),
-/// listing new segments every `poll`. With `strict_idle`, every `Idle`
-/// comes after a look for a newer generation (whoever stops on it must
-/// not miss one); else that look is taken every few seconds.
+/// listing new segments every `poll`. While `strict_idle` is set, every
+/// `Idle` comes after a look for a newer generation (whoever stops on it
+/// must not miss one); else that look is taken every few seconds.
 pub fn start(
     archive: Archive,
     g: GenerationListing,
     pos: Revision,
     until: Option<Revision>,
     poll: Duration,
-    strict_idle: bool,
+    strict_idle: Arc<AtomicBool>,
 ) -> mpsc::Receiver<anyhow::Result<Item>> {
     let (tx, rx) = mpsc::channel(1024);
     let last_key = g
@@ -81,7 +85,7 @@ struct Feed {
     pos: Revision,
     until: Option<Revision>,
     poll: Duration,
-    strict_idle: bool,
+    strict_idle: Arc<AtomicBool>,
 }
 
 impl Feed {
@@ -103,6 +107,9 @@ impl Feed {
                 })?;
             let last = self.until.map_or(run.last, |u| run.last.min(u));
             if last > self.pos {
+                tx.send(Ok(Item::Archived(run.last)))
+                    .await
+                    .map_err(|_| anyhow!("follow stopped"))?;
                 let replay = Replay {
                     generation,
                     after: self.pos,
@@ -144,7 +151,7 @@ impl Feed {
                 ))
                 .into());
             }
-            if self.strict_idle || Instant::now() >= next_generation_check {
+            if self.strict_idle.load(Ordering::Relaxed) || Instant::now() >= next_generation_check {
                 self.check_generations(generation).await?;
                 next_generation_check = Instant::now() + GENERATION_CHECK;
             }

@@ -247,26 +247,50 @@ async fn follow_held(
         keep_alive,
     );
     applier.keep_used_leases().await?;
+    let strict = Arc::new(std::sync::atomic::AtomicBool::new(
+        options.until == Until::CaughtUp,
+    ));
     let mut feed = feed::start(
         archive.clone(),
         g,
         start,
         until_revision,
         options.poll_interval,
-        options.until == Until::CaughtUp,
+        strict.clone(),
     );
     let mut archived = start;
+    // SIGUSR1 asks a running follow for the cutover: it then stops once
+    // caught up, as --until-caught-up does (no restart, no second proof).
+    let mut until = options.until;
+    let mut cutover_signal =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            .context("listen for SIGUSR1")?;
     let mut next_log = Instant::now() + options.log_interval;
     let mut logged = (Instant::now(), start);
     let mut next_retire = Instant::now();
     metrics.applied.set(start as f64);
     tracing::info!(revision = start, "following");
+    let mut lag_ms = 0;
     loop {
-        let item = feed.recv().await;
+        let item = tokio::select! {
+            item = feed.recv() => item,
+            _ = cutover_signal.recv() => {
+                if until != Until::CaughtUp {
+                    tracing::info!("cutover requested (SIGUSR1): stopping once caught up");
+                    until = Until::CaughtUp;
+                    strict.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
         match item {
             Some(Ok(Item::Lease(l))) => applier.lease_granted(l.id, l.ttl_secs),
+            Some(Ok(Item::Archived(last))) => archived = archived.max(last),
             Some(Ok(Item::Revision(r))) => {
-                archived = archived.max(r.revision);
+                // The destination lags the source by the age of the oldest
+                // archived revision it does not hold yet.
+                lag_ms = (etcdpitr_common::now_ms() - r.observed_ms).max(0);
+                metrics.lag.set(lag_ms as f64 / 1000.0);
                 applier.apply(&r).await?;
             }
             Some(Ok(Item::Idle { last, vouched_ms })) => {
@@ -277,8 +301,10 @@ async fn follow_held(
                     )));
                 }
                 applier.retire_leases().await?;
+                lag_ms = 0;
+                metrics.lag.set(0.0);
                 let done = applier.applied();
-                if options.until == Until::CaughtUp
+                if until == Until::CaughtUp
                     && done.revision == last
                     && vouched_ms > done.observed_ms
                 {
@@ -319,10 +345,7 @@ async fn follow_held(
             .add((done.revision - metrics.applied.get() as i64) as f64);
         metrics.applied.set(done.revision as f64);
         metrics.archived.set(archived as f64);
-        let lag_ms = applier
-            .oldest_unconfirmed_observed_ms()
-            .map_or(0, |ms| (etcdpitr_common::now_ms() - ms).max(0));
-        metrics.lag.set(lag_ms as f64 / 1000.0);
+
         if Instant::now() >= next_log {
             let secs = logged.0.elapsed().as_secs_f64();
             tracing::info!(
