@@ -385,12 +385,18 @@ async fn encrypted_file_archive_holds_no_plaintext_and_restores_exactly() -> any
     assert!(err.contains("not encrypted"), "{err}");
 
     // A damaged sealed object fails authentication: exit 4. (The last
-    // segment: the prune above deleted the oldest ones.)
-    let (segment, mut bytes) = files_under(&root)
-        .into_iter()
-        .filter(|(p, _)| p.extension().is_some_and(|e| e == "seg"))
-        .max_by(|a, b| a.0.cmp(&b.0))
-        .context("a segment")?;
+    // segment: the prune above deleted the oldest ones; it may have left
+    // none when a base snapshot was taken at the last revision, and then
+    // the last snapshot.)
+    let sealed = |ext: &str| {
+        files_under(&root)
+            .into_iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == ext))
+            .max_by(|a, b| a.0.cmp(&b.0))
+    };
+    let (segment, mut bytes) = sealed("seg")
+        .or_else(|| sealed("snap"))
+        .context("a segment or a snapshot")?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&segment, &bytes)?;
