@@ -141,6 +141,36 @@ pub fn run_restorer(
     run_to_end("etcd-restorer", args, env)
 }
 
+/// Restores revision `revision` of the archive at `url` as a `follow`
+/// seed (leases lengthened to 10 minutes) into `dir/{name}.db`.
+///
+/// # Errors
+/// If the restorer fails.
+pub fn restore_follow_seed(
+    url: &str,
+    revision: i64,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
+    let file = dir.join(format!("{name}.db"));
+    let (code, out, err) = run_restorer(
+        &[
+            "restore",
+            "--archive",
+            url,
+            "--revision",
+            &revision.to_string(),
+            "--output",
+            &file.display().to_string(),
+            "--min-lease-ttl",
+            "10m",
+        ],
+        &[],
+    )?;
+    anyhow::ensure!(code == 0, "restore exited {code}: {out}{err}");
+    Ok(file)
+}
+
 /// Runs an `etcd-archiver` command that ends by itself (`prune`,
 /// `snapshot`), returning (exit code, stdout, stderr).
 ///

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use integration::{
-    archiver_args, binary, current_revision, free_port, mixed_workload, range_at, run_restorer,
-    wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd, Rng, TestBed,
+    archiver_args, binary, current_revision, free_port, mixed_workload, range_at,
+    restore_follow_seed, wait_archived, ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd,
+    Rng, TestBed,
 };
 
 /// Archiver flags for follow: segments sealed every second, and an idle
@@ -109,22 +110,7 @@ async fn seed(
     dir: &std::path::Path,
     name: &str,
 ) -> anyhow::Result<RestoredEtcd> {
-    let file = dir.join(format!("{name}.db"));
-    let (code, out, err) = run_restorer(
-        &[
-            "restore",
-            "--archive",
-            url,
-            "--revision",
-            &revision.to_string(),
-            "--output",
-            &file.display().to_string(),
-            "--min-lease-ttl",
-            "10m",
-        ],
-        &[],
-    )?;
-    anyhow::ensure!(code == 0, "restore exited {code}: {out}{err}");
+    let file = restore_follow_seed(url, revision, dir, name)?;
     RestoredEtcd::start(version, &file).await
 }
 
@@ -147,6 +133,38 @@ async fn wide_revisions(client: &mut etcd_client::Client) -> anyhow::Result<()> 
         .await?;
     anyhow::ensure!(deleted.deleted() == 200, "{} deleted", deleted.deleted());
     Ok(())
+}
+
+/// A source cluster archived by a running archiver (the follow flags),
+/// after `ops` mixed operations from `Rng::new(seed)`, archived through
+/// revision `seeded`.
+struct Archived {
+    bed: TestBed,
+    archiver: ArchiverProcess,
+    rng: Rng,
+    seeded: i64,
+}
+
+async fn archived_source(version: EtcdVersion, seed: u64, ops: usize) -> anyhow::Result<Archived> {
+    let mut bed = TestBed::start(version, 1).await?;
+    let args = archiver_args(
+        &bed.cluster.endpoints(),
+        &bed.url,
+        &bed.tmp.path().join("data"),
+        ARCHIVER_FLAGS,
+    );
+    let archiver = ArchiverProcess::start(&args, &[], &bed.log)?;
+    archiver.wait_writing(Duration::from_secs(30)).await?;
+    let mut rng = Rng::new(seed);
+    mixed_workload(&mut bed.client, &mut rng, ops).await?;
+    let seeded = current_revision(&mut bed.client).await?;
+    wait_archived(&bed.url, 1, seeded, Duration::from_secs(30)).await?;
+    Ok(Archived {
+        bed,
+        archiver,
+        rng,
+        seeded,
+    })
 }
 
 /// The destination equals the source: same current revision, same keys at
@@ -204,26 +222,21 @@ async fn check_identical(
 /// With `by_signal`, the restarted follow runs without an end and the
 /// cutover is asked of it with SIGUSR1; else it runs `--until-caught-up`.
 async fn follows_a_live_source(version: EtcdVersion, by_signal: bool) -> anyhow::Result<()> {
-    let TestBed {
-        cluster,
-        mut client,
-        tmp,
-        url,
-        log,
-    } = TestBed::start(version, 1).await?;
+    let Archived {
+        bed:
+            TestBed {
+                // Bound: dropping it stops etcd.
+                cluster: _cluster,
+                mut client,
+                tmp,
+                url,
+                ..
+            },
+        archiver,
+        rng: _,
+        seeded,
+    } = Box::pin(archived_source(version, 0x5eed, 120)).await?;
     let dir = tmp.path();
-    let args = archiver_args(
-        &cluster.endpoints(),
-        &url,
-        &dir.join("data"),
-        ARCHIVER_FLAGS,
-    );
-    let archiver = ArchiverProcess::start(&args, &[], &log)?;
-    archiver.wait_writing(Duration::from_secs(30)).await?;
-    let mut rng = Rng::new(0x5eed);
-    mixed_workload(&mut client, &mut rng, 120).await?;
-    let seeded = current_revision(&mut client).await?;
-    wait_archived(&url, 1, seeded, Duration::from_secs(30)).await?;
 
     // The source keeps writing while the destination is seeded and followed.
     let mut writer = client.clone();
@@ -396,26 +409,20 @@ impl RestoredEtcdOrCluster<'_> {
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_what_is_not_the_archives_history() -> anyhow::Result<()> {
     let version = EtcdVersion::V35;
-    let TestBed {
-        cluster,
-        mut client,
-        tmp,
-        url,
-        log,
-    } = TestBed::start(version, 1).await?;
+    let Archived {
+        bed:
+            TestBed {
+                cluster,
+                mut client,
+                tmp,
+                url,
+                ..
+            },
+        mut archiver,
+        mut rng,
+        seeded,
+    } = Box::pin(archived_source(version, 0xbad, 60)).await?;
     let dir = tmp.path();
-    let args = archiver_args(
-        &cluster.endpoints(),
-        &url,
-        &dir.join("data"),
-        ARCHIVER_FLAGS,
-    );
-    let mut archiver = ArchiverProcess::start(&args, &[], &log)?;
-    archiver.wait_writing(Duration::from_secs(30)).await?;
-    let mut rng = Rng::new(0xbad);
-    mixed_workload(&mut client, &mut rng, 60).await?;
-    let seeded = current_revision(&mut client).await?;
-    wait_archived(&url, 1, seeded, Duration::from_secs(30)).await?;
 
     // Another cluster at a revision the archive holds.
     let other = EtcdCluster::start(version, 1).await?;
@@ -511,26 +518,21 @@ async fn refuses_what_is_not_the_archives_history() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_follow_on_one_destination_refuses() -> anyhow::Result<()> {
     let version = EtcdVersion::V35;
-    let TestBed {
-        cluster,
-        mut client,
-        tmp,
-        url,
-        log,
-    } = TestBed::start(version, 1).await?;
+    let Archived {
+        bed:
+            TestBed {
+                // Bound: dropping it stops etcd.
+                cluster: _cluster,
+                mut client,
+                tmp,
+                url,
+                ..
+            },
+        archiver,
+        mut rng,
+        seeded,
+    } = Box::pin(archived_source(version, 0x2f0, 50)).await?;
     let dir = tmp.path();
-    let args = archiver_args(
-        &cluster.endpoints(),
-        &url,
-        &dir.join("data"),
-        ARCHIVER_FLAGS,
-    );
-    let archiver = ArchiverProcess::start(&args, &[], &log)?;
-    archiver.wait_writing(Duration::from_secs(30)).await?;
-    let mut rng = Rng::new(0x2f0);
-    mixed_workload(&mut client, &mut rng, 50).await?;
-    let seeded = current_revision(&mut client).await?;
-    wait_archived(&url, 1, seeded, Duration::from_secs(30)).await?;
     let dest = seed(version, &url, seeded, dir, "seed").await?;
     let mut dest_client = dest.client().await?;
     let mut first = start_follow(&url, &dest.client_url, dir, "first", &[])?;

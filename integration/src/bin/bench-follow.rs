@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use etcd_client::{Client, GetOptions, ResponseHeader};
 use integration::{
-    archiver_args, binary, current_revision, free_port, run_restorer, wait_archived,
+    archiver_args, binary, current_revision, free_port, restore_follow_seed, wait_archived,
     ArchiverProcess, EtcdCluster, EtcdVersion, RestoredEtcd,
 };
 
@@ -209,27 +209,6 @@ fn follow_cmd(url: &str, dest: &str, extra: &[&str]) -> Command {
         .env("ETCD_RESTORER_LOG", "info,etcd_restorer=debug")
         .env("NO_COLOR", "1");
     cmd
-}
-
-/// Restores revision `revision` of `url` as a follow seed file.
-fn restore_seed(url: &str, revision: i64, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let file = dir.join(format!("{name}.db"));
-    let (code, out, err) = run_restorer(
-        &[
-            "restore",
-            "--archive",
-            url,
-            "--revision",
-            &revision.to_string(),
-            "--output",
-            &file.display().to_string(),
-            "--min-lease-ttl",
-            "10m",
-        ],
-        &[],
-    )?;
-    ensure!(code == 0, "restore exited {code}: {out}{err}");
-    Ok(file)
 }
 
 /// follow's default `--max-in-flight`, from its help.
@@ -495,7 +474,7 @@ impl Bench<'_> {
         let mut sc = self.source.client().await?;
         let seeded = current_revision(&mut sc).await?;
         wait_archived(self.url, 1, seeded, Duration::from_mins(1)).await?;
-        let seed = restore_seed(self.url, seeded, self.dir, &format!("seed-{name}"))?;
+        let seed = restore_follow_seed(self.url, seeded, self.dir, &format!("seed-{name}"))?;
         let dest = RestoredEtcd::start(EtcdVersion::V35, &seed).await?;
         std::fs::remove_file(&seed)?;
         let metrics_port = free_port();
@@ -844,7 +823,7 @@ async fn run() -> anyhow::Result<()> {
     }
     let seeded = current_revision(&mut sc).await?;
     wait_archived(&url, 1, seeded, Duration::from_secs(30)).await?;
-    let early_seed = restore_seed(&url, seeded, dir, "seed-early")?;
+    let early_seed = restore_follow_seed(&url, seeded, dir, "seed-early")?;
     let bench = Bench {
         source: &source,
         url: &url,

@@ -358,15 +358,6 @@ async fn follow_held(
             logged = (Instant::now(), done.revision);
             next_log = Instant::now() + options.log_interval;
         }
-        if until_revision == Some(done.revision) && applier.sent() == done.revision {
-            still_at(client, cluster_id, done.revision).await?;
-            writeln!(
-                out,
-                "the destination holds revision {} (--until-revision)",
-                done.revision
-            )?;
-            return Ok(());
-        }
     }
 }
 
