@@ -16,8 +16,10 @@
 //! 2. Lag: a paced writer puts into the source at a quarter of the ceiling
 //!    measured at the default `--max-in-flight`, the ceiling, 1,000/s and
 //!    3,000/s. For each rate a destination is seeded at the source's
-//!    revision and followed with the default flags, and `make-mirror`
-//!    copies the run's prefix into a fresh etcd. Lag of a write = when the
+//!    revision and followed with the default flags; then, with follow and
+//!    its destination gone, the same paced run is copied by `make-mirror`
+//!    (its prefix only) into a fresh etcd, so that neither shares the two
+//!    cores with the other. Lag of a write = when the
 //!    destination first showed it (polled every 20 ms) minus when the write
 //!    returned at the source. follow keeps revisions, so its destination
 //!    shows revision r when it holds r; make-mirror applies one transaction
@@ -25,10 +27,10 @@
 //!    write of the run (by source revision) once its own revision has moved
 //!    k past where the run started.
 //! 3. Cutover: a followed destination while the source writes for 10 s (at
-//!    1,000/s or a quarter of the ceiling, whichever is lower); then follow
-//!    is killed and `follow --until-caught-up` started at once. The figure
-//!    is the time from the source's last write until it exits 0, and how
-//!    much of it the new process spent before applying (start and proof).
+//!    1,000/s or a quarter of the ceiling, whichever is lower); as soon as
+//!    the last write returns, the running follow gets SIGUSR1 (the cutover
+//!    request). The figure is the time from the source's last write until
+//!    follow exits 0.
 //!
 //! Usage: `bench-follow [SECONDS] [BACKLOG]` (defaults 30 and 100000),
 //! after `cargo build --release --workspace --bins`.
@@ -82,8 +84,6 @@ const PACED_KEYS: u64 = 10_000;
 
 /// follow's INFO line once it has proven the destination and starts applying.
 const FOLLOWING: &str = "etcd_restorer::commands::follow: following revision=";
-/// follow's INFO line at the end of the proof (with the key count).
-const PROVEN: &str = "the destination holds the archive's keys at its revision";
 /// The cutover's paced run: this rate or a quarter of the ceiling,
 /// whichever is lower, for this long.
 const CUTOVER_RATE: u64 = 1000;
@@ -131,15 +131,6 @@ impl Proc {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
-    /// The first line of stderr containing `text`.
-    fn stderr_line(&self, text: &str) -> Option<String> {
-        std::fs::read_to_string(&self.err)
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.contains(text))
-            .map(str::to_owned)
-    }
-
     /// How many lines of stderr contain `text`.
     fn stderr_count(&self, text: &str) -> usize {
         std::fs::read_to_string(&self.err)
@@ -167,23 +158,13 @@ impl Proc {
         Ok(())
     }
 
-    /// Waits for the exit; returns the status, when it was seen (to within
-    /// 10 ms) and when stderr first held `marker`.
-    async fn wait_noting(
-        &mut self,
-        limit: Duration,
-        marker: Option<&str>,
-    ) -> anyhow::Result<(ExitStatus, Instant, Option<Instant>)> {
+    /// Waits for the exit; returns the status and when it was seen (to
+    /// within 10 ms).
+    async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<(ExitStatus, Instant)> {
         let started = Instant::now();
-        let mut marked = None;
         loop {
-            if let (Some(m), None) = (marker, marked) {
-                if self.stderr_count(m) > 0 {
-                    marked = Some(Instant::now());
-                }
-            }
             if let Some(status) = self.child.try_wait()? {
-                return Ok((status, Instant::now(), marked));
+                return Ok((status, Instant::now()));
             }
             if started.elapsed() > limit {
                 bail!("did not exit within {limit:?}\n{}", self.logs());
@@ -436,19 +417,33 @@ fn stats(
     }
 }
 
-/// What one paced run measured.
+/// What one paced run measured: follow's half, then make-mirror's.
 struct Run {
     rate: u64,
+    follow: FollowRun,
+    mirror: MirrorRun,
+}
+
+/// follow's half of a paced run.
+struct FollowRun {
     achieved: f64,
     writes: usize,
-    follow: Stats,
-    follow_gauge_max: f64,
-    mirror: Stats,
+    lag: Stats,
+    gauge_max: f64,
     source_rev: i64,
-    follow_rev: i64,
-    mirror_rev: i64,
-    mirrored: i64,
+    dest_rev: i64,
     overtaken: usize,
+}
+
+/// make-mirror's half of a paced run.
+struct MirrorRun {
+    achieved: f64,
+    writes: usize,
+    lag: Stats,
+    source_rev: i64,
+    dest_rev: i64,
+    /// Revisions its destination gained (its puts of the run).
+    mirrored: i64,
 }
 
 /// A destination seeded from the archive at the source's current revision,
@@ -592,13 +587,74 @@ impl Bench<'_> {
     }
 
     /// A paced run at `rate` for `seconds` into a fresh follow destination,
-    /// with make-mirror into a fresh etcd beside it.
+    /// then (once it is gone) the same into make-mirror and a fresh etcd:
+    /// each tool gets the machine the other would otherwise share.
     async fn paced_run(&self, rate: u64, seconds: u64) -> anyhow::Result<Run> {
+        let follow = Box::pin(self.paced_follow(rate, seconds)).await?;
+        let mirror = Box::pin(self.paced_mirror(rate, seconds)).await?;
+        Ok(Run {
+            rate,
+            follow,
+            mirror,
+        })
+    }
+
+    /// The follow half of a paced run.
+    async fn paced_follow(&self, rate: u64, seconds: u64) -> anyhow::Result<FollowRun> {
         let mut f = self.followed(&rate.to_string()).await?;
+        self.wait_caught_up(&mut f, Duration::from_secs(30)).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let latest = Arc::new(AtomicI64::new(0));
+        let poll = poll_revisions(f.dest.client().await?, stop.clone(), latest.clone());
+        let port = f.metrics_port;
+        let gauge_stop = stop.clone();
+        let gauge = tokio::spawn(async move {
+            let mut max = 0f64;
+            while !gauge_stop.load(Ordering::Relaxed) {
+                if let Ok(v) = scrape(port, "etcd_pitr_follow_lag_seconds").await {
+                    max = max.max(v);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            max
+        });
+        let overtaken_before = f.follow.stderr_count(OVERTAKEN);
+        let prefix = format!("/paced/{rate}/follow/");
+        eprintln!("paced run: {rate} puts/s for {seconds} s under {prefix} (follow)");
+        let (writes, achieved) = paced_writes(self.source, &prefix, rate, seconds).await?;
+        let source_rev = writes.last().map_or(0, |w| w.revision);
+        let wrote_at = Instant::now();
+        while latest.load(Ordering::Relaxed) < source_rev && wrote_at.elapsed() <= FOLLOW_DRAIN {
+            f.follow.check_running("follow")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ended = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        let samples = poll.await?;
+        let gauge_max = gauge.await?;
+        let dest_rev = current_revision(&mut f.dest.client().await?).await?;
+        f.follow.check_running("follow")?;
+        let overtaken = f.follow.stderr_count(OVERTAKEN) - overtaken_before;
+        drop(f);
+        let lag = stats(&writes, ended, |_, w| first_seen(&samples, w.revision));
+        eprintln!("  source {achieved:.0} puts/s; follow lag {lag}");
+        Ok(FollowRun {
+            achieved,
+            writes: writes.len(),
+            lag,
+            gauge_max,
+            source_rev,
+            dest_rev,
+            overtaken,
+        })
+    }
+
+    /// The make-mirror half of a paced run.
+    async fn paced_mirror(&self, rate: u64, seconds: u64) -> anyhow::Result<MirrorRun> {
         let mirror_etcd = EtcdCluster::start_with(EtcdVersion::V35, 1, true).await?;
         let mut mc = mirror_etcd.client().await?;
         let m0 = current_revision(&mut mc).await?;
-        let prefix = format!("/paced/{rate}/");
+        let prefix = format!("/paced/{rate}/mirror/");
         let mut mirror = Proc::spawn(
             Command::new(EtcdVersion::V35.bin_dir().join("etcdctl"))
                 .env("ETCDCTL_API", "3")
@@ -620,131 +676,80 @@ impl Bench<'_> {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let m_base = current_revision(&mut mc).await?;
-        self.wait_caught_up(&mut f, Duration::from_secs(30)).await?;
-
+        let base = current_revision(&mut mc).await?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (f_latest, m_latest) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
-        let f_poll = poll_revisions(f.dest.client().await?, stop.clone(), f_latest.clone());
-        let m_poll = poll_revisions(mc.clone(), stop.clone(), m_latest.clone());
-        let port = f.metrics_port;
-        let gauge_stop = stop.clone();
-        let gauge = tokio::spawn(async move {
-            let mut max = 0f64;
-            while !gauge_stop.load(Ordering::Relaxed) {
-                if let Ok(v) = scrape(port, "etcd_pitr_follow_lag_seconds").await {
-                    max = max.max(v);
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            max
-        });
-
-        let overtaken_before = f.follow.stderr_count(OVERTAKEN);
-        eprintln!("paced run: {rate} puts/s for {seconds} s under {prefix}");
+        let latest = Arc::new(AtomicI64::new(0));
+        let poll = poll_revisions(mc.clone(), stop.clone(), latest.clone());
+        eprintln!("paced run: {rate} puts/s for {seconds} s under {prefix} (make-mirror)");
         let (writes, achieved) = paced_writes(self.source, &prefix, rate, seconds).await?;
-        let source_rev = writes.last().map_or(0, |w| w.revision);
         let total = writes.len() as i64;
         let wrote_at = Instant::now();
-        let (mut follow_done, mut mirror_done) = (false, false);
-        while !(follow_done && mirror_done) {
-            follow_done =
-                f_latest.load(Ordering::Relaxed) >= source_rev || wrote_at.elapsed() > FOLLOW_DRAIN;
-            mirror_done = m_latest.load(Ordering::Relaxed) >= m_base + total
-                || wrote_at.elapsed() > MIRROR_DRAIN;
-            f.follow.check_running("follow")?;
+        while latest.load(Ordering::Relaxed) < base + total && wrote_at.elapsed() <= MIRROR_DRAIN {
+            mirror.check_running("make-mirror")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let ended = Instant::now();
         stop.store(true, Ordering::Relaxed);
-        let (f_samples, m_samples) = (f_poll.await?, m_poll.await?);
-        let follow_gauge_max = gauge.await?;
-        let mirror_rev = current_revision(&mut mc).await?;
-        let follow_rev = current_revision(&mut f.dest.client().await?).await?;
+        let samples = poll.await?;
+        let dest_rev = current_revision(&mut mc).await?;
         mirror.check_running("make-mirror")?;
-        f.follow.check_running("follow")?;
-        let overtaken = f.follow.stderr_count(OVERTAKEN) - overtaken_before;
         drop(mirror);
-        drop(f);
-
-        let follow_stats = stats(&writes, ended, |_, w| first_seen(&f_samples, w.revision));
-        let mirror_stats = stats(&writes, ended, |k, _| {
-            first_seen(&m_samples, m_base + k as i64 + 1)
+        let lag = stats(&writes, ended, |k, _| {
+            first_seen(&samples, base + k as i64 + 1)
         });
-        eprintln!(
-            "  source {achieved:.0} puts/s; follow lag {follow_stats}; make-mirror lag {mirror_stats}"
-        );
-        Ok(Run {
-            rate,
+        eprintln!("  source {achieved:.0} puts/s; make-mirror lag {lag}");
+        Ok(MirrorRun {
             achieved,
             writes: writes.len(),
-            follow: follow_stats,
-            follow_gauge_max,
-            mirror: mirror_stats,
-            source_rev,
-            follow_rev,
-            mirror_rev,
-            mirrored: mirror_rev - m_base,
-            overtaken,
+            lag,
+            source_rev: writes.last().map_or(0, |w| w.revision),
+            dest_rev,
+            mirrored: dest_rev - base,
         })
     }
 
-    /// A paced run at `rate` into a fresh follow destination, then follow
-    /// killed and `--until-caught-up` started at once.
+    /// A paced run at `rate` into a fresh follow destination; as soon as
+    /// the last write returns, the running follow is asked for the cutover
+    /// (SIGUSR1).
     async fn cutover(&self, rate: u64) -> anyhow::Result<Cutover> {
         let mut f = self.followed("cutover").await?;
         self.wait_caught_up(&mut f, Duration::from_secs(30)).await?;
-        eprintln!("cutover: {rate} puts/s for {CUTOVER_SECONDS} s, then follow --until-caught-up");
+        eprintln!("cutover: {rate} puts/s for {CUTOVER_SECONDS} s, then SIGUSR1 to follow");
         let (writes, _) =
             paced_writes(self.source, "/paced/cutover/", rate, CUTOVER_SECONDS).await?;
         let last_write = writes.iter().map(|w| w.at).max().context("no writes")?;
         let last_rev = writes.iter().map(|w| w.revision).max().unwrap_or(0);
         f.follow.check_running("follow")?;
-        let Followed {
-            dest,
-            follow,
-            seeded,
-            ..
-        } = f;
-        drop(follow);
-        let spawned = Instant::now();
-        let mut caught = Proc::spawn(
-            &mut follow_cmd(self.url, &dest.client_url, &["--until-caught-up"]),
-            self.dir,
-            "cutover",
-        )?;
-        let mut dc = dest.client().await?;
+        let signalled = Command::new("kill")
+            .args(["-USR1", &f.follow.child.id().to_string()])
+            .status()?;
+        ensure!(signalled.success(), "kill -USR1 failed");
+        let mut dc = f.dest.client().await?;
         let behind = last_rev - current_revision(&mut dc).await?;
-        let (status, exited, following) = caught
-            .wait_noting(Duration::from_mins(3), Some(FOLLOWING))
-            .await?;
+        let (status, exited) = f.follow.wait_exit(Duration::from_mins(3)).await?;
         ensure!(
             status.success(),
-            "follow --until-caught-up exited with {status}\n{}",
-            caught.logs()
+            "follow after SIGUSR1 exited with {status}\n{}",
+            f.follow.logs()
         );
-        let line = caught
+        let line = f
+            .follow
             .stdout()
             .lines()
             .find(|l| l.starts_with("caught up:"))
             .map(str::to_owned)
-            .with_context(|| format!("no `caught up:` line\n{}", caught.logs()))?;
-        let proof_line = caught.stderr_line(PROVEN).unwrap_or_default();
+            .with_context(|| format!("no `caught up:` line\n{}", f.follow.logs()))?;
         let mut sc = self.source.client().await?;
         let source_rev = current_revision(&mut sc).await?;
         let dest_rev = current_revision(&mut dc).await?;
         let mut equal = true;
-        for rev in [seeded, seeded.midpoint(source_rev), source_rev] {
+        for rev in [f.seeded, f.seeded.midpoint(source_rev), source_rev] {
             equal &= sc.hash_kv(rev).await?.hash() == dc.hash_kv(rev).await?.hash();
         }
         Ok(Cutover {
             rate,
             secs: exited.duration_since(last_write).as_secs_f64(),
             behind,
-            proof_secs: following.map_or(f64::NAN, |t| t.duration_since(spawned).as_secs_f64()),
-            proof_keys: proof_line
-                .split_once("keys=")
-                .map_or_else(|| "?".to_owned(), |(_, k)| k.trim().to_owned()),
             line,
             source_rev,
             dest_rev,
@@ -774,11 +779,8 @@ struct Cutover {
     rate: u64,
     /// From the source's last write to `--until-caught-up` exiting 0.
     secs: f64,
-    /// Revisions the destination lacked when follow was restarted.
+    /// Revisions the destination lacked when follow was signalled.
     behind: i64,
-    /// From the restart until follow applied again (start and proof).
-    proof_secs: f64,
-    proof_keys: String,
     line: String,
     source_rev: i64,
     dest_rev: i64,
@@ -904,35 +906,30 @@ async fn run() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Lag: {seconds} s paced runs of {VALUE_BYTES}-byte puts ({PACED_WRITERS} writers, {PACED_KEYS} keys per run), each into a fresh follow destination seeded at the source's revision and a fresh make-mirror destination; follow runs with its default flags; the ceiling is the default --max-in-flight ({default}) rate rounded down to 100 ({ceiling}/s). Lag = first seen at the destination (polled every {} ms) − the source's reply; ≥: not there {} s (follow) / {} s (make-mirror) after the last write.",
+        "Lag: {seconds} s paced runs of {VALUE_BYTES}-byte puts ({PACED_WRITERS} writers, {PACED_KEYS} keys per run) at each rate, first into a fresh follow destination seeded at the source's revision (follow with its default flags), then, with follow and its etcd gone, into a fresh make-mirror destination; the ceiling is the default --max-in-flight ({default}) rate rounded down to 100 ({ceiling}/s). Lag = first seen at the destination (polled every {} ms) − the source's reply; ≥: not there {} s (follow) / {} s (make-mirror) after the last write.",
         POLL.as_millis(),
         FOLLOW_DRAIN.as_secs(),
         MIRROR_DRAIN.as_secs()
     );
     println!();
-    println!("| target puts/s | source achieved puts/s | writes | follow lag p50 / p99 / max s | follow lag gauge max s | follow guards failed | make-mirror lag p50 / p99 / max s | revision at end: source / follow dest / make-mirror dest (its puts) |");
+    println!("| target puts/s | tool | source achieved puts/s | writes | lag p50 / p99 / max s | follow lag gauge max s | follow guards failed | revision at end: source / destination |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in &runs {
+        let label = if r.rate == ceiling {
+            " (ceiling)"
+        } else if r.rate == quarter {
+            " (ceiling / 4)"
+        } else {
+            ""
+        };
+        let (f, m) = (&r.follow, &r.mirror);
         println!(
-            "| {}{} | {:.0} | {} | {} | {:.2} | {} | {} | {} / {} / {} ({}) |",
-            r.rate,
-            if r.rate == ceiling {
-                " (ceiling)"
-            } else if r.rate == quarter {
-                " (ceiling / 4)"
-            } else {
-                ""
-            },
-            r.achieved,
-            r.writes,
-            r.follow,
-            r.follow_gauge_max,
-            r.overtaken,
-            r.mirror,
-            r.source_rev,
-            r.follow_rev,
-            r.mirror_rev,
-            r.mirrored
+            "| {}{label} | follow | {:.0} | {} | {} | {:.2} | {} | {} / {} |",
+            r.rate, f.achieved, f.writes, f.lag, f.gauge_max, f.overtaken, f.source_rev, f.dest_rev
+        );
+        println!(
+            "| {}{label} | make-mirror | {:.0} | {} | {} | – | – | {} / {} ({} puts) |",
+            r.rate, m.achieved, m.writes, m.lag, m.source_rev, m.dest_rev, m.mirrored
         );
     }
     println!();
@@ -942,16 +939,12 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("|---|---|");
     println!(
-        "| source's last write → `follow --until-caught-up` exit 0 | {:.2} s |",
+        "| source's last write → follow (SIGUSR1 at once) exit 0 | {:.2} s |",
         cut.secs
     );
     println!(
-        "| revisions the destination lacked when follow was restarted | {} |",
+        "| revisions the destination lacked when follow was signalled | {} |",
         cut.behind
-    );
-    println!(
-        "| of which: start, listing and proof of the destination ({} keys) | {:.2} s |",
-        cut.proof_keys, cut.proof_secs
     );
     println!("| follow's line | {} |", cut.line);
     println!(
