@@ -2,7 +2,10 @@
 //!
 //! `file:///abs/dir` is the default kind; `s3://`, `gs://` and `az://` take
 //! credentials and endpoints from the environment variables `object_store`
-//! reads (`AWS_*`, `GOOGLE_*`, `AZURE_*`). `s3://` archives upload with
+//! reads (`AWS_*`, `GOOGLE_*`, `AZURE_*`), and static S3 credentials also
+//! from files named by `AWS_ACCESS_KEY_ID_FILE`, `AWS_SECRET_ACCESS_KEY_FILE`
+//! and `AWS_SESSION_TOKEN_FILE` (a Kubernetes Secret or a systemd credential
+//! mounted as files; see [`SECRET_FILE_VARS`]). `s3://` archives upload with
 //! checksums and can tell an object's S3 Object Lock
 //! ([`crate::object_lock`]).
 //!
@@ -39,6 +42,14 @@ pub enum StoreError {
     InvalidUrl {
         /// The URL as given.
         url: String,
+        /// Why.
+        reason: String,
+    },
+    /// A store credential named by an environment variable cannot be used.
+    #[error("{variable}: {reason}")]
+    Credentials {
+        /// The environment variable, e.g. `AWS_SECRET_ACCESS_KEY_FILE`.
+        variable: String,
         /// Why.
         reason: String,
     },
@@ -95,6 +106,7 @@ impl StoreError {
             },
             Self::Io(e) => !is_permanent_io(e),
             Self::InvalidUrl { .. }
+            | Self::Credentials { .. }
             | Self::NotFound(_)
             | Self::Conflict(_)
             | Self::NoWriteOnce { .. }
@@ -200,11 +212,61 @@ const UPLOAD_READ_BYTES: usize = 1 << 20;
 /// Environment variable prefixes handed to the cloud store builders.
 const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
 
+/// Secret settings that may also be given as a file: `{NAME}_FILE` names a
+/// file whose content (one trailing newline dropped) is the value of `NAME`.
+/// `object_store` reads only the variables themselves, which a Kubernetes
+/// Secret mounted as files or a systemd `LoadCredential=` cannot set.
+pub const SECRET_FILE_VARS: [&str; 3] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
+/// The cloud store options among `vars` (the process environment): every
+/// `AWS_*`, `GOOGLE_*` and `AZURE_*` variable, with each `{NAME}_FILE` of
+/// [`SECRET_FILE_VARS`] replaced by `NAME` holding the file's content.
+///
+/// # Errors
+/// [`StoreError::Credentials`] when such a file cannot be read, is empty or
+/// not UTF-8, or when both `NAME` and `{NAME}_FILE` are set.
+fn cloud_options(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut options: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .collect();
+    for name in SECRET_FILE_VARS {
+        let variable = format!("{name}_FILE");
+        let Some(i) = options.iter().position(|(k, _)| *k == variable) else {
+            continue;
+        };
+        let (_, path) = options.remove(i);
+        let fail = |reason: String| StoreError::Credentials {
+            variable: variable.clone(),
+            reason,
+        };
+        if options.iter().any(|(k, _)| k == name) {
+            return Err(fail(format!("{name} is set too; give one of them")));
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read {path}: {e}")))?;
+        let value = text.strip_suffix('\n').unwrap_or(&text);
+        let value = value.strip_suffix('\r').unwrap_or(value);
+        if value.is_empty() {
+            return Err(fail(format!("{path} is empty")));
+        }
+        options.push((name.to_owned(), value.to_owned()));
+    }
+    Ok(options)
+}
+
 impl Archive {
     /// Opens the archive at `url` (no I/O happens yet).
     ///
     /// # Errors
-    /// [`StoreError::InvalidUrl`] naming the problem.
+    /// [`StoreError::InvalidUrl`] naming the problem;
+    /// [`StoreError::Credentials`] for an unusable credentials file.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let invalid = |reason: String| StoreError::InvalidUrl {
             url: url.to_owned(),
@@ -249,8 +311,7 @@ impl Archive {
                 if parsed.host_str().is_none_or(str::is_empty) {
                     return Err(invalid("missing bucket or container name".into()));
                 }
-                let env =
-                    std::env::vars().filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)));
+                let env = cloud_options(std::env::vars())?;
                 if parsed.scheme() == "s3" {
                     let bucket = object_lock::open_s3(&parsed, env).map_err(invalid)?;
                     return Ok(Self {
@@ -775,6 +836,64 @@ mod tests {
             let err = Archive::open(url).unwrap_err().to_string();
             assert!(err.contains(needle), "{url}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn secret_settings_can_come_from_files() {
+        use object_store::signer::{Method, Signer};
+        let dir = tempfile::tempdir().unwrap();
+        let (id, secret) = (dir.path().join("id"), dir.path().join("secret"));
+        std::fs::write(&id, "AKIDEXAMPLE\n").unwrap();
+        std::fs::write(&secret, "s3cr3t").unwrap();
+        let var = |k: &str, v: &std::path::Path| (k.to_owned(), v.display().to_string());
+        let mut options = cloud_options([
+            var("AWS_ACCESS_KEY_ID_FILE", &id),
+            var("AWS_SECRET_ACCESS_KEY_FILE", &secret),
+            ("AWS_REGION".into(), "eu-west-1".into()),
+            ("HOME".into(), "/root".into()),
+        ])
+        .unwrap();
+        options.sort();
+        let expected = [
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+        ];
+        assert_eq!(
+            options,
+            expected.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
+        );
+        // The credentials reach the store: a presigned URL names the key id.
+        let bucket =
+            crate::object_lock::open_s3(&url::Url::parse("s3://b/p").unwrap(), options).unwrap();
+        let signed = bucket
+            .store
+            .signed_url(Method::GET, &Path::from("x"), Duration::from_mins(1))
+            .await
+            .unwrap();
+        assert!(signed.as_str().contains("AKIDEXAMPLE"), "{signed}");
+
+        let err = |vars: Vec<(String, String)>| cloud_options(vars).unwrap_err().to_string();
+        let missing = dir.path().join("missing");
+        let e = err(vec![var("AWS_SECRET_ACCESS_KEY_FILE", &missing)]);
+        assert!(
+            e.starts_with("AWS_SECRET_ACCESS_KEY_FILE: cannot read") && e.contains("missing"),
+            "{e}"
+        );
+        let e = err(vec![
+            var("AWS_ACCESS_KEY_ID_FILE", &id),
+            ("AWS_ACCESS_KEY_ID".into(), "AKID2".into()),
+        ]);
+        assert!(e.contains("AWS_ACCESS_KEY_ID is set too"), "{e}");
+        std::fs::write(&secret, "\n").unwrap();
+        let e = err(vec![var("AWS_SESSION_TOKEN_FILE", &secret)]);
+        assert!(
+            e.starts_with("AWS_SESSION_TOKEN_FILE: ") && e.ends_with("is empty"),
+            "{e}"
+        );
+        // Other variables ending in _FILE are object_store's own (a path it reads).
+        let token = var("AWS_WEB_IDENTITY_TOKEN_FILE", &missing);
+        assert_eq!(cloud_options([token.clone()]).unwrap(), vec![token]);
     }
 
     #[tokio::test]

@@ -110,7 +110,7 @@ fn is_local_io(cause: &(dyn std::error::Error + 'static)) -> bool {
 
 fn store_kind(e: &StoreError) -> ExitKind {
     match e {
-        StoreError::InvalidUrl { .. } => ExitKind::Usage,
+        StoreError::InvalidUrl { .. } | StoreError::Credentials { .. } => ExitKind::Usage,
         // A crypto error was classified by `crypto::fault_of` first (key
         // problems are usage); what reaches here is a damaged object.
         StoreError::NotFound(_) | StoreError::Conflict(_) | StoreError::Crypto(_) => {
