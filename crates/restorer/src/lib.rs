@@ -1,11 +1,14 @@
 //! etcd-restorer: lists archives made by etcd-archiver and restores them to
 //! any archived revision or moment, by native snapshot synthesis.
 //!
-//! - [`point`]: revisions and moments as flags name them, placed on a revision.
+//! - [`point`]: revisions and moments as flags name them (one time parser),
+//!   placed on a revision; when an archive is current.
 //! - [`plan`]: which base snapshot and segments serve a target or a span (pure).
 //! - [`source`]: verified reads of snapshots and segments; `--time` placement.
 //! - [`bolt_writer`]: a streaming bbolt file writer.
 //! - [`synth`]: the restored etcd snapshot file, and its read-back check.
+//! - [`next_steps`]: the `snapshot restore` commands and Kubernetes advice
+//!   printed after a restore.
 //! - [`diff`]: the difference between two points from the keys a span touched (pure).
 //! - [`commands`]: `list`, `restore`, `export`, `verify`, `history`, `diff`
 //!   and `follow` as the binary runs them.
@@ -15,6 +18,7 @@
 pub mod bolt_writer;
 pub mod commands;
 pub mod diff;
+pub mod next_steps;
 pub mod plan;
 pub mod point;
 pub mod source;

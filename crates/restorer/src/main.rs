@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use etcd_restorer::commands::{
-    self, DiffOptions, FollowOptions, HistoryOptions, Span, Target, Until,
+    self, DiffOptions, EtcdRelease, FollowOptions, HistoryOptions, RestoreOptions, Span, Target,
+    TimeFlags, Until,
 };
 use etcd_restorer::synth::Bump;
 use etcd_restorer::UsageError;
@@ -90,6 +91,45 @@ fn duration(flag: &str, text: &str) -> Result<std::time::Duration, UsageError> {
         })
 }
 
+/// How a command reads times.
+#[derive(Args)]
+struct TimeArgs {
+    /// Read a time without a zone (2026-11-25T14:06:30) as UTC; without
+    /// this flag such a time is refused (the restorer never guesses a zone).
+    #[arg(long)]
+    utc: bool,
+    #[command(flatten)]
+    staleness: StalenessArgs,
+}
+
+impl TimeArgs {
+    fn flags(&self) -> Result<TimeFlags, UsageError> {
+        Ok(TimeFlags {
+            utc: self.utc,
+            max_staleness: self.staleness.get()?,
+        })
+    }
+}
+
+/// `--max-staleness`.
+#[derive(Args)]
+struct StalenessArgs {
+    /// The archive is current while its newest vouched moment is at most
+    /// this old (default 2m); a time after that moment then takes the
+    /// newest revision.
+    #[arg(long, value_name = "DURATION")]
+    max_staleness: Option<String>,
+}
+
+impl StalenessArgs {
+    fn get(&self) -> Result<Option<std::time::Duration>, UsageError> {
+        self.max_staleness
+            .as_deref()
+            .map(|t| duration("--max-staleness", t))
+            .transpose()
+    }
+}
+
 #[derive(Args)]
 struct TargetArgs {
     /// Archive URL: file:///abs/dir, s3://bucket/prefix, gs://…, az://…
@@ -101,21 +141,25 @@ struct TargetArgs {
     /// revision).
     #[arg(long, conflicts_with = "time")]
     revision: Option<i64>,
-    /// Target moment (RFC 3339): the last revision observed at or before it.
+    /// Target moment: the last revision observed at or before it. RFC 3339
+    /// (2026-11-25T14:07:00Z), now, or now-DURATION (now-10m).
     #[arg(long)]
     time: Option<String>,
     /// Restore from this generation (default: the newest that holds the target).
     #[arg(long)]
     generation: Option<u64>,
+    #[command(flatten)]
+    times: TimeArgs,
 }
 
 impl TargetArgs {
-    fn target(&self) -> Target {
-        Target {
+    fn target(&self) -> Result<Target, UsageError> {
+        Ok(Target {
             revision: self.revision,
             time: self.time.clone(),
             generation: self.generation,
-        }
+            times: self.times.flags()?,
+        })
     }
 }
 
@@ -131,6 +175,8 @@ enum Command {
         /// Machine-readable output (schema in docs/restorer.md).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        staleness: StalenessArgs,
     },
     /// Write an etcd snapshot file for the target.
     Restore {
@@ -156,6 +202,10 @@ enum Command {
         /// Overwrite an existing output file.
         #[arg(long)]
         force: bool,
+        /// The etcd release to print the next commands for: 3.4 or 3.5
+        /// (default: read from the restored file, else 3.5).
+        #[arg(long, value_name = "VERSION")]
+        etcd_version: Option<EtcdRelease>,
     },
     /// Read every object of the archive and check it; exit 4 on any problem.
     Verify {
@@ -193,14 +243,16 @@ enum Command {
         /// Every key starting with --key.
         #[arg(long)]
         prefix: bool,
-        /// Changes after this point: a revision or an RFC 3339 time
-        /// (default: the first restorable revision of the range).
+        /// Changes after this point: a revision or a time (RFC 3339, now,
+        /// now-10m; default: the first restorable revision of the range).
         #[arg(long)]
         from: Option<String>,
-        /// Through this point: a revision or an RFC 3339 time (default: the
-        /// last restorable revision of the range).
+        /// Through this point: a revision or a time (default: the last
+        /// restorable revision of the range).
         #[arg(long)]
         to: Option<String>,
+        #[command(flatten)]
+        times: TimeArgs,
         /// Read this generation (default: the newest that holds the points).
         #[arg(long)]
         generation: Option<u64>,
@@ -256,12 +308,14 @@ enum Command {
         archive: String,
         #[command(flatten)]
         keys: KeyArgs,
-        /// The earlier point: a revision or an RFC 3339 time.
+        /// The earlier point: a revision or a time (RFC 3339, now, now-10m).
         #[arg(long)]
         from: String,
-        /// The later point: a revision or an RFC 3339 time.
+        /// The later point: a revision or a time.
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        times: TimeArgs,
         /// Only keys starting with this prefix.
         #[arg(long)]
         prefix: Option<String>,
@@ -292,7 +346,11 @@ fn main() -> ExitCode {
                 archive,
                 keys,
                 json,
-            } => commands::list(&archive, &keys.files, json, &mut stdout).await,
+                staleness,
+            } => {
+                let max_staleness = staleness.get()?;
+                commands::list(&archive, &keys.files, json, max_staleness, &mut stdout).await
+            }
             Command::Restore {
                 target,
                 output,
@@ -301,6 +359,7 @@ fn main() -> ExitCode {
                 mark_compacted,
                 min_lease_ttl,
                 force,
+                etcd_version,
             } => {
                 let min_lease_ttl_secs = match min_lease_ttl {
                     Some(text) => {
@@ -314,14 +373,19 @@ fn main() -> ExitCode {
                     mark_compacted,
                     min_lease_ttl_secs,
                 };
-                commands::restore(
-                    &target.archive,
-                    &target.keys.files,
-                    &target.target(),
-                    &output,
+                let options = RestoreOptions {
                     dry_run,
                     bump,
                     force,
+                    etcd_version,
+                };
+                commands::restore(
+                    &target.archive,
+                    &target.keys.files,
+                    &target.target()?,
+                    &output,
+                    &options,
+                    &mut stdout,
                 )
                 .await
             }
@@ -344,7 +408,7 @@ fn main() -> ExitCode {
                 commands::export(
                     &target.archive,
                     &target.keys.files,
-                    &target.target(),
+                    &target.target()?,
                     prefix.as_deref(),
                     &mut stdout,
                 )
@@ -357,6 +421,7 @@ fn main() -> ExitCode {
                 prefix,
                 from,
                 to,
+                times,
                 generation,
                 values,
                 json,
@@ -365,6 +430,7 @@ fn main() -> ExitCode {
                     from,
                     to,
                     generation,
+                    times: times.flags()?,
                 };
                 let options = HistoryOptions {
                     key,
@@ -407,6 +473,7 @@ fn main() -> ExitCode {
                 keys,
                 from,
                 to,
+                times,
                 prefix,
                 generation,
                 values,
@@ -416,6 +483,7 @@ fn main() -> ExitCode {
                     from: Some(from),
                     to: Some(to),
                     generation,
+                    times: times.flags()?,
                 };
                 let options = DiffOptions {
                     prefix,

@@ -16,6 +16,7 @@ use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
 use crate::plan::{self, PlanError};
+use crate::point::{AfterNewest, Currency, TimeRules};
 
 /// Downloads snapshot object `(generation, revision)` to `scratch`, checks
 /// it (length and blake3 against its header, header against its name, and
@@ -159,6 +160,8 @@ pub fn for_each_record(
 /// The revision chosen for a `--time` target.
 #[derive(Clone, Debug)]
 pub struct TimeChoice {
+    /// The time placed (Unix ms).
+    pub time_ms: i64,
     /// Generation the time was placed in.
     pub generation: GenerationId,
     /// The last revision observed at or before the time.
@@ -169,6 +172,10 @@ pub struct TimeChoice {
     /// have been committed before the requested time (earliest possible
     /// commit time, Unix ms).
     pub uncertain_after_ms: Option<i64>,
+    /// Set when the time is after the archive's newest vouched moment and
+    /// the archive is current: the newest revision was taken
+    /// ([`TimeRules::after_newest`]).
+    pub newest: Option<Currency>,
 }
 
 /// Reads the clock steps recorded in generation `g` (few: one per wall
@@ -190,7 +197,7 @@ pub async fn load_timeline(archive: &Archive, g: &GenerationListing) -> anyhow::
 }
 
 /// The observed time of `revision` in link `name` of generation `g`.
-async fn observed_in(
+pub(crate) async fn observed_in(
     archive: &Archive,
     g: GenerationId,
     name: &SegmentName,
@@ -211,6 +218,25 @@ async fn observed_in(
         Ok(())
     })?;
     Ok(found)
+}
+
+/// The observed time of `last`, the chain's last revision, read from the
+/// last link that holds it (`None` when no segment holds it: the base
+/// snapshot is the newest revision).
+async fn observed_last(
+    archive: &Archive,
+    g: GenerationId,
+    links: &[SegmentName],
+    last: Revision,
+) -> anyhow::Result<Option<i64>> {
+    match links
+        .iter()
+        .rev()
+        .find(|s| !s.is_empty() && s.first <= last && last <= s.last)
+    {
+        Some(link) => observed_in(archive, g, link, last).await,
+        None => Ok(None),
+    }
 }
 
 /// A signed duration in seconds with milliseconds, e.g. `+60.000 s`.
@@ -262,21 +288,26 @@ fn describe_doubt(
 
 /// Places `time_ms` on a revision: the last one observed at or before it,
 /// unless a recorded clock step makes that ambiguous (see
-/// [`chain::check_time_choice`]).
+/// [`chain::check_time_choice`]). A time after the newest moment the
+/// archive's newest generation vouches for takes its newest revision when
+/// `rules` find the archive current and the time not in the future
+/// ([`TimeRules::after_newest`]).
 ///
 /// # Errors
-/// [`PlanError::TimeNotCovered`] when the time is outside every generation
-/// or in a gap; [`PlanError::ClockStep`] when a clock step makes the answer
-/// ambiguous; store or integrity errors.
+/// [`PlanError::TimeNotCovered`] when the time is outside every generation,
+/// in a gap, in the future, or after the newest vouched moment of an
+/// archive that is not current; [`PlanError::ClockStep`] when a clock step
+/// makes the answer ambiguous; store or integrity errors.
 pub async fn resolve_time(
     archive: &Archive,
     listing: &ArchiveListing,
     time_ms: i64,
     time_text: &str,
     only: Option<GenerationId>,
+    rules: &TimeRules,
 ) -> anyhow::Result<TimeChoice> {
     let not_covered = |why: String| PlanError::TimeNotCovered {
-        time: time_text.to_owned(),
+        time: crate::point::label_time(time_text, time_ms),
         why,
         ranges: plan::ranges(listing),
     };
@@ -296,20 +327,45 @@ pub async fn resolve_time(
         let timeline = load_timeline(archive, g).await?;
         let Some(i) = links.iter().position(|s| s.end_ms >= time_ms) else {
             let latest = links.iter().map(|s| s.end_ms).max().unwrap_or(started_ms);
-            let mut why = if newest {
-                format!(
-                    "is after the last archived moment ({})",
-                    crate::format_ms(latest)
-                )
-            } else {
+            let last = chain.last_revision();
+            let archive_newest = listing.generations.last().and_then(|n| n.id) == g.id;
+            let mut why = if !newest {
                 format!(
                     "falls in the gap after generation {} (archived until {})",
                     g.generation(),
                     crate::format_ms(latest)
                 )
+            } else if !archive_newest || links.is_empty() {
+                format!(
+                    "is after the last archived moment ({})",
+                    crate::format_ms(latest)
+                )
+            } else {
+                match rules.after_newest(time_ms, latest) {
+                    AfterNewest::Newest(currency) => {
+                        return Ok(TimeChoice {
+                            time_ms,
+                            generation: g.generation(),
+                            revision: last,
+                            observed_ms: observed_last(archive, g.generation(), links, last)
+                                .await?,
+                            uncertain_after_ms: None,
+                            newest: Some(currency),
+                        });
+                    }
+                    AfterNewest::Future => format!(
+                        "is in the future (now is {}); the archive's newest revision {last} was current at {}",
+                        crate::format_ms(rules.now_ms),
+                        crate::format_ms(latest)
+                    ),
+                    AfterNewest::Stale(currency) => format!(
+                        "is after the last archived moment ({}): the archive vouches that the source was at revision {last} then, but it is not current (older than {}: the archiver may be stopped or behind), so what happened after it is unknown; restore --revision {last} to take the newest archived revision anyway, check the archiver, or raise --max-staleness",
+                        currency.describe_vouched(),
+                        currency.describe_bound()
+                    ),
+                }
             };
             // A clock step may put the archived moments later than observed.
-            let last = chain.last_revision();
             if let Some(step) = timeline.widest_step(last, false) {
                 if latest.saturating_add(step.offset_ms) >= time_ms {
                     why += &format!(
@@ -333,10 +389,12 @@ pub async fn resolve_time(
         let earlier = links[..i].iter().rev().find(|s| !s.is_empty()).copied();
         let floor = earlier.map_or(name.prev(), |e| e.last.max(name.prev()));
         let mut choice = TimeChoice {
+            time_ms,
             generation: g.generation(),
             revision: floor,
             observed_ms: None,
             uncertain_after_ms: None,
+            newest: None,
         };
         let mut before_ms: Option<i64> = None;
         let mut seen: Vec<Observed> = Vec::new();
@@ -512,9 +570,62 @@ mod tests {
         (dir, archive)
     }
 
+    /// Times are placed at a "now" long after the archive (1970): a time
+    /// after its newest moment is refused as stale.
     async fn resolve(archive: &Archive, time_ms: i64) -> anyhow::Result<TimeChoice> {
+        resolve_at(archive, time_ms, TimeRules::now(false, None)).await
+    }
+
+    async fn resolve_at(
+        archive: &Archive,
+        time_ms: i64,
+        rules: TimeRules,
+    ) -> anyhow::Result<TimeChoice> {
         let listing = ArchiveListing::load(archive).await.unwrap();
-        resolve_time(archive, &listing, time_ms, "T", None).await
+        resolve_time(archive, &listing, time_ms, "T", None, &rules).await
+    }
+
+    #[tokio::test]
+    async fn a_time_after_the_newest_moment_of_a_current_archive_takes_the_newest_revision() {
+        // The archive vouches for revision 16 until 6.5 s.
+        let (_dir, a) = archive(&[], &[]).await;
+        let at = |now_ms| TimeRules {
+            now_ms,
+            utc: false,
+            max_staleness_ms: 120_000,
+        };
+        let c = resolve_at(&a, 9_000, at(10_000)).await.unwrap();
+        assert_eq!((c.revision, c.observed_ms), (16, Some(6_000)));
+        let currency = c.newest.expect("taken as the newest");
+        assert_eq!((currency.vouched_ms, currency.age_ms), (6_500, 3_500));
+        let text = crate::point::describe_time_choice("now", &c);
+        assert!(
+            text.starts_with("time now (1970-01-01T00:00:09.000Z) -> revision 16 (generation 1, observed 1970-01-01T00:00:06.000Z); the archive's newest revision: the time is after its newest vouched moment 1970-01-01T00:00:06.500Z (3.500 s ago), and the archive is current (within --max-staleness 2m)"),
+            "{text}"
+        );
+        // Inside the archive nothing changes.
+        let c = resolve_at(&a, 5_500, at(10_000)).await.unwrap();
+        assert_eq!((c.revision, c.newest), (15, None));
+        // In the future: refused.
+        let e = resolve_at(&a, 11_000, at(10_000)).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is in the future (now is 1970-01-01T00:00:10.000Z)"),
+            "{e}"
+        );
+        assert_eq!(crate::classify(&e), crate::ExitKind::NotRestorable);
+        // Stale: refused, naming the moment, the bound and the way on.
+        let e = resolve_at(&a, 9_000, at(300_000)).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "is after the last archived moment (1970-01-01T00:00:06.500Z (293.500 s ago))"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("older than --max-staleness 2m"), "{text}");
+        assert!(text.contains("--revision 16"), "{text}");
+        assert_eq!(crate::classify(&e), crate::ExitKind::NotRestorable);
     }
 
     #[tokio::test]

@@ -10,12 +10,16 @@ mod list;
 mod restore;
 mod verify;
 
+pub use crate::next_steps::EtcdRelease;
 pub use diff::{diff, DiffOptions};
 pub use export::export;
 pub use follow::{follow, ArchiveEnds, Diverged, FollowOptions, Until};
 pub use history::{history, HistoryOptions};
-pub use list::{list, list_view, ListGap, ListGeneration, ListOutput, ListRange};
-pub use restore::restore;
+pub use list::{
+    list, list_details, list_view, ListCurrent, ListDetails, ListGap, ListGeneration, ListOutput,
+    ListPruned, ListRange, ListSnapshot,
+};
+pub use restore::{restore, RestoreOptions};
 pub use verify::verify;
 
 use std::collections::HashMap;
@@ -36,7 +40,7 @@ use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 
 use crate::plan::{self, Replay, RestorePlan, SpanPlan};
-use crate::point::{self, Point};
+use crate::point::{self, Point, TimeRules};
 use crate::source::{self, TimeChoice};
 use crate::synth::EventSource;
 use crate::UsageError;
@@ -46,10 +50,28 @@ use crate::UsageError;
 pub struct Target {
     /// `--revision`.
     pub revision: Option<Revision>,
-    /// `--time` (RFC 3339).
+    /// `--time` (see [`point::parse_time`]).
     pub time: Option<String>,
     /// `--generation`.
     pub generation: Option<u64>,
+    /// How times are read.
+    pub times: TimeFlags,
+}
+
+/// The flags that say how a command reads times.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimeFlags {
+    /// `--utc`: a time without a zone is UTC.
+    pub utc: bool,
+    /// `--max-staleness` (`None`: [`point::DEFAULT_MAX_STALENESS`]).
+    pub max_staleness: Option<std::time::Duration>,
+}
+
+impl TimeFlags {
+    /// The rules, with "now" read from the clock now.
+    pub fn rules(self) -> TimeRules {
+        TimeRules::now(self.utc, self.max_staleness)
+    }
 }
 
 /// Opens the archive at `url` with the keys in `key_files` (none for an
@@ -89,12 +111,14 @@ pub(super) async fn plan_target(
     listing: &ArchiveListing,
     target: &Target,
 ) -> anyhow::Result<(RestorePlan, Option<TimeChoice>)> {
-    let point = Point::from_flags(target.revision, target.time.as_deref())?;
+    let rules = target.times.rules();
+    let point = Point::from_flags(target.revision, target.time.as_deref(), &rules)?;
     let placed = point::place(
         archive,
         listing,
         &point,
         target.generation.map(GenerationId),
+        &rules,
     )
     .await?;
     Ok((
@@ -110,12 +134,14 @@ pub(super) fn describe_time_choice(target: &Target, choice: &TimeChoice) -> Stri
 /// Two points of history, as `history` and `diff` take them.
 #[derive(Clone, Debug, Default)]
 pub struct Span {
-    /// `--from` (a revision or an RFC 3339 time); `None`: the range's start.
+    /// `--from` (a revision or a time); `None`: the range's start.
     pub from: Option<String>,
     /// `--to`; `None`: the range's end.
     pub to: Option<String>,
     /// `--generation`.
     pub generation: Option<u64>,
+    /// How times are read.
+    pub times: TimeFlags,
 }
 
 /// Resolves a span to a plan, printing on stderr what each time was placed
@@ -126,13 +152,15 @@ pub(super) async fn plan_span(
     span: &Span,
 ) -> anyhow::Result<SpanPlan> {
     let mut generation = span.generation.map(GenerationId);
+    let rules = span.times.rules();
     let mut ends = [None, None];
     for (end, (flag, text)) in ends
         .iter_mut()
         .zip([("--from", &span.from), ("--to", &span.to)])
     {
         let Some(text) = text else { continue };
-        let placed = point::place(archive, listing, &Point::parse(flag, text)?, generation).await?;
+        let point = Point::parse(flag, text, &rules)?;
+        let placed = point::place(archive, listing, &point, generation, &rules).await?;
         if let Some(choice) = &placed.choice {
             eprintln!("{flag} {}", point::describe_time_choice(text, choice));
         }

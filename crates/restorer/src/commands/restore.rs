@@ -1,5 +1,6 @@
 //! `etcd-restorer restore`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,11 +11,27 @@ use super::{
     describe_time_choice, load, plan_target, progress_bar, ArchiveEvents, OutputLock, Scratch,
     Target,
 };
+use crate::next_steps::{EtcdRelease, NextSteps, ReleaseChoice};
 use crate::source;
 use crate::synth::{self, Bump};
 use crate::UsageError;
 
-/// `etcd-restorer restore`.
+/// How `restore` runs, besides its target and output.
+#[derive(Clone, Copy, Debug)]
+pub struct RestoreOptions {
+    /// `--dry-run`: print the plan, write nothing.
+    pub dry_run: bool,
+    /// `--bump-revision`, `--mark-compacted`, `--min-lease-ttl`.
+    pub bump: Bump,
+    /// `--force`: replace an existing output.
+    pub force: bool,
+    /// `--etcd-version`: the release of the next commands printed (`None`:
+    /// read from the file).
+    pub etcd_version: Option<EtcdRelease>,
+}
+
+/// `etcd-restorer restore`: writes the file, then prints the result and
+/// the next commands to `out`.
 ///
 /// # Errors
 /// Plan refusals, integrity, store and I/O errors; no output file is left
@@ -24,10 +41,15 @@ pub async fn restore(
     key_files: &[PathBuf],
     target: &Target,
     output: &Path,
-    dry_run: bool,
-    bump: Bump,
-    force: bool,
+    options: &RestoreOptions,
+    out: &mut dyn Write,
 ) -> anyhow::Result<()> {
+    let RestoreOptions {
+        dry_run,
+        bump,
+        force,
+        etcd_version,
+    } = *options;
     if bump.mark_compacted && bump.revisions == 0 {
         bail!(UsageError(
             "--mark-compacted needs --bump-revision N".into()
@@ -49,22 +71,24 @@ pub async fn restore(
     let (archive, listing) = load(url, key_files).await?;
     let (plan, choice) = plan_target(&archive, &listing, target).await?;
     if let Some(choice) = &choice {
-        println!("{}", describe_time_choice(target, choice));
+        writeln!(out, "{}", describe_time_choice(target, choice))?;
     }
     if dry_run {
-        println!(
+        writeln!(
+            out,
             "plan: generation {}, base snapshot at revision {} ({}), {} segments, target revision {}",
             plan.generation,
             plan.snapshot_revision,
             layout::snapshot_key(plan.generation, plan.snapshot_revision),
             plan.segments.len(),
             plan.target
-        );
+        )?;
         for s in &plan.segments {
-            println!("  {}", layout::segment_key(plan.generation, s));
+            writeln!(out, "  {}", layout::segment_key(plan.generation, s))?;
         }
         if bump.revisions > 0 {
-            println!(
+            writeln!(
+                out,
                 "then bump the revision by {} to {}{}",
                 bump.revisions,
                 plan.target + bump.revisions,
@@ -73,7 +97,7 @@ pub async fn restore(
                 } else {
                     ""
                 }
-            );
+            )?;
         }
         return Ok(());
     }
@@ -143,7 +167,8 @@ pub async fn restore(
         tracing::warn!(error = %e, dir = %dir.display(), "cannot sync the output's directory");
     }
     drop(scratch);
-    println!(
+    writeln!(
+        out,
         "restored revision {} (generation {}, base snapshot {}, {} revisions replayed): {} key entries, {} bytes, {:.2} s -> {}",
         summary.revision,
         plan.generation,
@@ -153,12 +178,28 @@ pub async fn restore(
         summary.bytes,
         started.elapsed().as_secs_f64(),
         output.display()
-    );
+    )?;
     if summary.lengthened_leases > 0 {
-        println!(
+        writeln!(
+            out,
             "lengthened {} lease TTLs to {} s (--min-lease-ttl): keys attached to them now outlive a dead owner that long",
             summary.lengthened_leases, bump.min_lease_ttl_secs
-        );
+        )?;
     }
+    let release = ReleaseChoice::choose(etcd_version, output)
+        .with_context(|| format!("read {}", output.display()))?;
+    let steps = NextSteps {
+        release,
+        file: output,
+        revision: plan.target,
+        newest_archived: listing
+            .generations
+            .iter()
+            .map(|g| g.chain().last_revision())
+            .max()
+            .unwrap_or(plan.target),
+        bump,
+    };
+    write!(out, "{}", steps.render())?;
     Ok(())
 }
