@@ -1,6 +1,7 @@
 //! Typed, validated configuration: flags, environment and an optional TOML
 //! file land in one [`Config`]. Precedence: flag > environment > file > default.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,10 @@ pub const DEFAULT_ELECTION_PREFIX: &str = "/etcd-pitr/election/";
 pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(10);
 /// Shortest election TTL accepted (etcd raises shorter leases anyway).
 const MIN_ELECTION_TTL: Duration = Duration::from_secs(2);
+/// Default lag beyond which `/readyz` answers 503.
+pub const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(30);
+/// Default interval between the writer's heartbeat log lines.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_mins(1);
 
 /// Flags shared by every subcommand. Every field is optional here so that
 /// the TOML file can supply it; [`Settings::resolve`] applies defaults.
@@ -115,6 +120,17 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub encryption_key_file: Vec<PathBuf>,
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, on
+    /// this address (e.g. 0.0.0.0:9090).
+    #[arg(long, env = "ETCD_ARCHIVER_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// /readyz answers 503 once the archive lags the source by more than
+    /// this (e.g. 30s).
+    #[arg(long, env = "ETCD_ARCHIVER_READY_MAX_LAG")]
+    pub ready_max_lag: Option<String>,
+    /// Interval between the writer's INFO heartbeat lines (e.g. 1m).
+    #[arg(long)]
+    pub heartbeat_interval: Option<String>,
 }
 
 /// The TOML file's shape.
@@ -147,6 +163,9 @@ struct FileSettings {
     keep_yearly: Option<u32>,
     prune_interval: Option<String>,
     encryption_key_file: Option<Vec<PathBuf>>,
+    metrics_addr: Option<String>,
+    ready_max_lag: Option<String>,
+    heartbeat_interval: Option<String>,
 }
 
 /// Marks an error of [`Settings::resolve`]: the configuration is invalid
@@ -205,6 +224,12 @@ pub struct Config {
     pub prune_interval: Duration,
     /// The archive's keys (empty: the archive is not encrypted).
     pub keys: Arc<Keyring>,
+    /// Where to serve metrics, `/healthz` and `/readyz` (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
+    /// `/readyz` answers 503 beyond this lag.
+    pub ready_max_lag: Duration,
+    /// Interval between heartbeat lines.
+    pub heartbeat_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -220,6 +245,8 @@ impl std::fmt::Debug for Config {
             .field("election", &self.election)
             .field("retention", &self.retention.to_string())
             .field("keys", &self.keys.ids())
+            .field("metrics_addr", &self.metrics_addr)
+            .field("ready_max_lag", &self.ready_max_lag)
             .finish_non_exhaustive()
     }
 }
@@ -361,8 +388,27 @@ impl Settings {
             self.encryption_key_file
         };
         let keys = Arc::new(Keyring::load(&key_files)?);
+        let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
+            Some(s) => Some(s.trim().parse::<SocketAddr>().with_context(|| {
+                format!("--metrics-addr: {s:?} is not an address like 0.0.0.0:9090 or [::1]:9090")
+            })?),
+            None => None,
+        };
         Ok(Config {
             keys,
+            metrics_addr,
+            ready_max_lag: duration(
+                "ready-max-lag",
+                self.ready_max_lag,
+                file.ready_max_lag,
+                DEFAULT_READY_MAX_LAG,
+            )?,
+            heartbeat_interval: duration(
+                "heartbeat-interval",
+                self.heartbeat_interval,
+                file.heartbeat_interval,
+                DEFAULT_HEARTBEAT_INTERVAL,
+            )?,
             retention,
             prune_interval: duration(
                 "prune-interval",
@@ -434,6 +480,35 @@ mod tests {
         assert_eq!(c.etcd.endpoints, vec![DEFAULT_ENDPOINT]);
         assert_eq!(c.segment_max_age, DEFAULT_SEGMENT_MAX_AGE);
         assert_eq!(c.segment_max_bytes, DEFAULT_SEGMENT_MAX_BYTES);
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.ready_max_lag, DEFAULT_READY_MAX_LAG);
+        assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    }
+
+    #[test]
+    fn metrics_settings_from_flags_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "archive = \"file:///x\"\nmetrics-addr = \"127.0.0.1:9090\"\nready-max-lag = \"10s\"\nheartbeat-interval = \"5s\"\n",
+        )
+        .unwrap();
+        let s = Settings {
+            config: Some(path),
+            ready_max_lag: Some("3s".into()),
+            ..Settings::default()
+        };
+        let c = s.resolve().unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.ready_max_lag, Duration::from_secs(3), "the flag wins");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        let mut s = base();
+        s.metrics_addr = Some("localhost".into());
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--metrics-addr"));
+        let mut s = base();
+        s.ready_max_lag = Some("soon".into());
+        assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--ready-max-lag"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ use etcdpitr_common::Revision;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::observe::Observer;
+
 /// Where and how long leadership is held.
 #[derive(Clone, Debug)]
 pub struct ElectionConfig {
@@ -108,6 +110,7 @@ impl Leadership {
 }
 
 /// Campaigns until this archiver leads, shutdown (`Ok(None)`) or an error.
+/// Once its lease is granted, `observer` learns that it campaigns.
 /// Safe to drop: the lease then expires on its own.
 ///
 /// # Errors
@@ -116,6 +119,7 @@ pub async fn campaign(
     client: &Client,
     config: &ElectionConfig,
     holder: &str,
+    observer: &Observer,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Leadership>> {
     let ttl_secs = i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX);
@@ -143,6 +147,7 @@ pub async fn campaign(
         lost: lost.clone(),
         keeper,
     };
+    observer.standby(Ok(()));
     let mut election = client.election_client();
     let response = tokio::select! {
         () = shutdown.cancelled() => {

@@ -37,6 +37,8 @@ pub struct ChainHead {
     pub next_generation: GenerationId,
     /// The generation's newest archived objects in the hash chain.
     pub tip: Tip,
+    /// When its newest snapshot was taken (Unix ms), if it has one.
+    pub snapshot_taken_ms: Option<i64>,
 }
 
 impl ChainHead {
@@ -258,9 +260,10 @@ pub async fn load(
         .expect("catalog lock")
         .sync_generation(&listing)?;
     let fingerprint = crate::lineage::newest(archive, generation, last_revision).await?;
-    let tip = Tip::load(archive, &chain, anchor).await?;
+    let (tip, snapshot_taken_ms) = Tip::load(archive, &chain, anchor).await?;
     Ok(Some(ChainHead {
         tip,
+        snapshot_taken_ms,
         manifest,
         last_revision,
         end_ms: chain.end_ms(),
@@ -269,4 +272,37 @@ pub async fn load(
         next_generation,
         snapshots: listing.snapshots,
     }))
+}
+
+/// The first revision of `manifest`'s generation's newest restorable range
+/// (see [`Chain::restorable`]), from a full listing of the generation
+/// (unlike [`load`], which the catalog may narrow to its newest segments);
+/// `None` while it has no base snapshot.
+///
+/// # Errors
+/// Store failures.
+pub async fn restorable_start(
+    archive: &Archive,
+    manifest: &GenerationManifest,
+) -> anyhow::Result<Option<Revision>> {
+    let generation = manifest.generation;
+    let mut listing = GenerationListing {
+        id: Some(generation),
+        manifest: Some(manifest.clone()),
+        ..GenerationListing::default()
+    };
+    for dir in ["segments", "snapshots", layout::PRUNED_DIR] {
+        for object in list_generation_dir(archive, generation, dir)
+            .await
+            .with_context(|| format!("list {}/{dir}", generation.dir_name()))?
+        {
+            match object {
+                GenerationObject::Segment(name) => listing.segments.push(name),
+                GenerationObject::Snapshot(revision) => listing.snapshots.push(revision),
+                GenerationObject::Pruned(range) => listing.pruned.push(range),
+                _ => {}
+            }
+        }
+    }
+    Ok(Chain::of(&listing).restorable().last().map(|r| r.first))
 }

@@ -11,6 +11,7 @@ use etcdpitr_common::layout::GenerationId;
 use etcdpitr_common::manifest::{
     GapStart, GenerationManifest, LineageFingerprint, StartReason, TermRecord,
 };
+use etcdpitr_common::store::StoreError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -20,12 +21,13 @@ use crate::election::Leadership;
 use crate::etcd::{self, ClusterInfo};
 use crate::generation::{self, GenerationTaken, NewGeneration, Resume};
 use crate::head::{self, ChainHead};
+use crate::observe::Durable;
 use crate::retry::{pause, retry, RETRY_MIN};
 use crate::segment_writer::{SealPolicy, SegmentWriter, Sink};
 use crate::snapshot_schedule::SnapshotSchedule;
 use crate::tip::{SharedTip, Tip};
 use crate::uploader::{self, Fatal, Spool};
-use crate::watch::{self, SessionEnd};
+use crate::watch::{self, AbortOnDrop, SessionEnd};
 use crate::{store_retryable, term, Opened};
 
 /// A won election: the leadership and the archive term it claimed.
@@ -89,6 +91,7 @@ impl Pipeline {
         for item in leftovers {
             uploads.send(item).expect("receiver alive");
         }
+        opened.observer.spool(spool.clone());
         let abort = CancellationToken::new();
         let uploader = tokio::spawn(uploader::run_uploader(
             opened.archive.clone(),
@@ -98,6 +101,7 @@ impl Pipeline {
             abort.clone(),
             fatal.clone(),
             tip.clone(),
+            opened.observer.clone(),
         ));
         let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
         let spooler = tokio::spawn(uploader::run_spooler(
@@ -211,13 +215,20 @@ pub async fn lead(
     // Until the head is read, nothing of a generation is known.
     let tip = SharedTip::new(Tip::start(GenerationId(0), 0, [0; 32]));
     let pipeline = Pipeline::start(config, opened, fatal, &tip)?;
+    let _heartbeat = AbortOnDrop(tokio::spawn(
+        opened
+            .observer
+            .clone()
+            .heartbeat(config.heartbeat_interval, stop.clone()),
+    ));
     pipeline.drain_leftovers(&stop).await;
     // Only the writer prunes; a prune stopped midway is safe by design.
     let _pruning = (!config.retention.is_empty()).then(|| {
-        crate::watch::AbortOnDrop(tokio::spawn(crate::prune::periodically(
+        AbortOnDrop(tokio::spawn(crate::prune::periodically(
             opened.archive.clone(),
             config.retention.clone(),
             config.prune_interval,
+            opened.observer.clone(),
             stop.clone(),
         )))
     });
@@ -238,6 +249,7 @@ pub async fn lead(
         schedule: None,
         fatal: fatal.clone(),
         tip,
+        restorable: None,
     };
     let outcome = session.run().await;
     let deposed = !shutdown.is_cancelled() && stop.is_cancelled()
@@ -281,6 +293,8 @@ struct Session<'a> {
     fatal: Fatal,
     /// The current generation's newest archived objects (hash chain).
     tip: SharedTip,
+    /// Reads the resumed generation's restorable start for the metrics.
+    restorable: Option<AbortOnDrop>,
 }
 
 impl Session<'_> {
@@ -317,6 +331,7 @@ impl Session<'_> {
             else {
                 return Ok(false);
             };
+            self.publish_resumed(&h);
             self.current = Some(self.resume(h, clock));
         }
         Ok(true)
@@ -347,6 +362,39 @@ impl Session<'_> {
         }
         tracing::debug!(generation = %generation, epoch_first = first, began_ms = record.began_ms, "clock epoch recorded");
         Ok(Some(epoch))
+    }
+
+    /// Publishes the resumed generation: its durable end, its newest
+    /// snapshot's time, and (read in the background, from a full listing)
+    /// its restorable start.
+    fn publish_resumed(&mut self, h: &ChainHead) {
+        let observer = &self.opened.observer;
+        let generation = h.generation();
+        observer.generation(
+            generation,
+            Durable {
+                revision: h.last_revision,
+                vouched_ms: h.floor_ms(),
+            },
+        );
+        if let Some(ms) = h.snapshot_taken_ms {
+            observer.snapshot_time(generation, ms);
+        }
+        let (archive, manifest, observer) = (
+            self.opened.archive.clone(),
+            h.manifest.clone(),
+            observer.clone(),
+        );
+        self.restorable = Some(AbortOnDrop(tokio::spawn(async move {
+            match head::restorable_start(&archive, &manifest).await {
+                Ok(Some(first)) => observer.restorable_start(generation, first),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot list the generation for its restorable start (etcd_pitr_restorable_start_revision stays 0 until the next snapshot)"
+                ),
+            }
+        })));
     }
 
     fn resume(&self, h: ChainHead, clock: EpochClock) -> Current {
@@ -418,6 +466,7 @@ impl Session<'_> {
             }
             None => None,
         };
+        let new_has_previous = previous.is_some();
         let new = NewGeneration {
             id: self.next_id,
             previous,
@@ -444,6 +493,16 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             };
         self.next_id = manifest.generation.next();
+        if new_has_previous {
+            self.opened.observer.gap();
+        }
+        self.opened.observer.generation(
+            manifest.generation,
+            Durable {
+                revision: info.revision,
+                vouched_ms: self.opened.clock.now_ms(),
+            },
+        );
         let Some(clock) = self
             .begin_epoch(manifest.generation, info.revision + 1, 0)
             .await?
@@ -491,6 +550,7 @@ impl Session<'_> {
                     return Err(e.context("etcd refused the archiver's credentials"))
                 }
                 Err(e) => {
+                    self.opened.observer.etcd_unreachable(&e);
                     tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "etcd unreachable; retrying");
                     if !pause(&mut delay, stop).await {
                         break;
@@ -498,6 +558,7 @@ impl Session<'_> {
                     continue;
                 }
             };
+            self.opened.observer.source_at(info.revision);
             let verdict = match forced.take() {
                 Some(reason) => Ok(Some(reason)),
                 None => self.verdict(&mut client, info).await,
@@ -544,6 +605,12 @@ impl Session<'_> {
                     forced = Some((StartReason::LineageBroken, detail));
                 }
                 SessionEnd::Disconnected(e) => {
+                    // A clock step the store did not take ends a session too.
+                    if e.chain().any(<dyn std::error::Error>::is::<StoreError>) {
+                        self.opened.observer.upload_failed(&e);
+                    } else {
+                        self.opened.observer.etcd_unreachable(&e);
+                    }
                     tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "watch interrupted; reconnecting");
                     if !pause(&mut delay, stop).await {
                         break;
@@ -572,6 +639,7 @@ impl Session<'_> {
                 current.fingerprint,
                 self.fatal.clone(),
                 self.tip.clone(),
+                self.opened.observer.clone(),
             )
         });
         schedule.start_if_due(client);
@@ -582,6 +650,7 @@ impl Session<'_> {
             archive,
             schedule,
             info.revision,
+            &self.opened.observer,
             self.stop,
         )
         .await

@@ -14,6 +14,7 @@
 //! - [`segment_writer`]: the open segment; sealing by size and age.
 //! - [`uploader`]: the durable spool and the in-order, write-once uploader.
 //! - [`snapshot`] and [`snapshot_schedule`]: full snapshots, streamed.
+//! - [`observe`]: metrics, `/healthz`, `/readyz` and the heartbeat line.
 //!
 //! Invariants: within a generation, revisions are archived exactly once and
 //! without holes; a generation is never continued on a history that differs
@@ -27,6 +28,7 @@ pub mod generation;
 pub mod head;
 pub mod leader;
 pub mod lineage;
+pub mod observe;
 pub mod prune;
 mod retry;
 pub mod segment_writer;
@@ -48,10 +50,11 @@ use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::{now_ms, Revision};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, InvalidConfig};
 use crate::election::ElectionConfig;
 use crate::generation::{NewGeneration, Resume};
 use crate::leader::{Term, TermEnd};
+use crate::observe::Observer;
 use crate::retry::{pause, retry, RETRY_MIN};
 use crate::tip::{SharedTip, Tip};
 
@@ -74,13 +77,19 @@ pub struct Opened {
     holder: String,
     /// Observed times come from this clock, anchored once at start.
     clock: clock::AnchoredClock,
+    /// Where facts about the archiver are published.
+    observer: Observer,
 }
 
 /// Opens the archive (creating its manifest if new, refusing unknown
 /// versions, and keys that do not suit it, before anything else is
 /// written) and then the data directory.
-async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<Opened>> {
-    let clock = clock::AnchoredClock::system();
+async fn open(
+    config: &Config,
+    clock: clock::AnchoredClock,
+    observer: Observer,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Opened>> {
     let archive = Archive::open(&config.archive)?.with_keys(config.keys.clone());
     let check = |bytes: &[u8]| -> anyhow::Result<()> {
         ArchiveManifest::parse(layout::MANIFEST_NAME, bytes)?.check_keys(&config.keys)?;
@@ -162,6 +171,7 @@ async fn open(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<O
         _lock: lock,
         holder: holder_identity(),
         clock,
+        observer,
     }))
 }
 
@@ -186,7 +196,8 @@ async fn elect(
 ) -> anyhow::Result<Option<Term>> {
     let mut client = etcd::connect(config).await?;
     tracing::info!(election = %election.name, %holder, "standing by for leadership");
-    let Some(leadership) = election::campaign(&client, election, holder, shutdown).await? else {
+    let campaign = election::campaign(&client, election, holder, &opened.observer, shutdown);
+    let Some(leadership) = campaign.await? else {
         return Ok(None);
     };
     let record = match term::claim(&opened.archive, holder, leadership.election_revision).await {
@@ -217,13 +228,26 @@ async fn elect(
 /// Unusable configuration, archive or credentials; anything transient is
 /// retried.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(opened) = open(&config, &shutdown).await? else {
-        return Ok(());
-    };
     // A permanent store failure of the uploader or a snapshot stops the
     // archiver as a signal would, and is returned.
     let background = uploader::Fatal::new(&shutdown);
     let shutdown = background.token();
+    let clock = clock::AnchoredClock::system();
+    let (observer, mut registry) = Observer::new(clock.clone(), config.ready_max_lag);
+    if let Some(addr) = config.metrics_addr {
+        let fatal = background.clone();
+        registry.health_check(move || match fatal.reason() {
+            Some(e) => Err(format!("stopping after a permanent failure: {e}")),
+            None => Ok(()),
+        });
+        let bound = etcdpitr_common::metrics::serve(addr, Arc::new(registry))
+            .await
+            .context(InvalidConfig)?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
+    let Some(opened) = open(&config, clock, observer, &shutdown).await? else {
+        return Ok(());
+    };
     let holder = opened.holder.clone();
     let mut delay = RETRY_MIN;
     while !shutdown.is_cancelled() {
@@ -236,6 +260,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     return Err(e.context("etcd refused the archiver's credentials"))
                 }
                 Err(e) => {
+                    opened.observer.standby(Err(format!("{e:#}")));
                     tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "cannot campaign for leadership; retrying");
                     if !pause(&mut delay, &shutdown).await {
                         break;
@@ -244,6 +269,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             },
         };
+        opened.observer.writing();
         let end = leader::lead(&config, &opened, term.as_ref(), &shutdown, &background).await;
         // Also when deposed: a lease that is still alive would only delay
         // this archiver's next campaign behind its own stale key.
@@ -260,7 +286,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             TermEnd::Deposed if config.election.is_none() => {
                 unreachable!("deposed without an election")
             }
-            TermEnd::Deposed => delay = RETRY_MIN,
+            TermEnd::Deposed => {
+                opened
+                    .observer
+                    .standby(Err("no longer the writer; campaigning again".into()));
+                delay = RETRY_MIN;
+            }
         }
     }
     if let Some(e) = background.take() {
@@ -279,7 +310,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Unusable configuration, archive, etcd or store.
 pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
     let never = CancellationToken::new();
-    let opened = open(&config, &never).await?.expect("not cancelled");
+    let clock = clock::AnchoredClock::system();
+    // Nothing is served: the observer only keeps what would be published.
+    let (observer, _) = Observer::new(clock.clone(), config.ready_max_lag);
+    let opened = open(&config, clock, observer, &never)
+        .await?
+        .expect("not cancelled");
     let head = head::load(&opened.archive, &opened.catalog).await?;
     let mut client = etcd::connect(&config).await?;
     let info = etcd::cluster_info(&mut client).await?;
@@ -325,5 +361,5 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
         &SharedTip::new(tip),
     )
     .await
-    .map(|(revision, _)| revision)
+    .map(|taken| taken.done.revision)
 }

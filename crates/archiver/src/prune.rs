@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{parse_duration, InvalidConfig};
+use crate::observe::Observer;
 
 /// Default interval between prunes of `etcd-archiver run`.
 pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_hours(1);
@@ -159,10 +160,14 @@ pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
 /// Applies `policy` to the archive every `interval` until `stop`, the first
 /// time one interval after the writer started (once it has read and marked
 /// its head); failures are logged and retried at the next interval.
+///
+/// After each prune, `observer` learns the restorable start of the
+/// generation being written.
 pub async fn periodically(
     archive: Archive,
     policy: Policy,
     interval: Duration,
+    observer: Observer,
     stop: CancellationToken,
 ) {
     loop {
@@ -172,6 +177,16 @@ pub async fn periodically(
         }
         match prune(&archive, &policy, true).await {
             Ok(r) => {
+                if let Some(generation) = observer.current_generation() {
+                    let newest = r
+                        .plan
+                        .restorable_after
+                        .iter()
+                        .rfind(|range| range.generation == generation);
+                    if let Some(range) = newest {
+                        observer.restorable_start(generation, range.first);
+                    }
+                }
                 if r.deleted > 0 || !r.refused.is_empty() || !r.retained.is_empty() {
                     tracing::info!(
                         policy = %r.policy,

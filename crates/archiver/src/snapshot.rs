@@ -18,13 +18,24 @@ use etcdpitr_common::store::{Archive, PRIVATE_FILE_MODE};
 use etcdpitr_common::{now_ms, Revision};
 use tokio::io::AsyncWriteExt;
 
+use crate::observe::SnapshotDone;
 use crate::tip::SharedTip;
+
+/// An archived snapshot.
+#[derive(Clone, Copy, Debug)]
+pub struct Taken {
+    /// Its lineage fingerprint, if one could be recorded.
+    pub fingerprint: Option<LineageFingerprint>,
+    /// Revision, time, duration and bytes uploaded.
+    pub done: SnapshotDone,
+}
 
 /// Takes one snapshot into `generation`, refusing it if its revision is
 /// below `min_revision` (the generation's start: such a file would belong
 /// to an older history). Its header names `tip`'s newest archived segment
 /// as its predecessor in the hash chain; once archived, it becomes `tip`'s
-/// newest snapshot. Returns its revision and lineage fingerprint.
+/// newest snapshot. Returns its revision, lineage fingerprint, duration
+/// and the bytes uploaded.
 ///
 /// Dropping it midway leaves at most scratch files, removed on the next run.
 ///
@@ -38,7 +49,7 @@ pub async fn take(
     generation: GenerationId,
     min_revision: Revision,
     tip: &SharedTip,
-) -> anyhow::Result<(Revision, Option<LineageFingerprint>)> {
+) -> anyhow::Result<Taken> {
     let started = std::time::Instant::now();
     let taken_ms = now_ms();
     let db_path = data_dir.join("snapshot.db.tmp");
@@ -122,12 +133,16 @@ pub async fn take(
     // A snapshot name carries its revision: an existing object at that name
     // is a complete snapshot of the same revision (multipart uploads appear
     // atomically), so it is kept rather than overwritten.
+    let mut uploaded_bytes = 0;
     match archive.exists(&key).await {
         Ok(true) => tracing::info!(snapshot = %key, "snapshot of this revision already archived"),
-        Ok(false) => archive
-            .upload_file(&key, &obj_path)
-            .await
-            .with_context(|| format!("upload snapshot {key}"))?,
+        Ok(false) => {
+            archive
+                .upload_file(&key, &obj_path)
+                .await
+                .with_context(|| format!("upload snapshot {key}"))?;
+            uploaded_bytes = object_bytes;
+        }
         Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),
     }
     // Segments commit to what the store holds: another taker of the same
@@ -145,15 +160,24 @@ pub async fn take(
         object_bytes,
         taken_ms,
     )?;
+    let duration = started.elapsed();
     tracing::info!(
         snapshot = %key,
         revision = header.revision,
         db_bytes,
         object_bytes,
-        seconds = started.elapsed().as_secs_f64(),
+        seconds = duration.as_secs_f64(),
         "snapshot archived"
     );
-    Ok((header.revision, fingerprint))
+    Ok(Taken {
+        fingerprint,
+        done: SnapshotDone {
+            revision: header.revision,
+            taken_ms,
+            duration,
+            uploaded_bytes,
+        },
+    })
 }
 
 /// How long nothing may have written to a staging file of a `file://`

@@ -13,11 +13,13 @@ use etcd_client::Client;
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::GenerationId;
 use etcdpitr_common::manifest::LineageFingerprint;
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::Revision;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
+use crate::observe::Observer;
+use crate::snapshot::Taken;
 use crate::tip::SharedTip;
 use crate::uploader::{is_permanent_store_error, Fatal};
 
@@ -33,16 +35,18 @@ pub struct SnapshotSchedule {
     min_revision: Revision,
     interval: Duration,
     next_due: Instant,
-    task: JoinSet<anyhow::Result<(Revision, Option<LineageFingerprint>)>>,
+    task: JoinSet<anyhow::Result<Taken>>,
     fingerprint: Option<LineageFingerprint>,
     fatal: Fatal,
     tip: SharedTip,
+    observer: Observer,
 }
 
 impl SnapshotSchedule {
     /// A schedule for `generation`; the first snapshot is due now unless the
     /// generation already has one. `fingerprint` is the generation's newest
-    /// lineage fingerprint so far. Permanent store failures go to `fatal`.
+    /// lineage fingerprint so far. Permanent store failures go to `fatal`;
+    /// outcomes are reported to `observer`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         archive: Archive,
@@ -55,6 +59,7 @@ impl SnapshotSchedule {
         fingerprint: Option<LineageFingerprint>,
         fatal: Fatal,
         tip: SharedTip,
+        observer: Observer,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -69,6 +74,7 @@ impl SnapshotSchedule {
             fingerprint,
             fatal,
             tip,
+            observer,
         }
     }
 
@@ -107,9 +113,7 @@ impl SnapshotSchedule {
 
     /// Waits for the running snapshot to finish; never returns if none runs.
     /// Safe to drop.
-    pub async fn next_done(
-        &mut self,
-    ) -> Result<anyhow::Result<(Revision, Option<LineageFingerprint>)>, JoinError> {
+    pub async fn next_done(&mut self) -> Result<anyhow::Result<Taken>, JoinError> {
         match self.task.join_next().await {
             Some(r) => r,
             None => std::future::pending().await,
@@ -117,15 +121,19 @@ impl SnapshotSchedule {
     }
 
     /// Records the outcome of a snapshot and schedules the next one.
-    pub fn finished(
-        &mut self,
-        result: Result<anyhow::Result<(Revision, Option<LineageFingerprint>)>, JoinError>,
-    ) {
+    pub fn finished(&mut self, result: Result<anyhow::Result<Taken>, JoinError>) {
         let now = Instant::now();
+        if let Ok(Err(e)) = &result {
+            if e.chain().any(<dyn std::error::Error>::is::<StoreError>) {
+                self.observer.upload_failed(e);
+            }
+        }
         match result {
-            Ok(Ok((_, fingerprint))) => {
-                self.fingerprint = fingerprint.or(self.fingerprint);
+            Ok(Ok(taken)) => {
+                self.fingerprint = taken.fingerprint.or(self.fingerprint);
                 self.next_due = now + self.interval;
+                self.observer
+                    .snapshot_archived(self.generation, &taken.done);
             }
             Ok(Err(e)) if is_permanent_store_error(&e) => {
                 self.fatal.fail(e.context("snapshot"));

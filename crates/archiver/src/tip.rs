@@ -38,11 +38,16 @@ impl Tip {
     }
 
     /// Reads the tip of a generation from the store: the digest of its
-    /// chain's last segment and of its newest snapshot's header.
+    /// chain's last segment and of its newest snapshot's header. Also
+    /// returns when that snapshot was taken (Unix ms), if there is one.
     ///
     /// # Errors
     /// Store failures or a damaged snapshot header.
-    pub async fn load(archive: &Archive, chain: &Chain, anchor: Digest) -> anyhow::Result<Self> {
+    pub async fn load(
+        archive: &Archive,
+        chain: &Chain,
+        anchor: Digest,
+    ) -> anyhow::Result<(Self, Option<i64>)> {
         let generation = chain.generation;
         let mut tip = Self::start(generation, chain.start, anchor);
         if let Some(last) = chain.links.last() {
@@ -54,13 +59,15 @@ impl Tip {
             segment::open(&key, &bytes)?;
             tip.segment = (last.last, segment::digest(&bytes));
         }
+        let mut taken_ms = None;
         if let Some(&revision) = chain.snapshots.last() {
             let header = snapshot::read_header(archive, generation, revision)
                 .await
                 .with_context(|| format!("read the header of snapshot {revision}"))?;
             tip.snapshot = Some((revision, header.digest()));
+            taken_ms = Some(header.taken_ms);
         }
-        Ok(tip)
+        Ok((tip, taken_ms))
     }
 }
 

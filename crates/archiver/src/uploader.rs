@@ -37,6 +37,7 @@ use etcdpitr_common::store::{self, Archive, StoreError};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::observe::Observer;
 use crate::retry::retry;
 use crate::tip::SharedTip;
 
@@ -87,6 +88,15 @@ impl Fatal {
     /// Whether a failure happened.
     pub fn failed(&self) -> bool {
         self.error.lock().expect("fatal lock").is_some()
+    }
+
+    /// The failure's message, if one happened (and was not taken yet).
+    pub fn reason(&self) -> Option<String> {
+        self.error
+            .lock()
+            .expect("fatal lock")
+            .as_ref()
+            .map(|e| format!("{e:#}"))
     }
 
     /// The failure, if one happened (taken once).
@@ -367,6 +377,9 @@ async fn resolve_conflict(archive: &Archive, key: &str, ours: &[u8]) -> anyhow::
 ///
 /// Dropping it midway is safe: an item is removed from the spool only after
 /// its upload succeeded, and a repeated upload of the same bytes succeeds.
+///
+/// Each failed attempt and each durable segment is reported to `observer`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_uploader(
     archive: Archive,
     spool: Arc<Spool>,
@@ -375,6 +388,7 @@ pub async fn run_uploader(
     abort: CancellationToken,
     fatal: Fatal,
     tip: SharedTip,
+    observer: Observer,
 ) -> u64 {
     let mut uploaded = 0;
     while let Some(item) = rx.recv().await {
@@ -385,17 +399,29 @@ pub async fn run_uploader(
             &abort,
             |e| !is_permanent_store_error(e),
             || async {
-                let data = spool.read(&item).await?;
-                match archive.put_once(&key, Bytes::from(data.clone())).await {
-                    Err(StoreError::Conflict(_)) => resolve_conflict(&archive, &key, &data).await,
-                    Err(e) => Err(e.into()),
-                    Ok(()) => Ok(segment::digest(&data)),
+                let put = async {
+                    let data = spool.read(&item).await?;
+                    match archive.put_once(&key, Bytes::from(data.clone())).await {
+                        Err(StoreError::Conflict(_)) => resolve_conflict(&archive, &key, &data)
+                            .await
+                            .map(|digest| (digest, None)),
+                        Err(e) => Err(e.into()),
+                        Ok(()) => Ok((segment::digest(&data), Some(data.len() as u64))),
+                    }
                 }
+                .await;
+                if let Err(e) = &put {
+                    observer.upload_failed(e);
+                }
+                put
             },
         )
         .await;
         match done {
-            Ok(Some(digest)) => tip.segment_archived(item.generation, item.name.last, digest),
+            Ok(Some((digest, put_bytes))) => {
+                tip.segment_archived(item.generation, item.name.last, digest);
+                observer.segment_durable(item.generation, &item.name, put_bytes);
+            }
             Ok(None) => return uploaded,
             Err(e) => {
                 fatal.fail(e);
@@ -502,6 +528,18 @@ mod tests {
         drop(tx);
         let fatal = Fatal::new(&CancellationToken::new());
         let tip = SharedTip::new(crate::tip::Tip::start(GenerationId(1), 10, [0; 32]));
+        let (observer, _) = Observer::new(
+            crate::clock::AnchoredClock::system(),
+            Duration::from_secs(30),
+        );
+        observer.writing();
+        observer.generation(
+            GenerationId(1),
+            crate::observe::Durable {
+                revision: 10,
+                vouched_ms: 0,
+            },
+        );
         let uploaded = tokio::time::timeout(
             Duration::from_secs(20),
             run_uploader(
@@ -512,10 +550,21 @@ mod tests {
                 CancellationToken::new(),
                 fatal.clone(),
                 tip.clone(),
+                observer.clone(),
             ),
         )
         .await
         .expect("the uploader stops");
+        // Failed attempts are reported; a durable segment clears them.
+        let ready = observer.ready();
+        if uploaded == 1 {
+            assert!(
+                ready.as_ref().err().is_none_or(|r| !r.contains("store")),
+                "{ready:?}"
+            );
+        } else {
+            assert!(ready.unwrap_err().starts_with("the store refuses uploads"));
+        }
         // An uploaded segment becomes the generation's newest in the chain.
         let newest = if uploaded == 1 { 20 } else { 10 };
         assert_eq!(tip.get().segment.0, newest);

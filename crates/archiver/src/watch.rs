@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::etcd::MAX_MESSAGE_BYTES;
+use crate::observe::Observer;
 use crate::segment_writer::SegmentWriter;
 use crate::snapshot_schedule::SnapshotSchedule;
 use crate::uploader::Spool;
@@ -139,9 +140,21 @@ struct Assembler {
     pending: Option<RevisionRecord>,
     /// Revisions up to here were committed before they were observed.
     caught_up_at: Revision,
+    /// Told the source's revision from every response's header.
+    observer: Observer,
 }
 
 impl Assembler {
+    /// Takes the response out of a received message (see [`response_of`]),
+    /// telling the observer the source's revision its header carries.
+    fn response(&self, message: Option<Received>) -> Result<WatchResponse, SessionEnd> {
+        let response = response_of(message)?;
+        if let Some(header) = response.header() {
+            self.observer.source_at(header.revision());
+        }
+        Ok(response)
+    }
+
     /// Feeds one response's events up to revision `until`; returns whether
     /// the response went past `until` (everything up to it is then complete).
     async fn feed(
@@ -274,7 +287,7 @@ async fn catch_up(
                 () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
                 m = window.received.recv() => m,
             };
-            let response = response_of(message)?;
+            let response = assembler.response(message)?;
             if assembler
                 .feed(client, writer, &response, window.last)
                 .await?
@@ -290,7 +303,9 @@ async fn catch_up(
 ///
 /// `caught_up_at` is the cluster's revision when the session started:
 /// revisions up to it were committed before they were observed, so their
-/// observed time is flagged as an upper bound.
+/// observed time is flagged as an upper bound. Every response's header
+/// tells `observer` the source's revision.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: &mut Client,
     writer: &mut SegmentWriter,
@@ -298,11 +313,13 @@ pub async fn run(
     archive: &Archive,
     snapshots: &mut SnapshotSchedule,
     caught_up_at: Revision,
+    observer: &Observer,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let mut assembler = Assembler {
         pending: None,
         caught_up_at,
+        observer: observer.clone(),
     };
     loop {
         let target = match follow(
@@ -376,7 +393,7 @@ async fn follow(
                 writer.check_clock();
             }
             message = received.recv() => {
-                let response = response_of(message)?;
+                let response = assembler.response(message)?;
                 let header_revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
                 if response.events().is_empty() {
                     if !response.created() && assembler.pending.is_none() {
