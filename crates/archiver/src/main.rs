@@ -1,10 +1,12 @@
 //! `etcd-archiver`: parse flags, set up logging, call the library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use etcd_archiver::config::{InvalidConfig, Settings};
+use etcdpitr_common::cli::{DocsCommand, LogFormat, Logging};
 use etcdpitr_common::crypto::{self, CryptoFault};
 use tokio_util::sync::CancellationToken;
 
@@ -13,6 +15,15 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "etcd-archiver", version)]
 struct Cli {
+    /// Log line format on stderr: text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ARCHIVER_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +42,8 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    #[command(flatten)]
+    Docs(DocsCommand),
 }
 
 /// Exit code of a failure: 2 for an invalid configuration (including
@@ -58,6 +71,11 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let logging = Logging {
+        env: "ETCD_ARCHIVER_LOG",
+        default_filter: "info",
+        format: cli.log_format,
+    };
     let command = async {
         match cli.command {
             Command::Run(settings) => {
@@ -69,18 +87,26 @@ fn main() -> ExitCode {
             Command::Snapshot(settings) => {
                 let config = settings.resolve().map_err(|e| e.context(InvalidConfig))?;
                 let revision = etcd_archiver::snapshot_once(config).await?;
-                println!("snapshot archived at revision {revision}");
+                writeln!(
+                    etcdpitr_common::cli::stdout(),
+                    "snapshot archived at revision {revision}"
+                )?;
                 Ok(())
             }
             Command::Prune(args) => etcd_archiver::prune::command(args).await,
             Command::Keygen { output } => {
                 let id = etcd_archiver::config::keygen(&output)?;
-                println!("wrote key id {id} to {}", output.display());
+                writeln!(
+                    etcdpitr_common::cli::stdout(),
+                    "wrote key id {id} to {}",
+                    output.display()
+                )?;
                 Ok(())
             }
+            Command::Docs(docs) => docs.run(Cli::command(), &mut etcdpitr_common::cli::stdout()),
         }
     };
-    etcdpitr_common::cli::run_main("ETCD_ARCHIVER_LOG", "info", command, exit_code)
+    etcdpitr_common::cli::run_main(logging, command, exit_code)
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

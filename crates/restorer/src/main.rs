@@ -4,19 +4,29 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use etcd_restorer::commands::{
     self, DiffOptions, EtcdRelease, FollowOptions, HistoryOptions, RestoreOptions, Span, Target,
     TimeFlags, Until,
 };
 use etcd_restorer::synth::Bump;
 use etcd_restorer::UsageError;
+use etcdpitr_common::cli::{DocsCommand, LogFormat, Logging};
 use etcdpitr_common::etcd::{Connection, ConnectionFlags};
 
 /// Restores etcd to any archived revision or moment.
 #[derive(Parser)]
 #[command(name = "etcd-restorer", version)]
 struct Cli {
+    /// Log line format on stderr: text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_RESTORER_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -329,6 +339,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Docs(DocsCommand),
 }
 
 fn main() -> ExitCode {
@@ -340,7 +352,7 @@ fn main() -> ExitCode {
         "warn"
     };
     let command = async {
-        let mut stdout = std::io::stdout().lock();
+        let mut stdout = etcdpitr_common::cli::stdout();
         match cli.command {
             Command::List {
                 archive,
@@ -492,9 +504,13 @@ fn main() -> ExitCode {
                 };
                 commands::diff(&archive, &keys.files, &span, &options, &mut stdout).await
             }
+            Command::Docs(docs) => docs.run(Cli::command(), &mut stdout),
         }
     };
-    etcdpitr_common::cli::run_main("ETCD_RESTORER_LOG", log_default, command, |e| {
-        etcd_restorer::classify(e) as u8
-    })
+    let logging = Logging {
+        env: "ETCD_RESTORER_LOG",
+        default_filter: log_default,
+        format: cli.log_format,
+    };
+    etcdpitr_common::cli::run_main(logging, command, |e| etcd_restorer::classify(e) as u8)
 }
