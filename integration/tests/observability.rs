@@ -1,0 +1,297 @@
+//! End-to-end tests of what `etcd-archiver run` tells about itself:
+//! Prometheus metrics, `/healthz`, `/readyz` and the heartbeat log line, on
+//! a real etcd that is stopped and started again underneath the archiver.
+
+use std::time::{Duration, Instant};
+
+use integration::{
+    current_revision, free_port, mixed_workload, ArchiverProcess, EtcdVersion, Rng, TestBed,
+};
+
+/// The bound `/readyz` is held to in these tests.
+const READY_MAX_LAG: &str = "3s";
+
+/// One HTTP answer: the status code and the body.
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+/// `GET path` from the archiver's metrics listener on `port`.
+async fn get(port: u16, path: &str) -> anyhow::Result<Answer> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).await?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP head in {out:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+    Ok(Answer {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// A metric's value in the text exposition format.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes `/metrics` until `done` holds for it, or fails after `limit`
+/// with the last scrape and the log.
+async fn scrape_until(
+    port: u16,
+    limit: Duration,
+    log: &std::path::Path,
+    what: &str,
+    mut done: impl FnMut(&str) -> bool,
+) -> anyhow::Result<String> {
+    let started = Instant::now();
+    loop {
+        let text = get(port, "/metrics")
+            .await
+            .map(|a| a.body)
+            .unwrap_or_default();
+        if done(&text) {
+            return Ok(text);
+        }
+        if started.elapsed() > limit {
+            anyhow::bail!(
+                "{what}: not within {limit:?}; last scrape:\n{text}\nlog:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks `path` until it answers `status`; returns the answer and how long
+/// it took.
+async fn wait_status(
+    port: u16,
+    path: &str,
+    status: u16,
+    limit: Duration,
+) -> anyhow::Result<(Answer, Duration)> {
+    let started = Instant::now();
+    loop {
+        if let Ok(a) = get(port, path).await {
+            if a.status == status {
+                return Ok((a, started.elapsed()));
+            }
+            if started.elapsed() > limit {
+                anyhow::bail!(
+                    "{path} still answers {} after {limit:?}: {}",
+                    a.status,
+                    a.body
+                );
+            }
+        } else if started.elapsed() > limit {
+            anyhow::bail!("{path}: no answer within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_health_readiness_and_heartbeat_follow_etcd_going_away_and_back() {
+    let TestBed {
+        mut cluster,
+        mut client,
+        tmp,
+        url,
+        log,
+    } = TestBed::start(EtcdVersion::V35, 1).await.unwrap();
+    let (port, standby_port) = (free_port(), free_port());
+    let extra = |port: u16| {
+        let addr = format!("127.0.0.1:{port}");
+        let flags = [
+            "--metrics-addr",
+            &addr,
+            "--segment-max-age",
+            "1s",
+            "--idle-interval",
+            "1s",
+            "--ready-max-lag",
+            READY_MAX_LAG,
+            "--heartbeat-interval",
+            "1s",
+            // The writer stays the writer through the outage below.
+            "--election-ttl",
+            "60s",
+        ];
+        flags.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    let args = |port: u16, data: &str| {
+        let extra = extra(port);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        integration::archiver_args(&cluster.endpoints(), &url, &tmp.path().join(data), &extra)
+    };
+    let mut archiver = ArchiverProcess::start(&args(port, "data"), &[], &log).unwrap();
+    archiver
+        .wait_writing(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let standby_log = tmp.path().join("standby.log");
+    let mut standby =
+        ArchiverProcess::start(&args(standby_port, "standby-data"), &[], &standby_log).unwrap();
+
+    mixed_workload(&mut client, &mut Rng::new(9), 200)
+        .await
+        .unwrap();
+    let rev = current_revision(&mut client).await.unwrap();
+    #[allow(clippy::cast_precision_loss)]
+    let expected = rev as f64;
+    let text = scrape_until(port, Duration::from_secs(30), &log, "archived", |t| {
+        metric(t, "etcd_pitr_archived_revision") == Some(expected)
+            && metric(t, "etcd_pitr_last_snapshot_timestamp_seconds").is_some_and(|v| v > 0.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        metric(&text, "etcd_pitr_source_revision"),
+        Some(expected),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "etcd_pitr_segments_uploaded_total").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "etcd_pitr_uploaded_bytes_total").unwrap() > 0.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "etcd_pitr_generation"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "etcd_pitr_leader"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "etcd_pitr_gaps_total"), Some(0.0), "{text}");
+    assert_eq!(
+        metric(&text, "etcd_pitr_upload_errors_total"),
+        Some(0.0),
+        "{text}"
+    );
+    let start = metric(&text, "etcd_pitr_restorable_start_revision").unwrap();
+    assert!(start > 0.0 && start <= expected, "{text}");
+    assert!(metric(&text, "etcd_pitr_snapshot_duration_seconds").unwrap() > 0.0);
+    assert!(metric(&text, "etcd_pitr_spool_bytes").is_some(), "{text}");
+    for name in ["etcd_pitr_archive_lag_seconds", "etcd_pitr_gaps_total"] {
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} has help");
+    }
+    // Idle and archived: the progress notifications prove it current.
+    scrape_until(port, Duration::from_secs(10), &log, "lag 0", |t| {
+        metric(t, "etcd_pitr_archive_lag_seconds") == Some(0.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(port, "/healthz").await.unwrap().status, 200);
+    wait_status(port, "/readyz", 200, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // The standby is ready while it campaigns, and reports no writer facts.
+    wait_status(standby_port, "/readyz", 200, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let standby_text = get(standby_port, "/metrics").await.unwrap().body;
+    assert_eq!(
+        metric(&standby_text, "etcd_pitr_leader"),
+        Some(0.0),
+        "{standby_text}"
+    );
+    assert_eq!(
+        metric(&standby_text, "etcd_pitr_archived_revision"),
+        Some(0.0),
+        "{standby_text}"
+    );
+
+    // etcd goes away: not ready within the bound, still healthy, and the
+    // lag grows past the bound (no word from the source proves it current).
+    cluster.members[0].kill();
+    let (answer, took) = wait_status(port, "/readyz", 503, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(answer.body.contains("etcd"), "{}", answer.body);
+    eprintln!("/readyz turned 503 after {took:?}: {}", answer.body.trim());
+    scrape_until(
+        port,
+        Duration::from_secs(10),
+        &log,
+        "lag past the bound",
+        |t| metric(t, "etcd_pitr_archive_lag_seconds").is_some_and(|v| v > 3.0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(get(port, "/healthz").await.unwrap().status, 200);
+    let (answer, _) = wait_status(standby_port, "/readyz", 503, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(answer.body.contains("campaign"), "{}", answer.body);
+    assert_eq!(get(standby_port, "/healthz").await.unwrap().status, 200);
+
+    // etcd is back: ready again once the watch proves the archive current.
+    cluster.restart(0).unwrap();
+    cluster.wait_ready().await.unwrap();
+    wait_status(port, "/readyz", 200, Duration::from_secs(30))
+        .await
+        .unwrap();
+    client.put("/observability/after", "x", None).await.unwrap();
+    let rev = current_revision(&mut client).await.unwrap();
+    #[allow(clippy::cast_precision_loss)]
+    let expected = rev as f64;
+    let text = scrape_until(port, Duration::from_secs(30), &log, "archived after", |t| {
+        metric(t, "etcd_pitr_archived_revision") == Some(expected)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        metric(&text, "etcd_pitr_generation"),
+        Some(1.0),
+        "no gap: {text}"
+    );
+    assert_eq!(metric(&text, "etcd_pitr_gaps_total"), Some(0.0), "{text}");
+
+    // One heartbeat line a second on the writer, none on the standby.
+    let writer_log = std::fs::read_to_string(&log).unwrap();
+    let beats: Vec<&str> = writer_log
+        .lines()
+        .filter(|l| l.contains("heartbeat"))
+        .collect();
+    assert!(beats.len() >= 3, "{writer_log}");
+    for field in [
+        "archived_revision=",
+        "lag_seconds=",
+        "segments=",
+        "uploaded_bytes=",
+        "spool_bytes=",
+    ] {
+        assert!(
+            beats.iter().all(|l| l.contains(field)),
+            "{field}: {beats:?}"
+        );
+    }
+    assert!(beats.iter().all(|l| l.contains("INFO")), "{beats:?}");
+    let snapshot_lines = writer_log
+        .lines()
+        .filter(|l| l.contains("snapshot archived"));
+    assert!(snapshot_lines.clone().count() >= 1);
+    for field in ["revision=", "object_bytes=", "seconds="] {
+        assert!(snapshot_lines.clone().all(|l| l.contains(field)), "{field}");
+    }
+    let standby_written = std::fs::read_to_string(&standby_log).unwrap();
+    assert!(
+        !standby_written.lines().any(|l| l.contains("heartbeat")),
+        "{standby_written}"
+    );
+
+    for process in [&mut archiver, &mut standby] {
+        let (status, _) = process.terminate(Duration::from_secs(20)).unwrap();
+        assert!(status.success(), "exit status {status}");
+    }
+}
