@@ -910,3 +910,71 @@ async fn expiring_auth_tokens_and_owner_only_files() -> anyhow::Result<()> {
     assert!(stderr.contains("snap.db"), "{stderr}");
     Ok(())
 }
+
+/// `etcd-archiver check`: the canary write is found in the archive and the
+/// recovery point printed (exit 0); with the archiver stopped the bound
+/// passes first (exit 3); another cluster's write at an archived revision
+/// is told apart (exit 1); a bad bound is a usage error (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_measures_the_recovery_point() -> anyhow::Result<()> {
+    let TestBed {
+        cluster,
+        mut client,
+        tmp,
+        url,
+        log: _,
+    } = TestBed::start(EtcdVersion::V35, 1).await?;
+    let args = integration::archiver_args(
+        &cluster.endpoints(),
+        &url,
+        &tmp.path().join("data"),
+        &["--segment-max-age", "300ms", "--idle-interval", "1s"],
+    );
+    let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
+    archiver.wait_writing(Duration::from_secs(30)).await?;
+    for i in 0..40 {
+        client.put(format!("/check/{i}"), "v", None).await?;
+    }
+    let endpoints = cluster.endpoints();
+    let check = |extra: &[&str], endpoints: &str| {
+        let mut a = vec!["check", "--endpoints", endpoints, "--archive", &url];
+        a.extend_from_slice(extra);
+        integration::run_archiver(&a, &[])
+    };
+
+    let (code, out, err) = check(&["--max-rpo", "30s", "--canary-prefix", "/drill/"], &endpoints)?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("recovery point "), "{out}");
+    let canary = client
+        .get("/drill/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    let [kv] = canary.kvs() else {
+        panic!("one canary key expected: {canary:?}");
+    };
+    let key = kv.key_str()?;
+    assert!(
+        out.contains(&format!("canary {key} written at revision {} ", kv.mod_revision())),
+        "{out}"
+    );
+
+    // Another cluster's write at a revision this archive holds.
+    let other = EtcdCluster::start(EtcdVersion::V35, 1).await?;
+    let mut oc = other.client().await?;
+    for i in 0..10 {
+        oc.put(format!("/other/{i}"), "v", None).await?;
+    }
+    let (code, out, err) = check(&["--max-rpo", "10s"], &other.endpoints())?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("not this cluster's history"), "{err}");
+
+    let (status, _) = archiver.terminate(Duration::from_secs(20))?;
+    assert!(status.success());
+    let (code, out, err) = check(&["--max-rpo", "2s"], &endpoints)?;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("did not hold the canary"), "{err}");
+
+    let (code, _, err) = check(&["--max-rpo", "soon"], &endpoints)?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-rpo"), "{err}");
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! etcd-archiver: keeps a complete, restorable history of an etcd cluster in
 //! object storage.
 //!
+//! - [`check`]: the `check` command's canary write and recovery-point measurement.
 //! - [`config`]: flags, environment and TOML file into one validated [`config::Config`].
 //! - [`election`] and [`term`]: which of several archivers writes, and the
 //!   archive's record of each leadership.
@@ -20,6 +21,7 @@
 //! without holes; a generation is never continued on a history that differs
 //! from the archived one; nothing sealed is dropped (it waits in the spool).
 
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod election;

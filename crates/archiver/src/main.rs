@@ -34,6 +34,10 @@ enum Command {
     Run(Settings),
     /// Take one full snapshot into the archive now and exit.
     Snapshot(Settings),
+    /// Write a canary key, wait until the archive holds it and print the
+    /// measured recovery point; exit 0 only within --max-rpo (a restore
+    /// drill for a CronJob).
+    Check(etcd_archiver::check::CheckArgs),
     /// Delete what a retention policy no longer needs (a dry run without --confirm).
     Prune(etcd_archiver::prune::PruneArgs),
     /// Write a new random encryption key file and print its key id.
@@ -48,13 +52,21 @@ enum Command {
 
 /// Exit code of a failure: 2 for an invalid configuration (including
 /// encryption keys that are missing, unreadable or do not suit the
-/// archive), 4 for a damaged archive, 1 for anything else.
+/// archive), 3 for a `check` whose canary the archive did not hold within
+/// the bound, 4 for a damaged archive, 1 for anything else.
 fn exit_code(error: &anyhow::Error) -> u8 {
     let chain = || error.chain();
-    if chain()
-        .any(|c| c.is::<InvalidConfig>() || crypto::fault_of(c) == Some(CryptoFault::WrongKeys))
+    // `downcast_ref` also finds a type attached with `.context(…)`, which
+    // the chain's items do not show as such.
+    if error.downcast_ref::<InvalidConfig>().is_some()
+        || chain().any(|c| crypto::fault_of(c) == Some(CryptoFault::WrongKeys))
     {
         2
+    } else if error
+        .downcast_ref::<etcd_archiver::check::RpoExceeded>()
+        .is_some()
+    {
+        3
     } else if chain().any(|c| {
         c.is::<etcdpitr_common::chain::IntegrityError>()
             || crypto::fault_of(c) == Some(CryptoFault::Damaged)
@@ -91,6 +103,11 @@ fn main() -> ExitCode {
                     etcdpitr_common::cli::stdout(),
                     "snapshot archived at revision {revision}"
                 )?;
+                Ok(())
+            }
+            Command::Check(args) => {
+                let checked = etcd_archiver::check::command(args).await?;
+                println!("{checked}");
                 Ok(())
             }
             Command::Prune(args) => etcd_archiver::prune::command(args).await,

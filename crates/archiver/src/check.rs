@@ -1,0 +1,247 @@
+//! `etcd-archiver check`: a restore drill a CronJob can run. It writes a
+//! canary key into the source cluster, waits until the archive holds that
+//! very write (its revision, key and value, read back from the sealed
+//! segment), and reports the measured recovery point: how much history a
+//! loss of the source at the moment of the write would have cost.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use etcdpitr_common::layout::{self, GenerationId, GenerationObject, SegmentName};
+use etcdpitr_common::manifest::ArchiveManifest;
+use etcdpitr_common::segment::{self, EventKind, Record};
+use etcdpitr_common::store::Archive;
+use etcdpitr_common::{now_ms, Revision};
+
+use crate::config::{parse_duration, InvalidConfig, Settings};
+
+/// Default key prefix of the canary writes.
+pub const DEFAULT_CANARY_PREFIX: &str = "/etcd-pitr/canary/";
+/// How often the archive is listed while waiting.
+const POLL: Duration = Duration::from_millis(250);
+
+/// `etcd-archiver check` flags: the archiver's settings (for the
+/// connection, the archive and its keys) plus the bound.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The archiver's settings (only the connection, archive and keys matter).
+    #[command(flatten)]
+    pub settings: Settings,
+    /// Fail unless the archive holds the canary write within this time.
+    #[arg(long, env = "ETCD_ARCHIVER_MAX_RPO", default_value = "1m")]
+    pub max_rpo: String,
+    /// Key prefix of the canary (one key per host, overwritten by each
+    /// check: it needs write access to this prefix in the source cluster).
+    #[arg(long, env = "ETCD_ARCHIVER_CANARY_PREFIX", default_value = DEFAULT_CANARY_PREFIX)]
+    pub canary_prefix: String,
+}
+
+/// The check's result.
+#[derive(Debug)]
+pub struct Checked {
+    /// The canary key.
+    pub key: String,
+    /// Its revision in the source cluster.
+    pub revision: Revision,
+    /// The object that holds it.
+    pub object: String,
+    /// From the write's reply until the archive held it.
+    pub recovery_point: Duration,
+    /// The bound it was checked against.
+    pub bound: Duration,
+}
+
+impl std::fmt::Display for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "recovery point {:.3} s (bound {}): canary {} written at revision {} is archived in {}",
+            self.recovery_point.as_secs_f64(),
+            humantime::format_duration(self.bound),
+            self.key,
+            self.revision,
+            self.object
+        )
+    }
+}
+
+/// The archive did not hold the canary within `--max-rpo` (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the archive did not hold the canary {key} (revision {revision}) within --max-rpo {}: {state}",
+    humantime::format_duration(*bound)
+)]
+pub struct RpoExceeded {
+    /// The canary key.
+    pub key: String,
+    /// Its revision.
+    pub revision: Revision,
+    /// The bound.
+    pub bound: Duration,
+    /// What the archive held when the time was up.
+    pub state: String,
+}
+
+/// Runs the check.
+///
+/// # Errors
+/// [`InvalidConfig`] for bad settings, [`RpoExceeded`] when the bound
+/// passes first; etcd or store failures; an archive whose revision is not
+/// the canary write (another cluster's archive).
+pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
+    let config = args.settings.resolve().context(InvalidConfig)?;
+    let bound = parse_duration("max-rpo", &args.max_rpo).context(InvalidConfig)?;
+    if args.canary_prefix.is_empty() {
+        return Err(anyhow::anyhow!("--canary-prefix: must not be empty").context(InvalidConfig));
+    }
+    let archive = Archive::open(&config.archive)?.with_keys(config.keys.clone());
+    let manifest = archive
+        .get_opt(layout::MANIFEST_NAME)
+        .await?
+        .with_context(|| format!("no archive at {}: nothing to check", archive.url()))?;
+    ArchiveManifest::parse(layout::MANIFEST_NAME, &manifest)?.check_keys(&config.keys)?;
+
+    let holder = crate::holder_identity();
+    let host = holder.split('/').next().unwrap_or(&holder);
+    let key = format!("{}{host}", args.canary_prefix);
+    let value = format!("etcd-archiver check by {holder} at {}", now_ms());
+    let mut client = crate::etcd::connect(&config).await?;
+    let put = client
+        .put(key.as_str(), value.as_str(), None)
+        .await
+        .with_context(|| format!("write the canary {key}"))?;
+    let written = Instant::now();
+    let revision = put
+        .header()
+        .context("etcd reply without header")?
+        .revision();
+    tracing::info!(%key, revision, "canary written; waiting for the archive to hold it");
+
+    let mut segments = Segments::default();
+    loop {
+        if let Some((object, seen)) = segments
+            .find(&archive, revision, key.as_bytes(), value.as_bytes())
+            .await?
+        {
+            let recovery_point = seen.duration_since(written);
+            if recovery_point > bound {
+                return Err(RpoExceeded {
+                    state: format!(
+                        "{object} holds it, {:.3} s after the write",
+                        recovery_point.as_secs_f64()
+                    ),
+                    key,
+                    revision,
+                    bound,
+                }
+                .into());
+            }
+            return Ok(Checked {
+                key,
+                revision,
+                object,
+                recovery_point,
+                bound,
+            });
+        }
+        if written.elapsed() > bound {
+            return Err(RpoExceeded {
+                key,
+                revision,
+                bound,
+                state: segments.state(),
+            }
+            .into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The newest generation's segments seen so far.
+#[derive(Default)]
+struct Segments {
+    generation: Option<GenerationId>,
+    names: Vec<SegmentName>,
+}
+
+impl Segments {
+    /// Lists what is new in the archive's newest generation and returns the
+    /// object holding the canary write at `revision`, once there is one,
+    /// with when the listing showed it.
+    async fn find(
+        &mut self,
+        archive: &Archive,
+        revision: Revision,
+        key: &[u8],
+        value: &[u8],
+    ) -> anyhow::Result<Option<(String, Instant)>> {
+        let newest = archive
+            .list_root_dirs()
+            .await?
+            .iter()
+            .filter_map(|d| GenerationId::parse_dir(d))
+            .max();
+        let Some(generation) = newest else {
+            return Ok(None);
+        };
+        if self.generation != Some(generation) {
+            *self = Self {
+                generation: Some(generation),
+                names: Vec::new(),
+            };
+        }
+        let offset = self
+            .names
+            .last()
+            .map(|n| layout::segment_key(generation, n));
+        let dir = format!("{}/segments", generation.dir_name());
+        for object in archive.list(&dir, offset.as_deref()).await? {
+            if let Some((g, GenerationObject::Segment(name))) = layout::classify(&object) {
+                if g == generation {
+                    self.names.push(name);
+                }
+            }
+        }
+        let listed = Instant::now();
+        let Some(name) = self
+            .names
+            .iter()
+            .find(|n| n.first <= revision && revision <= n.last)
+        else {
+            return Ok(None);
+        };
+        let object = layout::segment_key(generation, name);
+        let bytes = archive.get(&object).await?;
+        let (_, records) = segment::decode_all(&object, &bytes)?;
+        let holds = records.iter().any(|r| match r {
+            Record::Revision(r) if r.revision == revision => r
+                .events
+                .iter()
+                .any(|e| e.kind == EventKind::Put && e.key == key && e.value == value),
+            _ => false,
+        });
+        anyhow::ensure!(
+            holds,
+            "{object} holds revision {revision}, but not the canary write: this archive is not this cluster's history (another cluster, or a restored one)"
+        );
+        Ok(Some((object, listed)))
+    }
+
+    /// What the archive held, for the error message.
+    fn state(&self) -> String {
+        match (self.generation, self.names.last()) {
+            (None, _) => "the archive has no generation yet".to_owned(),
+            (Some(g), None) => format!("generation {} has no segment yet", g.dir_name()),
+            (Some(g), Some(n)) => format!(
+                "generation {} is archived through revision {}, current at {}",
+                g.dir_name(),
+                n.last,
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH
+                        + Duration::from_millis(u64::try_from(n.end_ms).unwrap_or(0))
+                )
+            ),
+        }
+    }
+}
