@@ -295,3 +295,91 @@ async fn metrics_health_readiness_and_heartbeat_follow_etcd_going_away_and_back(
         assert!(status.success(), "exit status {status}");
     }
 }
+
+/// The S3 store goes away while etcd keeps writing: not ready within the
+/// bound (a store that takes no upload, then the lag), still healthy, the
+/// spool holding what waits; ready again once the store is back.
+#[tokio::test]
+async fn readiness_follows_a_store_outage() {
+    use integration::{EtcdCluster, Proxy, S3Server};
+    let s3 = S3Server::start("pitr").await.unwrap();
+    let proxy = Proxy::start(s3.port).await.unwrap();
+    let cluster = EtcdCluster::start(EtcdVersion::V35, 1).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("archiver.log");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = integration::archiver_args(
+        &cluster.endpoints(),
+        "s3://pitr/clusters/test",
+        &tmp.path().join("data"),
+        &[
+            "--metrics-addr",
+            &addr,
+            "--segment-max-age",
+            "1s",
+            "--idle-interval",
+            "1s",
+            "--ready-max-lag",
+            READY_MAX_LAG,
+        ],
+    );
+    let mut archiver = ArchiverProcess::start(&args, &S3Server::env(proxy.port), &log).unwrap();
+    archiver
+        .wait_writing(Duration::from_secs(30))
+        .await
+        .unwrap();
+    mixed_workload(&mut client, &mut Rng::new(3), 50)
+        .await
+        .unwrap();
+    wait_status(port, "/readyz", 200, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    proxy.set_up(false);
+    let mut rng = Rng::new(4);
+    let outage = Instant::now();
+    let mut not_ready = None;
+    while outage.elapsed() < Duration::from_secs(10) && not_ready.is_none() {
+        mixed_workload(&mut client, &mut rng, 5).await.unwrap();
+        let answer = get(port, "/readyz").await.unwrap();
+        if answer.status == 503 {
+            not_ready = Some((answer.body, outage.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (reason, took) = not_ready.expect("/readyz turns 503 while the store is down");
+    eprintln!("/readyz turned 503 after {took:?}: {}", reason.trim());
+    assert!(
+        reason.contains("store refuses uploads") || reason.contains("lags the source"),
+        "{reason}"
+    );
+    assert_eq!(get(port, "/healthz").await.unwrap().status, 200);
+    let text = scrape_until(port, Duration::from_secs(10), &log, "spool", |t| {
+        metric(t, "etcd_pitr_spool_bytes").is_some_and(|v| v > 0.0)
+    })
+    .await
+    .unwrap();
+    assert!(
+        metric(&text, "etcd_pitr_archived_revision").unwrap()
+            < metric(&text, "etcd_pitr_source_revision").unwrap(),
+        "{text}"
+    );
+
+    proxy.set_up(true);
+    wait_status(port, "/readyz", 200, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let rev = current_revision(&mut client).await.unwrap();
+    #[allow(clippy::cast_precision_loss)]
+    let expected = rev as f64;
+    let text = scrape_until(port, Duration::from_secs(30), &log, "archived", |t| {
+        metric(t, "etcd_pitr_archived_revision") == Some(expected)
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric(&text, "etcd_pitr_spool_bytes"), Some(0.0), "{text}");
+    let (status, _) = archiver.terminate(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "exit status {status}");
+}
