@@ -368,7 +368,7 @@ async fn readiness_follows_a_store_outage() {
     );
 
     proxy.set_up(true);
-    wait_status(port, "/readyz", 200, Duration::from_secs(60))
+    wait_status(port, "/readyz", 200, Duration::from_mins(1))
         .await
         .unwrap();
     let rev = current_revision(&mut client).await.unwrap();
