@@ -18,6 +18,8 @@ use crate::config::{parse_duration, InvalidConfig, Settings};
 
 /// Default key prefix of the canary writes.
 pub const DEFAULT_CANARY_PREFIX: &str = "/etcd-pitr/canary/";
+/// The canary key's name under the prefix.
+pub const CANARY_NAME: &str = "check";
 /// How often the archive is listed while waiting.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -31,8 +33,8 @@ pub struct CheckArgs {
     /// Fail unless the archive holds the canary write within this time.
     #[arg(long, env = "ETCD_ARCHIVER_MAX_RPO", default_value = "1m")]
     pub max_rpo: String,
-    /// Key prefix of the canary (one key per host, overwritten by each
-    /// check: it needs write access to this prefix in the source cluster).
+    /// Key prefix of the canary: each check overwrites the key `check`
+    /// under it (write access to it in the source cluster is needed).
     #[arg(long, env = "ETCD_ARCHIVER_CANARY_PREFIX", default_value = DEFAULT_CANARY_PREFIX)]
     pub canary_prefix: String,
 }
@@ -102,9 +104,10 @@ pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
         .with_context(|| format!("no archive at {}: nothing to check", archive.url()))?;
     ArchiveManifest::parse(layout::MANIFEST_NAME, &manifest)?.check_keys(&config.keys)?;
 
+    // One key whatever the host (a CronJob's pods each have a new name):
+    // the write is told apart by its revision and value.
+    let key = format!("{}{CANARY_NAME}", args.canary_prefix);
     let holder = crate::holder_identity();
-    let host = holder.split('/').next().unwrap_or(&holder);
-    let key = format!("{}{host}", args.canary_prefix);
     let value = format!("etcd-archiver check by {holder} at {}", now_ms());
     let mut client = crate::etcd::connect(&config).await?;
     let put = client

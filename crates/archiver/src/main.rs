@@ -52,14 +52,18 @@ enum Command {
 
 /// Exit code of a failure: 2 for an invalid configuration (including
 /// encryption keys that are missing, unreadable or do not suit the
-/// archive), 3 for a `check` whose canary the archive did not hold within
+/// archive, a bad archive URL and unusable credentials files), 3 for a `check` whose canary the archive did not hold within
 /// the bound, 4 for a damaged archive, 1 for anything else.
 fn exit_code(error: &anyhow::Error) -> u8 {
     let chain = || error.chain();
     // `downcast_ref` also finds a type attached with `.context(…)`, which
     // the chain's items do not show as such.
     if error.downcast_ref::<InvalidConfig>().is_some()
-        || chain().any(|c| crypto::fault_of(c) == Some(CryptoFault::WrongKeys))
+        || chain().any(|c| {
+            crypto::fault_of(c) == Some(CryptoFault::WrongKeys)
+                || c.downcast_ref::<etcdpitr_common::store::StoreError>()
+                    .is_some_and(etcdpitr_common::store::StoreError::is_usage)
+        })
     {
         2
     } else if error
@@ -107,7 +111,7 @@ fn main() -> ExitCode {
             }
             Command::Check(args) => {
                 let checked = etcd_archiver::check::command(args).await?;
-                println!("{checked}");
+                writeln!(etcdpitr_common::cli::stdout(), "{checked}")?;
                 Ok(())
             }
             Command::Prune(args) => etcd_archiver::prune::command(args).await,

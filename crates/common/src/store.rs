@@ -115,6 +115,14 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the error is the caller's setting (a bad archive URL or an
+    /// unusable credentials file): both binaries exit with their usage code.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::InvalidUrl { .. } | Self::Credentials { .. })
+    }
+}
+
 /// Local I/O failures that waiting does not fix.
 fn is_permanent_io(e: &std::io::Error) -> bool {
     matches!(
