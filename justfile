@@ -55,6 +55,12 @@ bench-envelope mib="512":
     cargo build --release -p integration --bin bench-envelope
     target/release/bench-envelope {{mib}}
 
+# Man pages of both binaries into target/man (docs/operations.md).
+man:
+    cargo build --release --bins -p etcd-archiver -p etcd-restorer
+    target/release/etcd-archiver man --out-dir target/man
+    target/release/etcd-restorer man --out-dir target/man
+
 # Build and run with fresh formatting, for day-to-day work.
 dev:
     cargo fmt --all

@@ -40,25 +40,19 @@ pub enum LogFormat {
 }
 
 /// Dependencies whose debug and trace events are transport chatter
-/// (HTTP/2 frames, connection pools, TLS, the runtime): with a bare `debug`
-/// or `trace` filter they are held at `info` unless the filter names them.
-/// Measured with `ETCD_ARCHIVER_LOG=debug` against etcd and S3: without
-/// this, HTTP/2 frames alone outnumber the archiver's own lines 20 to 1.
+/// (HTTP/2 frames, connection pools, gRPC channels, TLS set-up): with a bare
+/// `debug` or `trace` filter they are held at `info` unless the filter
+/// names them. These are the crates that logged below `info` in 6 s of
+/// `etcd-archiver run` under writes, archiving to S3 (`trace`: 5,084 of
+/// 5,125 lines; `debug`: 411 of 450).
 pub const QUIET_DEPENDENCIES: &[&str] = &[
     "h2",
-    "hyper",
     "hyper_util",
     "tonic",
     "tower",
-    "tower_http",
+    "reqwest",
     "rustls",
     "rustls_platform_verifier",
-    "reqwest",
-    "tokio",
-    "tokio_util",
-    "runtime",
-    "want",
-    "mio",
 ];
 
 /// The filter directives for `spec` (the log variable's value, or the
@@ -351,7 +345,7 @@ mod tests {
         assert!(!filter.contains("h2=info"), "{filter}");
         assert!(!filter.contains("tonic=info"), "{filter}");
         assert!(filter.starts_with("debug,h2=trace,tonic[{x}]=debug,"));
-        assert!(filter.contains(",hyper=info"), "{filter}");
+        assert!(filter.contains(",hyper_util=info"), "{filter}");
         // A more specific directive wins inside EnvFilter by itself.
         assert!(log_filter("debug,h2::codec=trace").contains(",h2=info"));
     }
