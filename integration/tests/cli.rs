@@ -108,8 +108,8 @@ async fn archive_some(
 }
 
 /// `etcd-archiver run 2>&-` with debug logging: writes are archived, and
-/// SIGTERM still ends it cleanly. Then `etcd-restorer list` whose reader
-/// closed its end before the output came: no error, exit 0.
+/// SIGTERM still ends it cleanly. Then `etcd-restorer list` and `history`
+/// whose readers closed their ends before the output came: no error, exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archives_with_stderr_closed() -> anyhow::Result<()> {
     let mut bed = TestBed::start(EtcdVersion::V35, 1).await?;
@@ -139,9 +139,10 @@ async fn archives_with_stderr_closed() -> anyhow::Result<()> {
         integration::run_restorer(&["list", "--archive", &bed.url, "--json"], &[])?;
     ensure!(code == 0, "list exited {code}: {err}");
     let listing: serde_json::Value = serde_json::from_str(&out)?;
+    let restorable_to = listing["generations"][0]["restorable"][0]["last_revision"].as_i64();
     ensure!(
-        listing.to_string().contains(&format!("{rev}")),
-        "list does not show revision {rev}: {out}"
+        restorable_to >= Some(rev),
+        "list does not show revision {rev} restorable: {out}"
     );
     let mut list = Command::new(binary("etcd-restorer"))
         .args(["list", "--archive", &bed.url])
@@ -156,6 +157,16 @@ async fn archives_with_stderr_closed() -> anyhow::Result<()> {
         "list into a closed pipe: {}: {err}",
         done.status
     );
+    // `history` writes a note to stderr and results to stdout: both gone.
+    let mut history = Command::new(binary("etcd-restorer"))
+        .args(["history", "--archive", &bed.url, "--key", "/w/", "--prefix"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    drop(history.stdout.take());
+    drop(history.stderr.take());
+    let status = history.wait()?;
+    ensure!(status.success(), "history into closed pipes: {status}");
     Ok(())
 }
 

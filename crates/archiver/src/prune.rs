@@ -3,6 +3,7 @@
 //! deletes (rules in [`etcdpitr_common::retention`], execution in
 //! [`etcdpitr_common::prune`]).
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,13 +147,15 @@ pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::Error::from(e).context(InvalidConfig))?
         .with_keys(Arc::new(keys));
     let report = prune(&archive, &policy, args.confirm).await?;
+    let mut out = etcdpitr_common::cli::stdout();
     if args.json {
-        println!(
+        writeln!(
+            out,
             "{}",
             serde_json::to_string_pretty(&to_json(&archive, &report))?
-        );
+        )?;
     } else {
-        print!("{}", to_text(&report));
+        write!(out, "{}", to_text(&report))?;
     }
     Ok(())
 }

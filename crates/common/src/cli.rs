@@ -129,6 +129,12 @@ pub fn stderr() -> Quiet<io::Stderr> {
     Quiet(io::stderr())
 }
 
+/// Writes `line` to [`stderr`]: `eprintln!` without its panic. A note that
+/// cannot be written is dropped; the command goes on.
+pub fn note(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(stderr(), "{line}");
+}
+
 /// The logging set-up of a binary: the environment variable holding the
 /// filter, the filter without it, and the line format.
 #[derive(Clone, Copy, Debug)]
@@ -206,14 +212,14 @@ where
     {
         Ok(r) => r,
         Err(e) => {
-            let _ = writeln!(stderr(), "error: start runtime: {e}");
+            note(format_args!("error: start runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let _ = writeln!(stderr(), "error: {e:#}");
+            note(format_args!("error: {e:#}"));
             ExitCode::from(exit_code(&e))
         }
     }

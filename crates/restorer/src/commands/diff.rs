@@ -84,10 +84,10 @@ pub async fn diff(
     if builder.pending() > 0 {
         builder.next_stage();
         let (generation, base) = (plan.from.generation, plan.from.snapshot_revision);
-        eprintln!(
+        etcdpitr_common::cli::note(format_args!(
             "reading the base snapshot at revision {base} for {} keys",
             builder.pending()
-        );
+        ));
         // The base snapshot is the cluster's data in plaintext: private
         // scratch, removed on every exit path.
         let scratch_dir = Scratch::new_in(&std::env::temp_dir())?;

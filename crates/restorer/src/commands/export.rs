@@ -40,7 +40,7 @@ pub async fn export(
     let (archive, listing) = load(url, key_files).await?;
     let (plan, choice) = plan_target(&archive, &listing, target).await?;
     if let Some(choice) = &choice {
-        eprintln!("{}", describe_time_choice(target, choice));
+        etcdpitr_common::cli::note(format_args!("{}", describe_time_choice(target, choice)));
     }
     // The base snapshot is the cluster's data in plaintext: it goes into a
     // private scratch directory of the system temp dir, removed on every

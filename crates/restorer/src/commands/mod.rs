@@ -162,7 +162,10 @@ pub(super) async fn plan_span(
         let point = Point::parse(flag, text, &rules)?;
         let placed = point::place(archive, listing, &point, generation, &rules).await?;
         if let Some(choice) = &placed.choice {
-            eprintln!("{flag} {}", point::describe_time_choice(text, choice));
+            etcdpitr_common::cli::note(format_args!(
+                "{flag} {}",
+                point::describe_time_choice(text, choice)
+            ));
         }
         // A time fixes the generation for the other end.
         generation = placed.generation;
@@ -176,12 +179,12 @@ pub(super) async fn plan_span(
         }
     }
     let plan = plan::plan_span(listing, ends[0], ends[1], generation)?;
-    eprintln!(
+    etcdpitr_common::cli::note(format_args!(
         "generation {}: changes after revision {} through revision {}",
         plan.changes.generation,
         plan.from_revision(),
         plan.to_revision()
-    );
+    ));
     Ok(plan)
 }
 
@@ -498,7 +501,7 @@ async fn remove_on_interrupt() {
             }
         }
     }
-    eprintln!("error: interrupted; scratch files removed");
+    etcdpitr_common::cli::note(format_args!("error: interrupted; scratch files removed"));
     std::process::exit(code);
 }
 
