@@ -2,8 +2,9 @@
 //! the archiver keeps archiving with its stderr closed or broken, results
 //! printed to a reader that went away are no error, `--log-format json`
 //! prints one JSON object per line, a bare `debug` filter leaves out the
-//! HTTP/2 stack's chatter, and shell completions and man pages come out of
-//! the clap definitions.
+//! HTTP/2 stack's chatter, text logs are coloured only on a terminal and
+//! without `NO_COLOR`, and shell completions and man pages come out of the
+//! clap definitions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -390,6 +391,37 @@ fn completions_and_man_pages() -> anyhow::Result<()> {
                 ensure!(String::from_utf8_lossy(&out.stdout).contains("SYNOPSIS"));
             }
         }
+    }
+    Ok(())
+}
+
+/// Text logs are coloured on a terminal (a pty from `script`), and not
+/// with `NO_COLOR` set.
+#[test]
+fn colour_only_on_a_terminal_without_no_color() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (no_color, coloured) in [("", true), ("1", false)] {
+        let dir = tmp.path().join(format!("no-color-{no_color}"));
+        // No etcd at port 1: the archiver logs that it created the archive,
+        // then retries until `timeout` ends it.
+        let archiver = format!(
+            "timeout -s TERM 3 {} run --endpoints http://127.0.0.1:1 --archive file://{}/archive --data-dir {}/data",
+            binary("etcd-archiver").display(),
+            dir.display(),
+            dir.display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &archiver, "/dev/null"])
+            .env("NO_COLOR", no_color)
+            .stdin(Stdio::null())
+            .output()
+            .context("run script (util-linux)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(text.contains("created a new archive"), "{text}");
+        ensure!(
+            text.contains('\u{1b}') == coloured,
+            "NO_COLOR={no_color:?}: {text}"
+        );
     }
     Ok(())
 }
