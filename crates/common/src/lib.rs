@@ -8,6 +8,7 @@
 //! - [`chain`]: the chain rules: links, gaps, overlaps, restorable ranges.
 //! - [`retention`]: which restore points a policy keeps, what a prune deletes.
 //! - [`prune`]: carrying out a retention plan, crash-safe.
+//! - [`progress`]: progress of long steps: a bar on a terminal, log lines otherwise.
 //! - [`hashchain`]: tamper evidence: the links between objects, and their proof.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`object_lock`]: S3 Object Lock (upload checksums, reading retentions).
@@ -31,6 +32,7 @@ pub mod listing;
 pub mod manifest;
 pub mod metrics;
 pub mod object_lock;
+pub mod progress;
 pub mod prune;
 pub mod retention;
 pub mod segment;
