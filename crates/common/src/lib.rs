@@ -19,6 +19,7 @@
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
 //! - [`metrics`]: a Prometheus endpoint.
 //! - [`cli`]: logging, runtime and exit codes shared by the binaries.
+//! - [`settings`]: durations, sizes and defaults of flags, env and config files.
 
 pub mod bbolt;
 pub mod catalog;
@@ -36,6 +37,7 @@ pub mod progress;
 pub mod prune;
 pub mod retention;
 pub mod segment;
+pub mod settings;
 pub mod snapshot;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
