@@ -310,7 +310,7 @@ fn draws_bars() -> bool {
 ///
 /// [`JsonFields`]: tracing_subscriber::fmt::format::JsonFields
 fn json_logs() -> bool {
-    tracing::dispatcher::get_default(|d| d.is::<tracing_subscriber::fmt::format::JsonFields>())
+    tracing::dispatcher::get_default(Dispatch::is::<tracing_subscriber::fmt::format::JsonFields>)
 }
 
 /// The bar (with a total) or spinner (without) for `unit`.
@@ -494,7 +494,7 @@ mod tests {
         );
         assert_eq!(percent(0, 0), 100);
         assert_eq!(percent(u64::MAX - 1, u64::MAX - 1), 100);
-        assert_eq!(rate(10, Duration::ZERO), 0.0);
+        assert!(rate(10, Duration::ZERO).abs() < f64::EPSILON);
     }
 
     /// A log writing into a buffer, as the binaries' (text or JSON).

@@ -47,6 +47,12 @@ impl PageWriter {
         })
     }
 
+    /// Bytes written so far (the pages appended, with the two reserved
+    /// for the meta pages).
+    pub fn len_bytes(&self) -> u64 {
+        self.next_pgid * PAGE_SIZE as u64
+    }
+
     /// Writes one page (with overflow pages as needed) of `flags` holding
     /// `elements` elements; `body` is everything after the page header.
     fn write_page(&mut self, flags: u16, count: usize, body: &[u8]) -> io::Result<u64> {

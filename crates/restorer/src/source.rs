@@ -9,6 +9,7 @@ use etcdpitr_common::chain::{self, Observed, TimeDoubt, Timeline};
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
 use etcdpitr_common::manifest::ClockStep;
+use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{self, Record, RecordReader, SegmentHeader};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
 use etcdpitr_common::store::Archive;
@@ -21,32 +22,45 @@ use crate::point::{AfterNewest, Currency, TimeRules};
 /// Downloads snapshot object `(generation, revision)` to `scratch`, checks
 /// it (length and blake3 against its header, header against its name, and
 /// the revision of the bbolt content against the header) and writes the etcd
-/// snapshot file it holds to `db_path`. The scratch file is always removed.
+/// snapshot file it holds to `db_path`, showing the download and the
+/// decompression per `progress`. The scratch file is always removed.
 async fn download_checked(
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
     scratch: &Path,
     db_path: &Path,
+    progress: Mode,
 ) -> anyhow::Result<SnapshotHeader> {
     let key = layout::snapshot_key(generation, revision);
     let checked = async {
-        let mut file = tokio::fs::File::create(scratch)
+        let file = tokio::fs::File::create(scratch)
             .await
             .with_context(|| format!("create {}", scratch.display()))?;
+        // The object's size is not listed: the download counts up.
+        let downloading = Progress::new(progress, format!("download {key}"), Unit::Bytes, None);
+        let mut file = downloading.counting(file);
         archive
             .download(&key, &mut file)
             .await
             .with_context(|| format!("download {key}"))?;
         drop(file);
+        downloading.finish();
         let (src, key, db) = (scratch.to_owned(), key.clone(), db_path.to_owned());
         tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
             let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+            // The header (read ahead here) gives the decompressed length.
+            let total = SnapshotHeader::decode(&key, std::io::BufRead::fill_buf(&mut input)?)
+                .ok()
+                .map(|h| h.db_bytes);
             let out =
                 std::fs::File::create(&db).with_context(|| format!("create {}", db.display()))?;
-            let mut out = std::io::BufWriter::new(out);
+            let decompressing =
+                Progress::new(progress, format!("decompress {key}"), Unit::Bytes, total);
+            let mut out = std::io::BufWriter::new(decompressing.counting(out));
             let header = snapshot::read_object(&key, &mut input, &mut out)?;
             std::io::Write::flush(&mut out)?;
+            decompressing.finish();
             Ok(header)
         })
         .await?
@@ -71,7 +85,8 @@ async fn download_checked(
 }
 
 /// Downloads a snapshot object and writes the etcd snapshot file it holds to
-/// `dest`, checking its length and blake3 hash.
+/// `dest`, checking its length and blake3 hash; the download and the
+/// decompression show their progress per `progress`.
 ///
 /// # Errors
 /// Store failures or an integrity error naming the object.
@@ -80,6 +95,7 @@ pub async fn fetch_snapshot(
     generation: GenerationId,
     revision: Revision,
     dest: &Path,
+    progress: Mode,
 ) -> anyhow::Result<SnapshotHeader> {
     download_checked(
         archive,
@@ -87,6 +103,7 @@ pub async fn fetch_snapshot(
         revision,
         &dest.with_extension("download"),
         dest,
+        progress,
     )
     .await
 }
@@ -106,7 +123,16 @@ pub async fn verify_snapshot(
     // The content check reads the decompressed file: keep it in a private
     // temporary file, removed when dropped.
     let db = tempfile::NamedTempFile::new().context("create a temporary file")?;
-    download_checked(archive, generation, revision, scratch, db.path()).await
+    // Shown as one object of `verify`'s own progress.
+    download_checked(
+        archive,
+        generation,
+        revision,
+        scratch,
+        db.path(),
+        Mode::Hidden,
+    )
+    .await
 }
 
 /// Number of segments fetched ahead of the one being replayed.
@@ -723,7 +749,9 @@ mod tests {
                 .db_bytes,
             ETCD_SNAPSHOT.len() as u64
         );
-        fetch_snapshot(&archive, g, 31, &dest).await.unwrap();
+        fetch_snapshot(&archive, g, 31, &dest, Mode::Hidden)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), ETCD_SNAPSHOT);
 
         let key = layout::snapshot_key(g, 41);
@@ -731,7 +759,9 @@ mod tests {
             verify_snapshot(&archive, g, 41, &scratch)
                 .await
                 .unwrap_err(),
-            fetch_snapshot(&archive, g, 41, &dest).await.unwrap_err(),
+            fetch_snapshot(&archive, g, 41, &dest, Mode::Hidden)
+                .await
+                .unwrap_err(),
         ] {
             let text = format!("{err:#}");
             assert!(

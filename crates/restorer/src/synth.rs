@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use etcdpitr_common::bbolt::{self, BoltError, BoltReader};
+use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
 use etcdpitr_common::Revision;
 use sha2::Digest;
@@ -280,7 +281,9 @@ fn bolt_err(e: BoltError) -> anyhow::Error {
 }
 
 /// Writes the restored snapshot file at `out_path` from the base snapshot at
-/// `base_path` (revision `base_revision`) and the events up to `target`.
+/// `base_path` (revision `base_revision`) and the events up to `target`,
+/// showing per `progress` the copy of the base's keys (bytes written) and
+/// the replay (revisions).
 ///
 /// # Errors
 /// A chain that does not continue the base, I/O or integrity errors.
@@ -291,6 +294,7 @@ pub fn synthesize(
     events: &mut dyn EventSource,
     bump: Bump,
     out_path: &Path,
+    progress: Mode,
 ) -> anyhow::Result<Summary> {
     let base = BoltReader::open(base_path).context("open base snapshot")?;
     let buckets = base.buckets().map_err(bolt_err)?;
@@ -312,7 +316,16 @@ pub fn synthesize(
         let root = match name.as_slice() {
             b"key" => {
                 let mut tree = TreeBuilder::new();
-                copy_bucket(&base, b"key", &mut tree, &mut w, &werr)?;
+                // The other buckets are small: only the keys' copy shows.
+                let copying = Progress::new(progress, "copy base snapshot", Unit::Bytes, None);
+                copy_bucket(&base, b"key", &mut tree, &mut w, &werr, &copying)?;
+                copying.finish();
+                let replaying = Progress::new(
+                    progress,
+                    "replay",
+                    Unit::Items("revisions"),
+                    Some((target - base_revision) as u64),
+                );
                 let mut expected = base_revision + 1;
                 events.replay(
                     &mut |record| {
@@ -333,6 +346,7 @@ pub fn synthesize(
                                 .map_err(&werr)?;
                         }
                         expected += 1;
+                        replaying.inc(1);
                         Ok(())
                     },
                     &mut |lease| {
@@ -345,6 +359,7 @@ pub fn synthesize(
                         expected - 1
                     );
                 }
+                replaying.finish();
                 summary.replayed = (target - base_revision) as u64;
                 if bump.revisions > 0 {
                     tree.add(
@@ -399,7 +414,7 @@ pub fn synthesize(
             }
             other => {
                 let mut tree = TreeBuilder::new();
-                copy_bucket(&base, other, &mut tree, &mut w, &werr)?;
+                copy_bucket(&base, other, &mut tree, &mut w, &werr, &Progress::hidden())?;
                 tree.finish(&mut w).map_err(&werr)?
             }
         };
@@ -422,20 +437,24 @@ pub fn synthesize(
     Ok(summary)
 }
 
-/// Streams every entry of a base bucket into `tree`.
+/// Streams every entry of a base bucket into `tree`; `progress` follows
+/// the bytes written.
 fn copy_bucket(
     base: &BoltReader,
     bucket: &[u8],
     tree: &mut TreeBuilder,
     w: &mut PageWriter,
     werr: &dyn Fn(io::Error) -> anyhow::Error,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     let mut io_error = None;
     base.for_each(bucket, &mut |k, v| {
-        tree.add(w, k, v).map_err(|e| {
+        let added = tree.add(w, k, v).map_err(|e| {
             io_error = Some(e);
             BoltError::Invalid("write failed".into())
-        })
+        });
+        progress.set_done(w.len_bytes());
+        added
     })
     .map_err(|e| io_error.take().map_or_else(|| bolt_err(e), werr))
 }
@@ -466,12 +485,13 @@ fn append_sha256(file: &mut std::fs::File) -> std::io::Result<()> {
 }
 
 /// Reads a synthesized file back: bbolt's consistency check, the revision
-/// it claims and its sha256 trailer.
+/// it claims and its sha256 trailer. Shows per `progress` the bytes read:
+/// the file once for the check (counted when it ends), once for the hash.
 ///
 /// # Errors
 /// [`OutputError`]: `Read` if reading it fails, `Mismatch` if it differs
 /// from what was written.
-pub fn verify_output(path: &Path, expected: &Summary) -> Result<(), OutputError> {
+pub fn verify_output(path: &Path, expected: &Summary, progress: Mode) -> Result<(), OutputError> {
     let read = |source: io::Error| OutputError::Read {
         path: path.to_owned(),
         source,
@@ -486,8 +506,15 @@ pub fn verify_output(path: &Path, expected: &Summary) -> Result<(), OutputError>
         BoltError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => read(e),
         other => mismatch(other.to_string()),
     };
+    let progress = Progress::new(
+        progress,
+        "verify restored file",
+        Unit::Bytes,
+        Some(2 * expected.bytes),
+    );
     let reader = BoltReader::open(path).map_err(bolt)?;
     let counts = reader.check().map_err(bolt)?;
+    progress.inc(expected.bytes);
     let keys = counts
         .iter()
         .find(|(n, _)| n == b"key")
@@ -522,12 +549,15 @@ pub fn verify_output(path: &Path, expected: &Summary) -> Result<(), OutputError>
         }
         hasher.update(&buf[..n]);
         remaining -= n as u64;
+        progress.inc(n as u64);
     }
     let mut trailer = [0u8; 32];
     file.read_exact(&mut trailer).map_err(read)?;
     if hasher.finalize().as_slice() != trailer {
         return Err(mismatch("sha256 trailer does not match".into()));
     }
+    progress.inc(trailer.len() as u64);
+    progress.finish();
     Ok(())
 }
 
@@ -660,7 +690,7 @@ mod tests {
             bytes: 0,
             lengthened_leases: 0,
         };
-        let err = verify_output(&path, &summary).unwrap_err();
+        let err = verify_output(&path, &summary, Mode::Hidden).unwrap_err();
         assert!(matches!(err, OutputError::Read { .. }), "{err}");
         assert!(err.to_string().contains("gone.db"), "{err}");
         assert_eq!(
@@ -668,7 +698,7 @@ mod tests {
             crate::ExitKind::Other
         );
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        let err = verify_output(&path, &summary).unwrap_err();
+        let err = verify_output(&path, &summary, Mode::Hidden).unwrap_err();
         assert!(matches!(err, OutputError::Mismatch { .. }), "{err}");
     }
 }

@@ -92,9 +92,15 @@ pub async fn diff(
         // scratch, removed on every exit path.
         let scratch_dir = Scratch::new_in(&std::env::temp_dir())?;
         let scratch = scratch_dir.file("base.db");
-        source::fetch_snapshot(&archive, generation, base, &scratch)
-            .await
-            .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
+        source::fetch_snapshot(
+            &archive,
+            generation,
+            base,
+            &scratch,
+            etcdpitr_common::progress::Mode::Auto,
+        )
+        .await
+        .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
         builder = tokio::task::spawn_blocking(move || -> anyhow::Result<DiffBuilder> {
             let db = BoltReader::open(&scratch)?;
             synth::for_each_key_entry(&db, &mut |e| builder.earlier(&e))
@@ -118,7 +124,7 @@ async fn replay(
     mut builder: DiffBuilder,
     f: fn(&mut DiffBuilder, &etcdpitr_common::segment::Event),
 ) -> anyhow::Result<DiffBuilder> {
-    let mut events = ArchiveEvents::new(archive, replay, indicatif::ProgressBar::hidden());
+    let mut events = ArchiveEvents::new(archive, replay);
     tokio::task::spawn_blocking(move || -> anyhow::Result<DiffBuilder> {
         events.replay(
             &mut |r| {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use base64::Engine;
 use etcdpitr_common::bbolt::BoltReader;
+use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{Event, EventKind};
 use serde::Serialize;
 
@@ -47,11 +48,18 @@ pub async fn export(
     // exit path.
     let scratch_dir = Scratch::new_in(&std::env::temp_dir())?;
     let scratch = scratch_dir.file("base.db");
-    source::fetch_snapshot(&archive, plan.generation, plan.snapshot_revision, &scratch)
-        .await
-        .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
-    let mut events = ArchiveEvents::new(&archive, plan.replay(), indicatif::ProgressBar::hidden());
+    source::fetch_snapshot(
+        &archive,
+        plan.generation,
+        plan.snapshot_revision,
+        &scratch,
+        Mode::Auto,
+    )
+    .await
+    .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
+    let mut events = ArchiveEvents::new(&archive, plan.replay());
     let prefix = prefix.unwrap_or_default().as_bytes().to_vec();
+    let revisions = (plan.target - plan.snapshot_revision) as u64;
     let live = tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<Vec<u8>, Event>> {
         let base = BoltReader::open(&scratch)?;
         let mut live: BTreeMap<Vec<u8>, Event> = BTreeMap::new();
@@ -68,16 +76,35 @@ pub async fn export(
                 }
             }
         };
-        synth::for_each_key_entry(&base, &mut apply).context("read the base snapshot")?;
+        let reading = Progress::new(
+            Mode::Auto,
+            "read base snapshot",
+            Unit::Items("key entries"),
+            None,
+        );
+        synth::for_each_key_entry(&base, &mut |event| {
+            apply(event);
+            reading.inc(1);
+        })
+        .context("read the base snapshot")?;
+        reading.finish();
+        let replaying = Progress::new(
+            Mode::Auto,
+            "replay",
+            Unit::Items("revisions"),
+            Some(revisions),
+        );
         events.replay(
             &mut |r| {
                 for e in &r.events {
                     apply(e.clone());
                 }
+                replaying.inc(1);
                 Ok(())
             },
             &mut |_| {},
         )?;
+        replaying.finish();
         Ok(live)
     })
     .await??;

@@ -74,11 +74,7 @@ pub async fn history(
 ) -> anyhow::Result<()> {
     let (archive, listing) = load(url, key_files).await?;
     let plan = plan_span(&archive, &listing, span).await?;
-    let mut events = ArchiveEvents::new(
-        &archive,
-        plan.changes.clone(),
-        indicatif::ProgressBar::hidden(),
-    );
+    let mut events = ArchiveEvents::new(&archive, plan.changes.clone());
     let (tx, mut rx) = mpsc::channel::<Vec<Change>>(BUFFERED_REVISIONS);
     let (key, prefix, values) = (
         options.key.as_bytes().to_vec(),

@@ -196,11 +196,10 @@ pub(super) struct ArchiveEvents {
     segments: Vec<SegmentName>,
     base: Revision,
     target: Revision,
-    progress: indicatif::ProgressBar,
 }
 
 impl ArchiveEvents {
-    pub(super) fn new(archive: &Archive, replay: Replay, progress: indicatif::ProgressBar) -> Self {
+    pub(super) fn new(archive: &Archive, replay: Replay) -> Self {
         Self {
             rx: source::prefetch_segments(
                 archive.clone(),
@@ -211,7 +210,6 @@ impl ArchiveEvents {
             segments: replay.segments,
             base: replay.after,
             target: replay.last,
-            progress,
         }
     }
 }
@@ -261,7 +259,6 @@ impl EventSource for ArchiveEvents {
                         }
                         if admitted {
                             on_revision(&r)?;
-                            self.progress.inc(1);
                         }
                     }
                     Record::Lease(l) if l.revision <= target => on_lease(l),
@@ -284,20 +281,6 @@ impl EventSource for ArchiveEvents {
         }
         Ok(())
     }
-}
-
-pub(super) fn progress_bar(len: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(len),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} revisions {per_sec} eta {eta}",
-        )
-        .expect("valid template"),
-    );
-    bar
 }
 
 /// Prefix of the restorer's scratch directories.

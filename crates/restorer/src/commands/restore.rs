@@ -6,11 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use etcdpitr_common::layout;
+use etcdpitr_common::progress::Mode;
 
-use super::{
-    describe_time_choice, load, plan_target, progress_bar, ArchiveEvents, OutputLock, Scratch,
-    Target,
-};
+use super::{describe_time_choice, load, plan_target, ArchiveEvents, OutputLock, Scratch, Target};
 use crate::next_steps::{EtcdRelease, NextSteps, ReleaseChoice};
 use crate::source;
 use crate::synth::{self, Bump};
@@ -127,11 +125,11 @@ pub async fn restore(
         plan.generation,
         plan.snapshot_revision,
         &base_path,
+        Mode::Auto,
     )
     .await
     .with_context(|| format!("fetch the base snapshot into {}", base_path.display()))?;
-    let bar = progress_bar((plan.target - plan.snapshot_revision) as u64);
-    let mut events = ArchiveEvents::new(&archive, plan.replay(), bar.clone());
+    let mut events = ArchiveEvents::new(&archive, plan.replay());
     let (base2, partial2, plan2) = (base_path.clone(), partial.clone(), plan.clone());
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<synth::Summary> {
         let summary = synth::synthesize(
@@ -141,12 +139,13 @@ pub async fn restore(
             &mut events,
             bump,
             &partial2,
+            Mode::Auto,
         )?;
-        synth::verify_output(&partial2, &summary).context("verify the restored file")?;
+        synth::verify_output(&partial2, &summary, Mode::Auto)
+            .context("verify the restored file")?;
         Ok(summary)
     })
     .await??;
-    bar.finish_and_clear();
     if force {
         std::fs::rename(&partial, output)
             .with_context(|| format!("move the restored file to {}", output.display()))?;

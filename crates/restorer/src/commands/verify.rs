@@ -12,6 +12,7 @@ use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::listing::GenerationListing;
 use etcdpitr_common::manifest::{ClockEpoch, PruneRecord};
+use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{self, Record};
 use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::Revision;
@@ -108,13 +109,15 @@ impl Overlaps {
 
 /// Reads every segment of a generation (chain links first, then superseded
 /// ones) and checks checksums, headers against names, continuity along the
-/// chain, and that overlapping segments agree.
+/// chain, and that overlapping segments agree. Each segment read counts
+/// one object of `progress`.
 async fn verify_segments(
     archive: &Archive,
     id: GenerationId,
     chain: &Chain,
     report: &mut Report,
     evidence: &mut Evidence,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     let mut overlaps = Overlaps::of(chain);
     let mut continuity = Continuity::after(chain.start);
@@ -128,14 +131,15 @@ async fn verify_segments(
     let mut rx = source::prefetch_segments(archive.clone(), id, names.clone());
     for (i, &(name, is_link)) in order.iter().enumerate() {
         let fetched = rx.recv().await.context("segment download stopped")?;
+        progress.inc(1);
         let (key, bytes) = match fetched {
             Ok(kb) => kb,
             Err(e) if stops_verify(&e) => return Err(e),
             Err(e) => {
                 if is_gone(&e) {
-                    report.vanished.push(format!("{e:#}"));
+                    report.vanished.push(etcdpitr_common::errors::one_line(&e));
                 } else {
-                    report.problems.push(format!("{e:#}"));
+                    report.problems.push(etcdpitr_common::errors::one_line(&e));
                 }
                 rx = source::prefetch_segments(archive.clone(), id, names[i + 1..].to_vec());
                 continue;
@@ -173,7 +177,7 @@ async fn verify_segments(
                     .segments
                     .push((name, header, segment::digest(&bytes)));
             }
-            Err(e) => report.problems.push(format!("{e:#}")),
+            Err(e) => report.problems.push(etcdpitr_common::errors::one_line(&e)),
         }
     }
     if !chain.superseded.is_empty() {
@@ -235,7 +239,7 @@ async fn verify_clock(
         match checked {
             Ok(()) => {}
             Err(e) if stops_verify(&e) => return Err(e),
-            Err(e) => report.problems.push(format!("{e:#}")),
+            Err(e) => report.problems.push(etcdpitr_common::errors::one_line(&e)),
         }
     }
     match source::load_timeline(archive, g).await {
@@ -253,9 +257,16 @@ async fn verify_clock(
             ));
         }
         Err(e) if stops_verify(&e) => return Err(e),
-        Err(e) => report.problems.push(format!("{e:#}")),
+        Err(e) => report.problems.push(etcdpitr_common::errors::one_line(&e)),
     }
     Ok(())
+}
+
+/// The objects [`verify_generation`] reads one by one (and counts as
+/// progress): segments and snapshots.
+fn objects_of(g: &GenerationListing) -> u64 {
+    let chain = g.chain();
+    (chain.links.len() + chain.superseded.len() + g.snapshots.len()) as u64
 }
 
 /// Checks a generation's manifest, chain gaps, segments and snapshots.
@@ -264,6 +275,7 @@ async fn verify_generation(
     g: &GenerationListing,
     scratch: &std::path::Path,
     report: &mut Report,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     let id = g.generation();
     if g.manifest.is_none() {
@@ -291,18 +303,20 @@ async fn verify_generation(
         ..Evidence::default()
     };
     verify_prune_records(archive, g, report, &mut evidence).await?;
-    verify_segments(archive, id, &chain, report, &mut evidence).await?;
+    verify_segments(archive, id, &chain, report, &mut evidence, progress).await?;
     verify_clock(archive, g, report).await?;
     for &rev in &g.snapshots {
-        match source::verify_snapshot(archive, id, rev, scratch).await {
+        let verified = source::verify_snapshot(archive, id, rev, scratch).await;
+        progress.inc(1);
+        match verified {
             Ok(header) => {
                 report.snapshots += 1;
                 report.snapshot_bytes += header.db_bytes;
                 evidence.snapshots.push(header);
             }
             Err(e) if stops_verify(&e) => return Err(e),
-            Err(e) if is_gone(&e) => report.vanished.push(format!("{e:#}")),
-            Err(e) => report.problems.push(format!("{e:#}")),
+            Err(e) if is_gone(&e) => report.vanished.push(etcdpitr_common::errors::one_line(&e)),
+            Err(e) => report.problems.push(etcdpitr_common::errors::one_line(&e)),
         }
     }
     let proof = hashchain::prove(id, &chain, &evidence);
@@ -394,6 +408,8 @@ pub async fn verify(
         ));
     }
     let scratch = scratch_file("verify")?;
+    let mut objects: u64 = listing.generations.iter().map(objects_of).sum();
+    let progress = Progress::new(Mode::Auto, "verify", Unit::Items("objects"), Some(objects));
     for g in &listing.generations {
         let (problems, notes) = (report.problems.len(), report.notes.len());
         let counts = (
@@ -402,7 +418,7 @@ pub async fn verify(
             report.snapshots,
             report.snapshot_bytes,
         );
-        verify_generation(&archive, g, &scratch, &mut report).await?;
+        verify_generation(&archive, g, &scratch, &mut report, &progress).await?;
         if report.vanished.is_empty() {
             continue;
         }
@@ -425,10 +441,13 @@ pub async fn verify(
                 g.generation(),
                 gone.len()
             ));
-            verify_generation(&archive, again, &scratch, &mut report).await?;
+            objects += objects_of(again);
+            progress.set_total(objects);
+            verify_generation(&archive, again, &scratch, &mut report, &progress).await?;
         }
         report.problems.extend(std::mem::take(&mut report.vanished));
     }
+    progress.finish();
     let head = report.proofs.last().and_then(|(_, p)| p.head);
     if let Some(expected) = expected {
         if !report

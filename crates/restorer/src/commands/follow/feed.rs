@@ -116,8 +116,7 @@ impl Feed {
                     last,
                     segments: chain.links_between(self.pos, last),
                 };
-                let mut events =
-                    ArchiveEvents::new(&self.archive, replay, indicatif::ProgressBar::hidden());
+                let mut events = ArchiveEvents::new(&self.archive, replay);
                 let tx = tx.clone();
                 tokio::task::spawn_blocking(move || {
                     // A closed channel (follow stopped) ends the replay at

@@ -67,10 +67,16 @@ async fn archive_state(
     // scratch directory, removed on every exit path.
     let scratch_dir = Scratch::new_in(&std::env::temp_dir())?;
     let scratch = scratch_dir.file("base.db");
-    source::fetch_snapshot(archive, plan.generation, plan.snapshot_revision, &scratch)
-        .await
-        .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
-    let mut events = ArchiveEvents::new(archive, plan.replay(), indicatif::ProgressBar::hidden());
+    source::fetch_snapshot(
+        archive,
+        plan.generation,
+        plan.snapshot_revision,
+        &scratch,
+        etcdpitr_common::progress::Mode::Hidden,
+    )
+    .await
+    .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
+    let mut events = ArchiveEvents::new(archive, plan.replay());
     let state = tokio::task::spawn_blocking(move || {
         let base = BoltReader::open(&scratch)?;
         let mut live: BTreeMap<Vec<u8>, Fingerprint> = BTreeMap::new();
