@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use etcd_client::Client;
+use etcdpitr_common::errors;
 use etcdpitr_common::layout::GenerationId;
 use etcdpitr_common::manifest::{
     GapStart, GenerationManifest, LineageFingerprint, StartReason, TermRecord,
@@ -265,7 +266,11 @@ pub async fn lead(
     }
     if let Some(mut current) = current {
         if let Err(e) = current.writer.seal() {
-            tracing::error!(error = format!("{e:#}"), "cannot seal the open segment");
+            tracing::error!(
+                error = errors::one_line(&e),
+                hint = errors::hint(&e).map(tracing::field::display),
+                "cannot seal the open segment"
+            );
         }
     }
     pipeline.finish(config.shutdown_timeout, fatal).await;
@@ -390,7 +395,8 @@ impl Session<'_> {
                 Ok(Some(first)) => observer.restorable_start(generation, first),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
+                    error = errors::one_line(&e),
+                    hint = errors::hint(&e).map(tracing::field::display),
                     "cannot list the generation for its restorable start (etcd_pitr_restorable_start_revision stays 0 until the next snapshot)"
                 ),
             }
@@ -551,7 +557,7 @@ impl Session<'_> {
                 }
                 Err(e) => {
                     self.opened.observer.etcd_unreachable(&e);
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "etcd unreachable; retrying");
+                    tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?delay, "etcd unreachable; retrying");
                     if !pause(&mut delay, stop).await {
                         break;
                     }
@@ -572,7 +578,7 @@ impl Session<'_> {
                 Ok(true) => {}
                 Ok(false) => return Ok(SessionOutcome::Deposed),
                 Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "cannot decide or start the generation; retrying");
+                    tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?delay, "cannot decide or start the generation; retrying");
                     if !pause(&mut delay, stop).await {
                         break;
                     }
@@ -611,7 +617,7 @@ impl Session<'_> {
                     } else {
                         self.opened.observer.etcd_unreachable(&e);
                     }
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "watch interrupted; reconnecting");
+                    tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?delay, "watch interrupted; reconnecting");
                     if !pause(&mut delay, stop).await {
                         break;
                     }

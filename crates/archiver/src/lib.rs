@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use etcdpitr_common::catalog::Catalog;
+use etcdpitr_common::errors;
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::{ArchiveManifest, GapStart};
 use etcdpitr_common::store::{Archive, StoreError};
@@ -262,8 +263,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     return Err(e.context("etcd refused the archiver's credentials"))
                 }
                 Err(e) => {
-                    opened.observer.standby(Err(format!("{e:#}")));
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "cannot campaign for leadership; retrying");
+                    opened.observer.standby(Err(errors::one_line(&e)));
+                    tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?delay, "cannot campaign for leadership; retrying");
                     if !pause(&mut delay, &shutdown).await {
                         break;
                     }
@@ -361,6 +362,7 @@ pub async fn snapshot_once(config: Config) -> anyhow::Result<Revision> {
         manifest.generation,
         manifest.start_revision,
         &SharedTip::new(tip),
+        etcdpitr_common::progress::Mode::Auto,
     )
     .await
     .map(|taken| taken.done.revision)

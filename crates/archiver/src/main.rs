@@ -8,6 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use etcd_archiver::config::{InvalidConfig, Settings};
 use etcdpitr_common::cli::{DocsCommand, LogFormat, Logging};
 use etcdpitr_common::crypto::{self, CryptoFault};
+use etcdpitr_common::errors::{self, Hint};
 use tokio_util::sync::CancellationToken;
 
 /// Continuously archives an etcd cluster into object storage for
@@ -50,15 +51,19 @@ enum Command {
     Docs(DocsCommand),
 }
 
-/// Exit code of a failure: 2 for an invalid configuration (including
-/// encryption keys that are missing, unreadable or do not suit the
-/// archive, a bad archive URL and unusable credentials files), 3 for a `check` whose canary the archive did not hold within
-/// the bound, 4 for a damaged archive, 1 for anything else.
+/// Exit code of a failure (the table in docs/exit-codes.md): 2 for an
+/// invalid configuration (including encryption keys that are missing,
+/// unreadable or do not suit the archive, a bad archive URL, unusable
+/// credentials files, and the store settings a [`Hint`] names: plain HTTP
+/// not allowed, a missing bucket, rejected credentials, a missing
+/// permission), 3 for a `check` whose canary the archive did not hold
+/// within the bound, 4 for a damaged archive, 1 for anything else.
 fn exit_code(error: &anyhow::Error) -> u8 {
     let chain = || error.chain();
     // `downcast_ref` also finds a type attached with `.context(…)`, which
     // the chain's items do not show as such.
     if error.downcast_ref::<InvalidConfig>().is_some()
+        || errors::hint(error).is_some_and(Hint::is_usage)
         || chain().any(|c| {
             crypto::fault_of(c) == Some(CryptoFault::WrongKeys)
                 || c.downcast_ref::<etcdpitr_common::store::StoreError>()

@@ -33,6 +33,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use etcdpitr_common::errors;
 use etcdpitr_common::layout::{GenerationId, SegmentName};
 use etcdpitr_common::metrics::{Kind, Metric, Registry};
 use etcdpitr_common::Revision;
@@ -370,7 +371,7 @@ impl Observer {
 
     /// etcd cannot be reached or watched (`error` says why).
     pub fn etcd_unreachable(&self, error: &anyhow::Error) {
-        self.status().etcd_error = Some(format!("{error:#}"));
+        self.status().etcd_error = Some(errors::one_line(error));
     }
 
     /// The watch saw the source at `revision` just now (so etcd answers).
@@ -442,7 +443,7 @@ impl Observer {
     /// An upload attempt failed (it is retried, or stops the archiver).
     pub fn upload_failed(&self, error: &anyhow::Error) {
         self.0.metrics.upload_errors.add(1.0);
-        self.status().store_error = Some(format!("{error:#}"));
+        self.status().store_error = Some(errors::one_line(error));
     }
 
     /// A snapshot of `generation` is archived.

@@ -11,6 +11,7 @@ use anyhow::bail;
 use clap::Args;
 use etcdpitr_common::chain;
 use etcdpitr_common::crypto::Keyring;
+use etcdpitr_common::errors;
 use etcdpitr_common::prune::{prune, PruneReport, Retained};
 use etcdpitr_common::retention::{Period, Policy};
 use etcdpitr_common::store::Archive;
@@ -212,8 +213,10 @@ pub async fn periodically(
                 }
             }
             Err(e) => {
+                let e = anyhow::Error::from(e);
                 tracing::warn!(
-                    error = format!("{e:#}"),
+                    error = errors::one_line(&e),
+                    hint = errors::hint(&e).map(tracing::field::display),
                     "prune failed; trying again at the next interval"
                 );
             }

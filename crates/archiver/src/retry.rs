@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use etcdpitr_common::errors;
 use tokio_util::sync::CancellationToken;
 
 /// First delay between attempts.
@@ -31,7 +32,7 @@ where
         match outcome {
             Ok(v) => return Ok(Some(v)),
             Err(e) if retryable(&e) => {
-                tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "{what} failed; retrying");
+                tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?delay, "{what} failed; retrying");
                 if !pause(&mut delay, shutdown).await {
                     return Ok(None);
                 }

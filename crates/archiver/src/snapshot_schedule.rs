@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use etcdpitr_common::catalog::Catalog;
+use etcdpitr_common::errors;
 use etcdpitr_common::layout::GenerationId;
 use etcdpitr_common::manifest::LineageFingerprint;
 use etcdpitr_common::store::{Archive, StoreError};
@@ -106,6 +107,8 @@ impl SnapshotSchedule {
                 generation,
                 min_revision,
                 &tip,
+                // A daemon's stderr is a log, even on a terminal.
+                etcdpitr_common::progress::Mode::Lines,
             )
             .await
         });
@@ -140,7 +143,7 @@ impl SnapshotSchedule {
                 self.next_due = now + self.interval;
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = format!("{e:#}"), retry_in = ?RETRY_DELAY, "snapshot failed");
+                tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?RETRY_DELAY, "snapshot failed");
                 self.next_due = now + RETRY_DELAY.min(self.interval);
             }
             Err(e) => {

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use etcdpitr_common::catalog::{Catalog, ObjectState};
 use etcdpitr_common::chain;
 use etcdpitr_common::crypto::{self, Keyring};
+use etcdpitr_common::errors;
 use etcdpitr_common::hashchain::Digest;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::segment;
@@ -77,7 +78,11 @@ impl Fatal {
 
     /// Records a permanent failure and stops the archiver.
     pub fn fail(&self, error: anyhow::Error) {
-        tracing::error!(error = format!("{error:#}"), "permanent failure; stopping");
+        tracing::error!(
+            error = errors::one_line(&error),
+            hint = errors::hint(&error).map(tracing::field::display),
+            "permanent failure; stopping"
+        );
         let mut slot = self.error.lock().expect("fatal lock");
         if slot.is_none() {
             *slot = Some(error);
@@ -96,7 +101,7 @@ impl Fatal {
             .lock()
             .expect("fatal lock")
             .as_ref()
-            .map(|e| format!("{e:#}"))
+            .map(errors::one_line)
     }
 
     /// The failure, if one happened (taken once).

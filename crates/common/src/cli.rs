@@ -195,7 +195,9 @@ impl Logging<'_> {
 
 /// Sets the process umask to [`UMASK`], sets up `logging`, runs `command`
 /// on a multi-threaded runtime and maps an error to `exit_code(&error)`
-/// after printing its whole chain to [`stderr`].
+/// after printing it to [`stderr`]: `error: ` and the error on one line
+/// ([`crate::errors::one_line`]), then `hint: …` on a second line when the
+/// error shows a common mistake ([`crate::errors::hint`]).
 pub fn run_main<F>(
     logging: Logging<'_>,
     command: F,
@@ -219,7 +221,10 @@ where
     match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            note(format_args!("error: {e:#}"));
+            note(format_args!("error: {}", crate::errors::one_line(&e)));
+            if let Some(hint) = crate::errors::hint(&e) {
+                note(format_args!("hint: {hint}"));
+            }
             ExitCode::from(exit_code(&e))
         }
     }

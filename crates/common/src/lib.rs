@@ -19,6 +19,7 @@
 //! - `testing` (feature `testing`): a fault-injecting in-memory store.
 //! - [`metrics`]: a Prometheus endpoint.
 //! - [`cli`]: logging, runtime and exit codes shared by the binaries.
+//! - [`errors`]: errors on one line, each cause once; hints for common mistakes.
 //! - [`settings`]: durations, sizes and defaults of flags, env and config files.
 
 pub mod bbolt;
@@ -26,6 +27,7 @@ pub mod catalog;
 pub mod chain;
 pub mod cli;
 pub mod crypto;
+pub mod errors;
 pub mod etcd;
 pub mod hashchain;
 pub mod layout;

@@ -87,6 +87,7 @@ impl StoreError {
     /// say so instead of retrying forever.
     pub fn is_retryable(&self) -> bool {
         match self {
+            Self::Backend(e) if mistake(e).is_some() => false,
             Self::Backend(e) => match e {
                 // `Archive::get`/`exists` turn a missing object into
                 // `NotFound`/`false`; a backend `NotFound` that reaches a
@@ -116,11 +117,141 @@ impl StoreError {
 }
 
 impl StoreError {
-    /// Whether the error is the caller's setting (a bad archive URL or an
-    /// unusable credentials file): both binaries exit with their usage code.
+    /// Whether the error is the caller's setting (a bad archive URL, an
+    /// unusable credentials file, or a [`StoreMistake`] the store's answer
+    /// reveals): both binaries exit with their usage code.
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::InvalidUrl { .. } | Self::Credentials { .. })
+        match self {
+            Self::InvalidUrl { .. } | Self::Credentials { .. } => true,
+            Self::Backend(e) => mistake(e).is_some(),
+            _ => false,
+        }
     }
+}
+
+/// A store setting the operator must fix, recognized in the store's answer:
+/// retrying does not help, and both binaries exit with their usage code.
+/// Its `Display` is the hint printed after the error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreMistake {
+    /// An `http://` endpoint while plain HTTP is not allowed: the HTTP
+    /// client refuses the request before sending it.
+    PlainHttp,
+    /// The bucket (or Azure container) does not exist.
+    NoSuchBucket,
+    /// The store does not accept the credentials: an unknown key id, a
+    /// wrong secret (the signature does not match), an invalid or expired
+    /// session token.
+    BadCredentials,
+    /// The credentials are valid but not allowed to do this.
+    AccessDenied,
+}
+
+impl std::fmt::Display for StoreMistake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PlainHttp => {
+                "the store endpoint is http://; set AWS_ALLOW_HTTP=true to allow plain HTTP \
+                 (or use https://)"
+            }
+            Self::NoSuchBucket => {
+                "the bucket does not exist: check the bucket name in --archive, and the \
+                 endpoint and region (AWS_ENDPOINT, AWS_REGION), or create the bucket"
+            }
+            Self::BadCredentials => {
+                "the store rejected the credentials: check AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY (or their _FILE variants) and AWS_SESSION_TOKEN"
+            }
+            Self::AccessDenied => {
+                "the credentials are not allowed to do this: grant them list, get, put \
+                 and delete on the archive's bucket and prefix"
+            }
+        })
+    }
+}
+
+/// The error codes of S3 (and the S3-style XML of Azure) that name a
+/// [`StoreMistake`]. Service error codes are part of the services' APIs.
+const MISTAKE_CODES: [(&str, StoreMistake); 10] = [
+    ("NoSuchBucket", StoreMistake::NoSuchBucket),
+    ("ContainerNotFound", StoreMistake::NoSuchBucket),
+    ("InvalidAccessKeyId", StoreMistake::BadCredentials),
+    ("SignatureDoesNotMatch", StoreMistake::BadCredentials),
+    ("InvalidToken", StoreMistake::BadCredentials),
+    ("ExpiredToken", StoreMistake::BadCredentials),
+    ("InvalidClientTokenId", StoreMistake::BadCredentials),
+    ("AuthenticationFailed", StoreMistake::BadCredentials),
+    ("AccessDenied", StoreMistake::AccessDenied),
+    ("AuthorizationFailure", StoreMistake::AccessDenied),
+];
+
+/// What reqwest (the HTTP client of `object_store`) says when it refuses a
+/// URL scheme: `https_only` is set unless `AWS_ALLOW_HTTP` is true. Its
+/// error type is private, so its wording is matched, here only.
+const REQWEST_SCHEME_REFUSED: &str = "URL scheme is not allowed";
+
+/// The [`StoreMistake`] that `error` reveals, if any. Typed first: a
+/// request the HTTP client refused to build for its URL scheme, an
+/// `Unauthenticated` (401) or `PermissionDenied` (403) answer; then the
+/// service's error code in the answer's body ([`service_error`]), which
+/// also tells a missing bucket from a missing object and a bad signature
+/// from a missing permission, and is the only witness for listings (which
+/// `object_store` reports as generic errors whatever the status).
+pub fn mistake(error: &object_store::Error) -> Option<StoreMistake> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(c) = cause {
+        if c.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_builder)
+            && error_chain(c).any(|e| e.to_string() == REQWEST_SCHEME_REFUSED)
+        {
+            return Some(StoreMistake::PlainHttp);
+        }
+        cause = c.source();
+    }
+    let text = error.to_string();
+    if let Some((_, code, _)) = service_error(&text) {
+        if let Some((_, m)) = MISTAKE_CODES.iter().find(|(c, _)| *c == code) {
+            return Some(*m);
+        }
+    }
+    match error {
+        object_store::Error::Unauthenticated { .. } => Some(StoreMistake::BadCredentials),
+        object_store::Error::PermissionDenied { .. } => Some(StoreMistake::AccessDenied),
+        _ => None,
+    }
+}
+
+/// `error` and its sources.
+pub(crate) fn error_chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// The first XML error document in `text` (an S3 or Azure answer's body,
+/// which `object_store` quotes in its errors): its byte range (from its
+/// `<?xml` declaration, if any, through `</Error>`), its `Code` and its
+/// `Message`.
+pub(crate) fn service_error(text: &str) -> Option<(std::ops::Range<usize>, &str, &str)> {
+    let open = text.find("<Error>")?;
+    let close = open + text[open..].find("</Error>")? + "</Error>".len();
+    let doc = &text[open..close];
+    let element = |name: &str| {
+        let start = doc.find(&format!("<{name}>"))? + name.len() + 2;
+        let len = doc[start..].find(&format!("</{name}>"))?;
+        Some(doc[start..start + len].trim())
+    };
+    let code = element("Code")?;
+    let message = element("Message").unwrap_or("");
+    // Its declaration, when only whitespace separates the two.
+    let start = text[..open]
+        .rfind("<?xml")
+        .filter(|&d| {
+            let declaration = text[d..open].trim_end();
+            declaration.ends_with("?>") && !declaration[1..].contains('<')
+        })
+        .unwrap_or(open);
+    Some((start..close, code, message))
 }
 
 /// Local I/O failures that waiting does not fix.
@@ -695,7 +826,8 @@ impl Archive {
     /// Uploads a local file as an object (multipart, streaming, sealed on
     /// the way for an encrypted archive; the file is never held in memory
     /// whole). Used for snapshots, whose name carries their revision so a
-    /// second upload of the same name holds equal data.
+    /// second upload of the same name holds equal data. The file's bytes
+    /// count as `progress` as they are handed to the upload.
     ///
     /// # Errors
     /// Local I/O or backend errors.
@@ -703,6 +835,7 @@ impl Archive {
         &self,
         relative: &str,
         file: &std::path::Path,
+        progress: &crate::progress::Progress,
     ) -> Result<(), StoreError> {
         use tokio::io::AsyncReadExt;
         const PART_BYTES: usize = 8 << 20;
@@ -731,6 +864,7 @@ impl Archive {
                 }
                 None => writer.write(&buf[..n]),
             }
+            progress.inc(n as u64);
         }
         if let Some(s) = sealer {
             sealed.clear();
@@ -832,6 +966,7 @@ impl Archive {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::Progress;
 
     #[test]
     fn rejects_bad_urls_with_reasons() {
@@ -961,7 +1096,9 @@ mod tests {
         let local = tempfile::tempdir().unwrap();
         let src = local.path().join("big");
         std::fs::write(&src, &big).unwrap();
-        a.upload_file("g/snapshots/big", &src).await.unwrap();
+        a.upload_file("g/snapshots/big", &src, &Progress::hidden())
+            .await
+            .unwrap();
 
         assert_eq!(a.get("g/x").await.unwrap().as_ref(), &secret[..]);
         let mut back = Vec::new();
@@ -1052,7 +1189,9 @@ mod tests {
             .unwrap();
         let src = dir.path().join("local-file");
         std::fs::write(&src, vec![7u8; 3 << 20]).unwrap();
-        a.upload_file("gen-1/snapshots/y", &src).await.unwrap();
+        a.upload_file("gen-1/snapshots/y", &src, &Progress::hidden())
+            .await
+            .unwrap();
         assert_eq!(a.get("gen-1/snapshots/y").await.unwrap().len(), 3 << 20);
         assert_private_tree(&dir.path().join("archive"));
         let mode = std::fs::metadata(dir.path().join("archive"))

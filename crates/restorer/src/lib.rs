@@ -25,6 +25,7 @@ pub mod source;
 pub mod synth;
 
 use etcdpitr_common::crypto::{self, CryptoFault};
+use etcdpitr_common::errors::{self, Hint};
 use etcdpitr_common::store::StoreError;
 
 /// Failure classes with distinct, documented exit codes.
@@ -32,22 +33,30 @@ use etcdpitr_common::store::StoreError;
 pub enum ExitKind {
     /// 1: anything else (local I/O such as a full disk, …).
     Other = 1,
-    /// 2: usage or configuration error.
+    /// 2: usage or configuration error, including the store settings a
+    /// [`Hint`] names (plain HTTP not allowed, a missing bucket, rejected
+    /// credentials, a missing permission).
     Usage = 2,
     /// 3: the target is not restorable from this archive.
     NotRestorable = 3,
     /// 4: an archive object failed its integrity check.
     Integrity = 4,
-    /// 5: the store could not be reached or refused access.
+    /// 5: the store could not be reached (or failed otherwise, not for
+    /// one of its settings).
     StoreUnreachable = 5,
     /// 6: `follow`'s destination is not the archive's history (refused
     /// before writing, or written to by someone else while followed).
     Diverged = 6,
 }
 
-/// Classifies an error chain into an exit code.
+/// Classifies an error chain into an exit code (the table in
+/// docs/exit-codes.md).
 pub fn classify(error: &anyhow::Error) -> ExitKind {
     use etcdpitr_common::listing::ListingError;
+    // A store setting to fix, whatever the step that met it.
+    if errors::hint(error).is_some_and(Hint::is_usage) {
+        return ExitKind::Usage;
+    }
     for cause in error.chain() {
         if cause.is::<plan::PlanError>() || cause.is::<commands::ArchiveEnds>() {
             return ExitKind::NotRestorable;

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcdpitr_common::errors;
 use etcdpitr_common::segment::{Event, EventKind, RevisionRecord};
 use etcdpitr_common::Revision;
 use futures::stream::FuturesOrdered;
@@ -529,7 +530,8 @@ impl Applier {
                 Ok(r) => break r,
                 Err(e) => {
                     tracing::warn!(
-                        error = format!("{e:#}"),
+                        error = errors::one_line(&e),
+                        hint = errors::hint(&e).map(tracing::field::display),
                         "cannot read the destination's revision; retrying"
                     );
                     tokio::time::sleep(delay).await;

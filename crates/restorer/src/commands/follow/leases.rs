@@ -11,6 +11,7 @@ use etcd_client::{
     Client, LeaseClient, LeaseGrantOptions, LeaseKeepAliveStream, LeaseKeeper,
     LeaseTimeToLiveOptions,
 };
+use etcdpitr_common::errors;
 use etcdpitr_common::segment::{Event, EventKind};
 use tokio::sync::mpsc;
 
@@ -132,7 +133,7 @@ impl KeepAlive {
                                 Err(e) => {
                                     k.stream = None;
                                     k.due = now + Duration::from_millis(200);
-                                    tracing::warn!(lease = format!("{id:x}"), error = format!("{e:#}"), "cannot keep a destination lease alive; retrying");
+                                    tracing::warn!(lease = format!("{id:x}"), error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), "cannot keep a destination lease alive; retrying");
                                 }
                             }
                         }
