@@ -16,6 +16,9 @@ use crate::prune::{PolicyArgs, DEFAULT_PRUNE_INTERVAL};
 use etcdpitr_common::retention::Policy;
 use serde::Deserialize;
 
+use etcdpitr_common::settings::{format_duration, format_size, with_default};
+pub use etcdpitr_common::settings::{parse_duration, parse_size};
+
 /// Default etcd endpoint.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 /// Default data directory (catalog, spool, snapshot scratch space).
@@ -43,72 +46,167 @@ pub const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(30);
 /// Default interval between the writer's heartbeat log lines.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_mins(1);
 
-/// Flags shared by every subcommand. Every field is optional here so that
-/// the TOML file can supply it; [`Settings::resolve`] applies defaults.
+/// Flags shared by `run`, `snapshot` and `check`. Every setting is also an
+/// environment variable `ETCD_ARCHIVER_<FLAG>` (clap reads it) and a key of
+/// the `--config` file (its flag without the dashes); every field is
+/// optional here so that the file can supply it, and [`Settings::resolve`]
+/// applies the defaults, which `--help` shows from the same constants.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Settings {
-    /// TOML file with the same settings (kebab-case keys).
+    /// TOML file with any of these settings (kebab-case keys: the flags
+    /// without their dashes; unknown keys are an error).
     #[arg(long, env = "ETCD_ARCHIVER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// etcd endpoints, comma separated.
-    #[arg(long, env = "ETCD_ARCHIVER_ENDPOINTS", value_delimiter = ',')]
+    /// `--endpoints` (URLs).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_ENDPOINTS",
+        value_delimiter = ',',
+        help = with_default("etcd endpoints, comma separated", DEFAULT_ENDPOINT)
+    )]
     pub endpoints: Option<Vec<String>>,
-    /// Archive URL: file:///abs/dir, s3://bucket/prefix, gs://…, az://…
+    /// Archive URL: file:///abs/dir, s3://bucket/prefix, gs://…, az://… (required)
     #[arg(long, env = "ETCD_ARCHIVER_ARCHIVE")]
     pub archive: Option<String>,
-    /// Local directory for the catalog, the upload spool and snapshot scratch files.
-    #[arg(long, env = "ETCD_ARCHIVER_DATA_DIR")]
+    /// `--data-dir`.
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_DATA_DIR",
+        help = with_default(
+            "Local directory for the catalog, the upload spool and snapshot scratch files",
+            DEFAULT_DATA_DIR
+        )
+    )]
     pub data_dir: Option<PathBuf>,
-    /// Interval between full snapshots (e.g. 30m, 1h).
-    #[arg(long)]
+    /// `--snapshot-interval` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_SNAPSHOT_INTERVAL",
+        value_name = "DURATION",
+        help = with_default(
+            "Interval between full snapshots (e.g. 30m, 1h)",
+            format_duration(DEFAULT_SNAPSHOT_INTERVAL)
+        )
+    )]
     pub snapshot_interval: Option<String>,
-    /// Seal the open segment when its first record is this old (e.g. 500ms, 5s).
-    #[arg(long)]
+    /// `--segment-max-age` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_SEGMENT_MAX_AGE",
+        value_name = "DURATION",
+        help = with_default(
+            "Seal the open segment when its first record is this old (e.g. 500ms, 5s)",
+            format_duration(DEFAULT_SEGMENT_MAX_AGE)
+        )
+    )]
     pub segment_max_age: Option<String>,
-    /// Seal the open segment at this uncompressed size (e.g. 16MiB).
-    #[arg(long)]
+    /// `--segment-max-bytes` (a size).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_SEGMENT_MAX_BYTES",
+        value_name = "SIZE",
+        help = with_default(
+            "Seal the open segment at this uncompressed size (e.g. 16MiB, 1.5GiB)",
+            format_size(DEFAULT_SEGMENT_MAX_BYTES)
+        )
+    )]
     pub segment_max_bytes: Option<String>,
-    /// Stop reading the watch while this many sealed bytes wait for upload.
-    #[arg(long)]
+    /// `--spool-max-bytes` (a size).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_SPOOL_MAX_BYTES",
+        value_name = "SIZE",
+        help = with_default(
+            "Stop reading the watch while this many sealed bytes wait for upload",
+            format_size(DEFAULT_SPOOL_MAX_BYTES)
+        )
+    )]
     pub spool_max_bytes: Option<String>,
-    /// While the cluster is idle, record that it is still current this often.
-    #[arg(long)]
+    /// `--idle-interval` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_IDLE_INTERVAL",
+        value_name = "DURATION",
+        help = with_default(
+            "While the cluster is idle, record that it is still current this often",
+            format_duration(DEFAULT_IDLE_SEAL_INTERVAL)
+        )
+    )]
     pub idle_interval: Option<String>,
     /// CA certificate (PEM) to verify etcd's server certificate.
-    #[arg(long)]
+    #[arg(long, env = "ETCD_ARCHIVER_CACERT")]
     pub cacert: Option<PathBuf>,
     /// Client certificate (PEM) for etcd.
-    #[arg(long)]
+    #[arg(long, env = "ETCD_ARCHIVER_CERT")]
     pub cert: Option<PathBuf>,
     /// Client key (PEM) for etcd.
-    #[arg(long)]
+    #[arg(long, env = "ETCD_ARCHIVER_KEY")]
     pub key: Option<PathBuf>,
     /// etcd user name (password from ETCD_ARCHIVER_PASSWORD or --password-file).
     #[arg(long, env = "ETCD_ARCHIVER_USER")]
     pub user: Option<String>,
     /// File holding the etcd password.
-    #[arg(long)]
+    #[arg(long, env = "ETCD_ARCHIVER_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
-    /// Time allowed for sealing and uploading on SIGTERM/SIGINT.
-    #[arg(long)]
+    /// `--shutdown-timeout` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_SHUTDOWN_TIMEOUT",
+        value_name = "DURATION",
+        help = with_default(
+            "Time allowed for sealing and uploading on SIGTERM/SIGINT",
+            format_duration(DEFAULT_SHUTDOWN_TIMEOUT)
+        )
+    )]
     pub shutdown_timeout: Option<String>,
-    /// Key prefix in the source cluster under which archivers of the same
-    /// archive elect the one that writes.
-    #[arg(long)]
+    /// `--election-prefix`.
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_ELECTION_PREFIX",
+        help = with_default(
+            "Key prefix in the source cluster under which archivers of the same archive \
+             elect the one that writes",
+            DEFAULT_ELECTION_PREFIX
+        )
+    )]
     pub election_prefix: Option<String>,
-    /// Election lease TTL: how soon a standby replaces a dead writer (e.g. 10s).
-    #[arg(long)]
+    /// `--election-ttl` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_ELECTION_TTL",
+        value_name = "DURATION",
+        help = with_default(
+            "Election lease TTL: how soon a standby replaces a dead writer (whole seconds)",
+            format_duration(DEFAULT_ELECTION_TTL)
+        )
+    )]
     pub election_ttl: Option<String>,
     /// Write without an election (only safe when no other archiver ever
-    /// writes this archive).
-    #[arg(long)]
-    pub no_election: bool,
+    /// writes this archive). In the config file: `election = false`.
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_NO_ELECTION",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_election: Option<bool>,
     /// Retention policy applied while this archiver writes (none: keep
     /// everything).
     #[command(flatten)]
     pub retention: PolicyArgs,
-    /// Interval between prunes under the retention policy (e.g. 1h).
-    #[arg(long)]
+    /// `--prune-interval` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_PRUNE_INTERVAL",
+        value_name = "DURATION",
+        help = with_default(
+            "Interval between prunes under the retention policy (e.g. 1h)",
+            format_duration(DEFAULT_PRUNE_INTERVAL)
+        )
+    )]
     pub prune_interval: Option<String>,
     /// Key file (32 random bytes, base64) to encrypt the archive with. The
     /// first one given seals new objects; repeat the flag (or separate with
@@ -121,19 +219,35 @@ pub struct Settings {
     )]
     pub encryption_key_file: Vec<PathBuf>,
     /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, on
-    /// this address (e.g. 0.0.0.0:9090).
+    /// this address (e.g. 0.0.0.0:9090; default: not served).
     #[arg(long, env = "ETCD_ARCHIVER_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
-    /// /readyz answers 503 once the archive lags the source by more than
-    /// this (e.g. 30s).
-    #[arg(long, env = "ETCD_ARCHIVER_READY_MAX_LAG")]
+    /// `--ready-max-lag` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_READY_MAX_LAG",
+        value_name = "DURATION",
+        help = with_default(
+            "/readyz answers 503 once the archive lags the source by more than this",
+            format_duration(DEFAULT_READY_MAX_LAG)
+        )
+    )]
     pub ready_max_lag: Option<String>,
-    /// Interval between the writer's INFO heartbeat lines (e.g. 1m).
-    #[arg(long)]
+    /// `--heartbeat-interval` (a duration).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_HEARTBEAT_INTERVAL",
+        value_name = "DURATION",
+        help = with_default(
+            "Interval between the writer's INFO heartbeat lines",
+            format_duration(DEFAULT_HEARTBEAT_INTERVAL)
+        )
+    )]
     pub heartbeat_interval: Option<String>,
 }
 
-/// The TOML file's shape.
+/// The TOML file's shape: one key per flag of [`Settings`] (`election`
+/// stands for `--no-election`, inverted).
 #[derive(Deserialize, Debug, Default)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 struct FileSettings {
@@ -166,6 +280,19 @@ struct FileSettings {
     metrics_addr: Option<String>,
     ready_max_lag: Option<String>,
     heartbeat_interval: Option<String>,
+}
+
+impl FileSettings {
+    /// Reads the `--config` file (none: every key unset).
+    fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--config: cannot read {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("--config: invalid settings in {}", path.display()))
+    }
 }
 
 /// Marks an error of [`Settings::resolve`]: the configuration is invalid
@@ -234,6 +361,8 @@ pub struct Config {
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field (the completeness test compares configurations by
+        // this text); keys by id, the policy as its rules.
         f.debug_struct("Config")
             .field("etcd", &self.etcd)
             .field("archive", &self.archive)
@@ -242,56 +371,17 @@ impl std::fmt::Debug for Config {
             .field("segment_max_age", &self.segment_max_age)
             .field("segment_max_bytes", &self.segment_max_bytes)
             .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("idle_seal_interval", &self.idle_seal_interval)
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .field("election", &self.election)
             .field("retention", &self.retention.to_string())
+            .field("prune_interval", &self.prune_interval)
             .field("keys", &self.keys.ids())
             .field("metrics_addr", &self.metrics_addr)
             .field("ready_max_lag", &self.ready_max_lag)
-            .finish_non_exhaustive()
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .finish()
     }
-}
-
-/// Parses a human duration such as `500ms`, `10s`, `1h`.
-///
-/// # Errors
-/// Names the field and the bad value.
-pub fn parse_duration(field: &str, s: &str) -> anyhow::Result<Duration> {
-    let d = humantime::parse_duration(s.trim())
-        .with_context(|| format!("--{field}: {s:?} is not a duration like 500ms, 10s or 1h"))?;
-    if d.is_zero() {
-        bail!("--{field}: must be greater than zero");
-    }
-    Ok(d)
-}
-
-/// Parses a size such as `16MiB`, `64MB`, `1048576`.
-///
-/// # Errors
-/// Names the field and the bad value.
-pub fn parse_size(field: &str, s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        _ => bail!("--{field}: {s:?} is not a size like 16MiB, 64MB or 1048576"),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("--{field}: {s:?} is not a size like 16MiB, 64MB or 1048576"))?;
-    let bytes = n
-        .checked_mul(mult)
-        .with_context(|| format!("--{field}: {s:?} is too large"))?;
-    if bytes == 0 {
-        bail!("--{field}: must be greater than zero");
-    }
-    Ok(bytes)
 }
 
 /// The election name of an archive: archivers writing the same archive URL
@@ -307,15 +397,7 @@ impl Settings {
     /// # Errors
     /// A message naming the offending field.
     pub fn resolve(self) -> anyhow::Result<Config> {
-        let file: FileSettings = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("--config: cannot read {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("--config: invalid settings in {}", path.display()))?
-            }
-            None => FileSettings::default(),
-        };
+        let file = FileSettings::load(self.config.as_deref())?;
         let etcd = Connection::resolve(
             ConnectionFlags {
                 endpoints: self
@@ -337,11 +419,15 @@ impl Settings {
             |field: &str, cli: Option<String>, file: Option<String>, default: Duration| {
                 cli.or(file)
                     .map_or(Ok(default), |s| parse_duration(field, &s))
+                    .map_err(anyhow::Error::from)
             };
         let size = |field: &str, cli: Option<String>, file: Option<String>, default: u64| {
-            cli.or(file).map_or(Ok(default), |s| parse_size(field, &s))
+            cli.or(file)
+                .map_or(Ok(default), |s| parse_size(field, &s))
+                .map_err(anyhow::Error::from)
         };
-        let election = if self.no_election || file.election == Some(false) {
+        let election_on = self.no_election.map(|no| !no).or(file.election);
+        let election = if election_on == Some(false) {
             None
         } else {
             let prefix = self
@@ -522,7 +608,7 @@ mod tests {
         );
         assert!(e.name.starts_with(DEFAULT_ELECTION_PREFIX));
         let mut s = base();
-        s.no_election = true;
+        s.no_election = Some(true);
         assert!(s.resolve().unwrap().election.is_none());
         let mut s = base();
         s.election_ttl = Some("1s".into());
@@ -530,25 +616,6 @@ mod tests {
         let mut s = base();
         s.election_ttl = Some("2900ms".into());
         assert!(format!("{:#}", s.resolve().unwrap_err()).contains("whole seconds"));
-    }
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("x", "16MiB").unwrap(), 16 << 20);
-        assert_eq!(parse_size("x", "64MB").unwrap(), 64_000_000);
-        assert_eq!(parse_size("x", "1048576").unwrap(), 1 << 20);
-        assert!(parse_size("x", "12 parsecs")
-            .unwrap_err()
-            .to_string()
-            .contains("--x"));
-        assert_eq!(
-            parse_duration("x", "500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert!(parse_duration("segment-max-age", "soon")
-            .unwrap_err()
-            .to_string()
-            .contains("--segment-max-age"));
     }
 
     #[test]
@@ -630,6 +697,204 @@ mod tests {
         );
         assert!(
             format!("{err:#}").contains("--encryption-key-file"),
+            "{err:#}"
+        );
+    }
+
+    /// Every setting at a value other than its default, as a config file.
+    /// `election` (`--no-election`) is checked on its own: turned off, it
+    /// would hide `election-prefix` and `election-ttl`.
+    fn every_setting(dir: &Path) -> String {
+        use etcdpitr_common::crypto::ArchiveKey;
+        let pem = "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n";
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let key_a = file("a.key", &ArchiveKey::generate().unwrap().1);
+        let key_b = file("b.key", &ArchiveKey::generate().unwrap().1);
+        format!(
+            r#"endpoints = ["https://127.0.0.2:2379", "https://127.0.0.3:2379"]
+archive = "file:///sample"
+data-dir = "/var/lib/sample"
+snapshot-interval = "2h"
+segment-max-age = "750ms"
+segment-max-bytes = "1.5MiB"
+spool-max-bytes = "0.5GiB"
+idle-interval = "20s"
+cacert = "{ca}"
+cert = "{cert}"
+key = "{key}"
+user = "archiver"
+password-file = "{password}"
+shutdown-timeout = "45s"
+election-prefix = "/sample/election/"
+election-ttl = "7s"
+keep-within = "3d"
+keep-last = 4
+keep-hourly = 5
+keep-daily = 6
+keep-weekly = 7
+keep-monthly = 8
+keep-yearly = 9
+prune-interval = "2h"
+encryption-key-file = ["{key_a}", "{key_b}"]
+metrics-addr = "127.0.0.1:9191"
+ready-max-lag = "12s"
+heartbeat-interval = "2m"
+"#,
+            ca = file("ca.pem", pem),
+            cert = file("cert.pem", pem),
+            key = file("key.pem", pem),
+            password = file("password", "secret\n"),
+        )
+    }
+
+    /// The command line that says what `table` says.
+    fn as_flags(table: &toml::Table) -> Vec<String> {
+        let mut args = vec!["run".to_owned()];
+        for (key, value) in table {
+            let value = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => panic!("{key}: no flag form for {other}"),
+            };
+            args.extend([format!("--{key}"), value]);
+        }
+        args
+    }
+
+    fn parse(args: &[String]) -> Settings {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        Cli::from_arg_matches(&Cli::command().try_get_matches_from(args).unwrap())
+            .unwrap()
+            .settings
+    }
+
+    /// What a resolution came to, TLS files included.
+    fn outcome(settings: Settings) -> String {
+        match settings.resolve() {
+            Ok(c) => format!(
+                "{c:?} ca {:?} identity {:?}",
+                c.etcd.tls.as_ref().map(|t| t.ca_pem.is_some()),
+                c.etcd.tls.as_ref().map(|t| t.identity.is_some())
+            ),
+            Err(e) => format!("error: {e:#}"),
+        }
+    }
+
+    fn from_file(dir: &Path, text: &str) -> Settings {
+        let path = dir.join("settings.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings {
+            config: Some(path),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn every_setting_is_a_flag_an_env_var_and_a_file_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = every_setting(dir.path());
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let command = Settings::augment_args(clap::Command::new("run"));
+        let mut flags: Vec<&str> = Vec::new();
+        for arg in command.get_arguments() {
+            let long = arg.get_long().expect("every setting is a long flag");
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let wanted = format!("ETCD_ARCHIVER_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(env.as_deref(), Some(wanted.as_str()), "--{long}");
+            flags.push(long);
+        }
+        // Each flag is a key of the sample (and so of the file, which
+        // refuses unknown keys), and the sample has nothing else.
+        let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        keys.extend(["config", "no-election"]);
+        flags.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(flags, keys, "add the new setting to every_setting()");
+
+        // The file says what the flags say...
+        let all = outcome(from_file(dir.path(), &text));
+        assert!(!all.starts_with("error"), "{all}");
+        assert_eq!(outcome(parse(&as_flags(&table))), all);
+        // ...and every key of it counts.
+        for key in table.keys() {
+            let mut fewer = table.clone();
+            fewer.remove(key);
+            let without = outcome(from_file(dir.path(), &toml::to_string(&fewer).unwrap()));
+            assert_ne!(without, all, "the file's {key} had no effect");
+        }
+        // `election = false` is `--no-election`.
+        let off = outcome(from_file(dir.path(), &format!("{text}election = false\n")));
+        assert!(off.contains("election: None"), "{off}");
+        let mut args = as_flags(&table);
+        args.push("--no-election".into());
+        assert_eq!(outcome(parse(&args)), off);
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default_for_each_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = "archive = \"file:///x\"\nsegment-max-age = \"2s\"\nspool-max-bytes = \"2.5MB\"\nendpoints = [\"http://127.0.0.2:2379\"]\nelection = false\n";
+        let args = |extra: &[&str]| {
+            let mut a = vec!["run".to_owned(), "--config".to_owned()];
+            a.push(dir.path().join("settings.toml").display().to_string());
+            a.extend(extra.iter().map(|s| (*s).to_owned()));
+            parse(&a).resolve().unwrap()
+        };
+        std::fs::write(dir.path().join("settings.toml"), file).unwrap();
+        // File over default.
+        let c = args(&[]);
+        assert_eq!(c.segment_max_age, Duration::from_secs(2));
+        assert_eq!(c.spool_max_bytes, 2_500_000);
+        assert_eq!(c.etcd.endpoints, ["http://127.0.0.2:2379"]);
+        assert!(c.election.is_none());
+        assert_eq!(c.segment_max_bytes, DEFAULT_SEGMENT_MAX_BYTES);
+        assert_eq!(c.snapshot_interval, DEFAULT_SNAPSHOT_INTERVAL);
+        // Flag over file, for a duration, a size, a list and a bool.
+        let c = args(&[
+            "--segment-max-age",
+            "1s",
+            "--spool-max-bytes",
+            "1.5KiB",
+            "--endpoints",
+            "http://127.0.0.3:2379,http://127.0.0.4:2379",
+            "--no-election=false",
+        ]);
+        assert_eq!(c.segment_max_age, Duration::from_secs(1));
+        assert_eq!(c.spool_max_bytes, 1536);
+        assert_eq!(
+            c.etcd.endpoints,
+            ["http://127.0.0.3:2379", "http://127.0.0.4:2379"]
+        );
+        assert!(c.election.is_some(), "--no-election=false beats the file");
+        // A bad size names its flag, wherever it came from.
+        std::fs::write(
+            dir.path().join("settings.toml"),
+            "archive = \"file:///x\"\nsegment-max-bytes = \"1.5\"\n",
+        )
+        .unwrap();
+        let err = parse(&[
+            "run".into(),
+            "--config".into(),
+            dir.path().join("settings.toml").display().to_string(),
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--segment-max-bytes"),
             "{err:#}"
         );
     }

@@ -33,25 +33,25 @@ const RETAINED_LISTED: usize = 10;
 pub struct PolicyArgs {
     /// Keep every revision of the last DUR restorable (e.g. 7d, 36h),
     /// counted back from the newest moment the archive holds.
-    #[arg(long, value_name = "DUR")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_WITHIN", value_name = "DUR")]
     pub keep_within: Option<String>,
     /// Keep the newest N base snapshots as restore points.
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_LAST", value_name = "N")]
     pub keep_last: Option<u32>,
     /// Keep the last base snapshot of each of the newest N hours (UTC).
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_HOURLY", value_name = "N")]
     pub keep_hourly: Option<u32>,
     /// Keep the last base snapshot of each of the newest N days (UTC).
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_DAILY", value_name = "N")]
     pub keep_daily: Option<u32>,
     /// Keep the last base snapshot of each of the newest N ISO weeks (UTC).
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_WEEKLY", value_name = "N")]
     pub keep_weekly: Option<u32>,
     /// Keep the last base snapshot of each of the newest N months (UTC).
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_MONTHLY", value_name = "N")]
     pub keep_monthly: Option<u32>,
     /// Keep the last base snapshot of each of the newest N years (UTC).
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "ETCD_ARCHIVER_KEEP_YEARLY", value_name = "N")]
     pub keep_yearly: Option<u32>,
 }
 
