@@ -66,7 +66,13 @@ async fn suite(archive: &Archive) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("big");
     std::fs::write(&file, &big)?;
-    archive.upload_file("gen-1/snapshots/big", &file).await?;
+    archive
+        .upload_file(
+            "gen-1/snapshots/big",
+            &file,
+            &etcdpitr_common::progress::Progress::hidden(),
+        )
+        .await?;
     let mut back = Vec::new();
     let n = archive.download("gen-1/snapshots/big", &mut back).await?;
     assert_eq!(n, big.len() as u64);

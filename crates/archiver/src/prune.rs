@@ -12,6 +12,7 @@ use clap::Args;
 use etcdpitr_common::chain;
 use etcdpitr_common::crypto::Keyring;
 use etcdpitr_common::errors;
+use etcdpitr_common::progress::Mode;
 use etcdpitr_common::prune::{prune, PruneReport, Retained};
 use etcdpitr_common::retention::{Period, Policy};
 use etcdpitr_common::store::Archive;
@@ -147,7 +148,7 @@ pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
     let archive = Archive::open(&args.archive)
         .map_err(|e| anyhow::Error::from(e).context(InvalidConfig))?
         .with_keys(Arc::new(keys));
-    let report = prune(&archive, &policy, args.confirm).await?;
+    let report = prune(&archive, &policy, args.confirm, Mode::Auto).await?;
     let mut out = etcdpitr_common::cli::stdout();
     if args.json {
         writeln!(
@@ -179,7 +180,8 @@ pub async fn periodically(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        match prune(&archive, &policy, true).await {
+        // A daemon's stderr is a log, even on a terminal.
+        match prune(&archive, &policy, true, Mode::Lines).await {
             Ok(r) => {
                 if let Some(generation) = observer.current_generation() {
                     let newest = r

@@ -13,6 +13,7 @@ use etcdpitr_common::bbolt::{self, BoltReader};
 use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::LineageFingerprint;
+use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::snapshot::{self as format, SnapshotHeader};
 use etcdpitr_common::store::{Archive, PRIVATE_FILE_MODE};
 use etcdpitr_common::{now_ms, Revision};
@@ -37,10 +38,14 @@ pub struct Taken {
 /// newest snapshot. Returns its revision, lineage fingerprint, duration
 /// and the bytes uploaded.
 ///
+/// Its three long steps (receiving the file from etcd, compressing it,
+/// uploading the object) show their progress per `progress`.
+///
 /// Dropping it midway leaves at most scratch files, removed on the next run.
 ///
 /// # Errors
 /// etcd, local I/O or store failures.
+#[allow(clippy::too_many_arguments)]
 pub async fn take(
     client: &mut Client,
     archive: &Archive,
@@ -49,6 +54,7 @@ pub async fn take(
     generation: GenerationId,
     min_revision: Revision,
     tip: &SharedTip,
+    progress: Mode,
 ) -> anyhow::Result<Taken> {
     let started = std::time::Instant::now();
     let taken_ms = now_ms();
@@ -72,13 +78,21 @@ pub async fn take(
         .with_context(|| format!("create {}", db_path.display()))?;
     let mut hasher = blake3::Hasher::new();
     let mut db_bytes = 0u64;
+    let receiving = Progress::new(progress, "receive etcd snapshot", Unit::Bytes, None);
     while let Some(chunk) = stream.message().await.context("receive etcd snapshot")? {
+        if db_bytes == 0 {
+            // The first message says how much follows; etcd sends the
+            // file's sha256 after it, in one more message.
+            receiving.set_total(chunk.blob().len() as u64 + chunk.remaining_bytes() + 32);
+        }
         hasher.update(chunk.blob());
         file.write_all(chunk.blob()).await?;
         db_bytes += chunk.blob().len() as u64;
+        receiving.inc(chunk.blob().len() as u64);
     }
     file.sync_all().await?;
     drop(file);
+    receiving.finish();
 
     let header_db = db_path.clone();
     let newest = tip.get();
@@ -113,7 +127,8 @@ pub async fn take(
         .context("record the snapshot's lineage fingerprint")?;
     let (src, dst) = (db_path.clone(), obj_path.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
+        let compressing = Progress::new(progress, "compress snapshot", Unit::Bytes, Some(db_bytes));
+        let mut input = std::io::BufReader::new(compressing.counting(std::fs::File::open(&src)?));
         let out = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -123,6 +138,7 @@ pub async fn take(
             .with_context(|| format!("create {}", dst.display()))?;
         let mut out = std::io::BufWriter::new(out);
         format::write_object(&header, &mut input, &mut out)?;
+        compressing.finish();
         Ok(())
     })
     .await??;
@@ -137,10 +153,17 @@ pub async fn take(
     match archive.exists(&key).await {
         Ok(true) => tracing::info!(snapshot = %key, "snapshot of this revision already archived"),
         Ok(false) => {
+            let uploading = Progress::new(
+                progress,
+                format!("upload {key}"),
+                Unit::Bytes,
+                Some(object_bytes),
+            );
             archive
-                .upload_file(&key, &obj_path)
+                .upload_file(&key, &obj_path, &uploading)
                 .await
                 .with_context(|| format!("upload snapshot {key}"))?;
+            uploading.finish();
             uploaded_bytes = object_bytes;
         }
         Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),

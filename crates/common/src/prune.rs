@@ -29,6 +29,7 @@ use crate::layout::{self, GenerationId, GenerationObject, PrunedRange};
 use crate::listing::{ArchiveListing, ListingError};
 use crate::manifest::PruneRecord;
 use crate::object_lock::Retention;
+use crate::progress::{Mode, Progress, Unit};
 use crate::retention::{self, Policy, PrunePlan};
 use crate::snapshot::HeaderReadError;
 use crate::store::{Archive, StoreError};
@@ -100,7 +101,7 @@ pub struct PruneReport {
 }
 
 /// Plans a prune of `archive` under `policy` and, when `confirm`, carries
-/// it out.
+/// it out, showing the deletions (objects) per `progress`.
 ///
 /// # Errors
 /// Listing, store or snapshot-header failures. A store's refusal to delete
@@ -110,6 +111,7 @@ pub async fn prune(
     archive: &Archive,
     policy: &Policy,
     confirm: bool,
+    progress: Mode,
 ) -> Result<PruneReport, PruneError> {
     let listing = ArchiveListing::load(archive).await?;
     let times = if policy.needs_snapshot_times() {
@@ -149,6 +151,12 @@ pub async fn prune(
         }
     }
     let ask_locks = archive.object_lock_enabled().await?;
+    let deleting = Progress::new(
+        progress,
+        "delete pruned objects",
+        Unit::Items("objects"),
+        Some(report.plan.delete.len() as u64),
+    );
     let mut results = futures::stream::iter(report.plan.delete.clone().into_iter().map(
         |key| async move {
             let result = delete_unless_locked(archive, &key, ask_locks, planned_ms).await;
@@ -157,6 +165,7 @@ pub async fn prune(
     ))
     .buffered(DELETES_IN_FLIGHT);
     while let Some((key, result)) = results.next().await {
+        deleting.inc(1);
         match result {
             Ok(None) => report.deleted += 1,
             Ok(Some(retention)) => report.retained.push(Retained {
@@ -170,6 +179,7 @@ pub async fn prune(
             Err(e) => return Err(e.into()),
         }
     }
+    deleting.finish();
     Ok(report)
 }
 

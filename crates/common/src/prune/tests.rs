@@ -116,12 +116,16 @@ async fn a_dry_run_deletes_nothing_and_a_confirmed_run_deletes_the_plan() {
     let store = faulty(Fault::None).await;
     let archive = archive(&store);
     let before = chain(&archive).await;
-    let dry = prune(&archive, &keep_last(1), false).await.unwrap();
+    let dry = prune(&archive, &keep_last(1), false, Mode::Hidden)
+        .await
+        .unwrap();
     assert!(!dry.confirmed && dry.deleted == 0);
     assert_eq!(dry.plan.delete.len(), 7, "{:?}", dry.plan.delete);
     assert_eq!(chain(&archive).await, before);
 
-    let done = prune(&archive, &keep_last(1), true).await.unwrap();
+    let done = prune(&archive, &keep_last(1), true, Mode::Hidden)
+        .await
+        .unwrap();
     assert_eq!(done.plan, dry.plan);
     assert_eq!(done.deleted, 7);
     assert!(done.refused.is_empty());
@@ -154,7 +158,9 @@ async fn a_dry_run_deletes_nothing_and_a_confirmed_run_deletes_the_plan() {
     .unwrap();
     assert_eq!(record.policy, "--keep-last 1");
 
-    let again = prune(&archive, &keep_last(1), true).await.unwrap();
+    let again = prune(&archive, &keep_last(1), true, Mode::Hidden)
+        .await
+        .unwrap();
     assert!(again.plan.delete.is_empty() && again.plan.records.is_empty());
 }
 
@@ -162,7 +168,9 @@ async fn a_dry_run_deletes_nothing_and_a_confirmed_run_deletes_the_plan() {
 async fn refused_deletions_are_reported_and_the_rest_goes() {
     let store = faulty(Fault::RefuseDeletes("/snapshots/")).await;
     let archive = archive(&store);
-    let report = prune(&archive, &keep_last(1), true).await.unwrap();
+    let report = prune(&archive, &keep_last(1), true, Mode::Hidden)
+        .await
+        .unwrap();
     let refused: Vec<&str> = report.refused.iter().map(|r| r.object.as_str()).collect();
     assert_eq!(
         refused,
@@ -186,14 +194,21 @@ async fn refused_deletions_are_reported_and_the_rest_goes() {
 
 #[tokio::test]
 async fn a_prune_cut_off_after_any_deletion_leaves_a_sound_archive_and_the_next_run_finishes() {
-    let planned = prune(&archive(&faulty(Fault::None).await), &keep_last(1), false)
-        .await
-        .unwrap()
-        .plan;
+    let planned = prune(
+        &archive(&faulty(Fault::None).await),
+        &keep_last(1),
+        false,
+        Mode::Hidden,
+    )
+    .await
+    .unwrap()
+    .plan;
     for k in 0..planned.delete.len() {
         let store = faulty(Fault::FailDeletesAfter(k)).await;
         let archive = archive(&store);
-        let err = prune(&archive, &keep_last(1), true).await.unwrap_err();
+        let err = prune(&archive, &keep_last(1), true, Mode::Hidden)
+            .await
+            .unwrap_err();
         assert!(matches!(err, PruneError::Store(_)), "{err}");
         let cut = chain(&archive).await;
         assert!(
@@ -210,7 +225,7 @@ async fn a_prune_cut_off_after_any_deletion_leaves_a_sound_archive_and_the_next_
         }
         // The store works again: the next run finishes the job.
         let healed = Arc::new(store.with_fault(Fault::None).await.unwrap());
-        let next = prune(&self::archive(&healed), &keep_last(1), true)
+        let next = prune(&self::archive(&healed), &keep_last(1), true, Mode::Hidden)
             .await
             .unwrap();
         assert_eq!(
@@ -233,7 +248,7 @@ async fn calendar_rules_read_snapshot_times_from_headers() {
         keep_periods: [(Period::Daily, 2)].into_iter().collect(),
         ..Policy::default()
     };
-    let report = prune(&archive, &policy, false).await.unwrap();
+    let report = prune(&archive, &policy, false, Mode::Hidden).await.unwrap();
     let bases: Vec<Revision> = report.plan.kept.iter().map(|p| p.base).collect();
     assert_eq!(bases, vec![25, 40, 40], "{:?}", report.plan.kept);
     assert_eq!(report.plan.kept[0].reasons, vec!["keep-daily 2026-11-21"]);
@@ -255,7 +270,9 @@ async fn calendar_rules_read_snapshot_times_from_headers() {
     )
     .await
     .unwrap();
-    let err = prune(&archive, &policy, true).await.unwrap_err();
+    let err = prune(&archive, &policy, true, Mode::Hidden)
+        .await
+        .unwrap_err();
     assert!(matches!(err, PruneError::Integrity(_)), "{err}");
     assert!(err.to_string().contains("revision 41"), "{err}");
     assert_eq!(
@@ -290,11 +307,15 @@ async fn locked_objects_stay_and_are_reported_until_their_lock_expires() {
         Some(until(RetentionMode::Governance, crate::now_ms() - 1000)),
     );
 
-    let dry = prune(&archive, &keep_last(1), false).await.unwrap();
+    let dry = prune(&archive, &keep_last(1), false, Mode::Hidden)
+        .await
+        .unwrap();
     assert!(dry.retained.is_empty());
     assert_eq!(store.lock_lookups(), 0, "a dry run asks nothing");
 
-    let report = prune(&archive, &keep_last(1), true).await.unwrap();
+    let report = prune(&archive, &keep_last(1), true, Mode::Hidden)
+        .await
+        .unwrap();
     assert_eq!(
         report.retained,
         vec![
@@ -334,7 +355,9 @@ async fn locked_objects_stay_and_are_reported_until_their_lock_expires() {
         Some(until(RetentionMode::Compliance, crate::now_ms())),
     );
     lock(&store, &snap25, None);
-    let later = prune(&archive, &keep_last(1), true).await.unwrap();
+    let later = prune(&archive, &keep_last(1), true, Mode::Hidden)
+        .await
+        .unwrap();
     assert!(later.retained.is_empty(), "{:?}", later.retained);
     assert_eq!(later.deleted, 2, "{:?}", later.plan.delete);
     assert_eq!(chain(&archive).await.snapshots, vec![40]);
@@ -343,7 +366,9 @@ async fn locked_objects_stay_and_are_reported_until_their_lock_expires() {
 #[tokio::test]
 async fn a_bucket_without_object_lock_costs_one_question_per_prune() {
     let store = faulty(Fault::None).await;
-    let report = prune(&archive(&store), &keep_last(1), true).await.unwrap();
+    let report = prune(&archive(&store), &keep_last(1), true, Mode::Hidden)
+        .await
+        .unwrap();
     assert_eq!(report.deleted, 7);
     assert_eq!(store.lock_lookups(), 1);
 }
