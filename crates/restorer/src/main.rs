@@ -1,5 +1,13 @@
 //! `etcd-restorer`: parse flags, set up logging, call the library, map
 //! errors to documented exit codes.
+//!
+//! Flags and environment only, no config file. A flag that is a setting
+//! (where the archive is and its keys, how to reach and pace `follow`'s
+//! destination, how times are read, the etcd release of the next steps)
+//! is also `ETCD_RESTORER_<FLAG>`; what names one invocation's target or
+//! output (`--revision`, `--time`, `--output`, `--key`, `--from`, `--json`,
+//! `--force`, …) is a flag only, so a stray variable never changes what a
+//! command restores or where it writes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,10 +17,12 @@ use etcd_restorer::commands::{
     self, DiffOptions, EtcdRelease, FollowOptions, HistoryOptions, RestoreOptions, Span, Target,
     TimeFlags, Until,
 };
+use etcd_restorer::point::DEFAULT_MAX_STALENESS;
 use etcd_restorer::synth::Bump;
 use etcd_restorer::UsageError;
 use etcdpitr_common::cli::{DocsCommand, LogFormat, Logging};
 use etcdpitr_common::etcd::{Connection, ConnectionFlags};
+use etcdpitr_common::settings::{self, format_duration, with_default};
 
 /// Restores etcd to any archived revision or moment.
 #[derive(Parser)]
@@ -90,15 +100,9 @@ impl DestinationArgs {
     }
 }
 
+/// Parses the duration `text` of `--flag`.
 fn duration(flag: &str, text: &str) -> Result<std::time::Duration, UsageError> {
-    humantime::parse_duration(text.trim())
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            UsageError(format!(
-                "{flag}: {text:?} is not a duration like 500ms, 10s or 10m"
-            ))
-        })
+    settings::parse_duration(flag, text).map_err(|e| UsageError(e.to_string()))
 }
 
 /// How a command reads times.
@@ -106,7 +110,7 @@ fn duration(flag: &str, text: &str) -> Result<std::time::Duration, UsageError> {
 struct TimeArgs {
     /// Read a time without a zone (2026-11-25T14:06:30) as UTC; without
     /// this flag such a time is refused (the restorer never guesses a zone).
-    #[arg(long)]
+    #[arg(long, env = "ETCD_RESTORER_UTC")]
     utc: bool,
     #[command(flatten)]
     staleness: StalenessArgs,
@@ -124,10 +128,17 @@ impl TimeArgs {
 /// `--max-staleness`.
 #[derive(Args)]
 struct StalenessArgs {
-    /// The archive is current while its newest vouched moment is at most
-    /// this old (default 2m); a time after that moment then takes the
-    /// newest revision.
-    #[arg(long, value_name = "DURATION")]
+    /// `--max-staleness` (a duration; the default applies in the library).
+    #[arg(
+        long,
+        env = "ETCD_RESTORER_MAX_STALENESS",
+        value_name = "DURATION",
+        help = with_default(
+            "The archive is current while its newest vouched moment is at most this old; \
+             a time after that moment then takes the newest revision",
+            format_duration(DEFAULT_MAX_STALENESS)
+        )
+    )]
     max_staleness: Option<String>,
 }
 
@@ -135,7 +146,7 @@ impl StalenessArgs {
     fn get(&self) -> Result<Option<std::time::Duration>, UsageError> {
         self.max_staleness
             .as_deref()
-            .map(|t| duration("--max-staleness", t))
+            .map(|t| duration("max-staleness", t))
             .transpose()
     }
 }
@@ -214,7 +225,7 @@ enum Command {
         force: bool,
         /// The etcd release to print the next commands for: 3.4 or 3.5
         /// (default: read from the restored file, else 3.5).
-        #[arg(long, value_name = "VERSION")]
+        #[arg(long, env = "ETCD_RESTORER_ETCD_VERSION", value_name = "VERSION")]
         etcd_version: Option<EtcdRelease>,
     },
     /// Read every object of the archive and check it; exit 4 on any problem.
@@ -298,17 +309,27 @@ enum Command {
         /// More than 1 pipelines guarded transactions; etcd often proposes
         /// requests that arrive together in another order, and every one
         /// overtaken costs the window a resend (docs/benchmarks.md).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, env = "ETCD_RESTORER_MAX_IN_FLIGHT", default_value_t = 1)]
         max_in_flight: usize,
         /// The destination's --max-txn-ops (a revision with more events is
         /// applied with range deletes, each checked to be exact).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, env = "ETCD_RESTORER_MAX_TXN_OPS", default_value_t = 128)]
         max_txn_ops: usize,
         /// How often to look for new segments once caught up.
-        #[arg(long, default_value = "200ms")]
+        #[arg(
+            long,
+            env = "ETCD_RESTORER_POLL_INTERVAL",
+            value_name = "DURATION",
+            default_value = "200ms"
+        )]
         poll_interval: String,
         /// How often to log the applied revision and the lag.
-        #[arg(long, default_value = "10s")]
+        #[arg(
+            long,
+            env = "ETCD_RESTORER_LOG_INTERVAL",
+            value_name = "DURATION",
+            default_value = "10s"
+        )]
         log_interval: String,
     },
     /// Keys added, changed and deleted between two points, by key.
@@ -375,7 +396,7 @@ fn main() -> ExitCode {
             } => {
                 let min_lease_ttl_secs = match min_lease_ttl {
                     Some(text) => {
-                        let d = duration("--min-lease-ttl", &text)?;
+                        let d = duration("min-lease-ttl", &text)?;
                         i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)
                     }
                     None => 0,
@@ -473,8 +494,8 @@ fn main() -> ExitCode {
                     until,
                     max_in_flight,
                     max_txn_ops,
-                    poll_interval: duration("--poll-interval", &poll_interval)?,
-                    log_interval: duration("--log-interval", &log_interval)?,
+                    poll_interval: duration("poll-interval", &poll_interval)?,
+                    log_interval: duration("log-interval", &log_interval)?,
                     metrics_addr,
                 };
                 let destination = destination.connection()?;
