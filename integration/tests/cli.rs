@@ -425,3 +425,141 @@ fn colour_only_on_a_terminal_without_no_color() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The option blocks of a long `--help`: the flag (`--name`) and its text.
+fn help_blocks(binary_name: &str, args: &[&str]) -> anyhow::Result<BTreeMap<String, String>> {
+    let out = Command::new(binary(binary_name))
+        .args(args)
+        .arg("--help")
+        .output()?;
+    ensure!(out.status.success(), "{args:?} --help: {out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    let mut blocks = BTreeMap::new();
+    for block in text.split("\n      --").skip(1) {
+        let name = block.split([' ', '[', '\n']).next().unwrap_or_default();
+        blocks.insert(
+            format!("--{name}"),
+            block.split_whitespace().collect::<Vec<_>>().join(" "),
+        );
+    }
+    Ok(blocks)
+}
+
+/// `--help` shows every default next to its flag, from the constants that
+/// resolution applies, and the environment variable of every setting; a
+/// setting given only as a variable (or in the file the variable names) is
+/// used: a bad one is refused with exit 2 naming the flag.
+#[test]
+fn help_shows_defaults_and_env_vars_and_env_is_read() -> anyhow::Result<()> {
+    use etcd_archiver::config as c;
+    use etcdpitr_common::settings::{format_duration, format_size};
+    let run = help_blocks("etcd-archiver", &["run"])?;
+    let defaults = [
+        ("--endpoints", c::DEFAULT_ENDPOINT.to_owned()),
+        ("--data-dir", c::DEFAULT_DATA_DIR.to_owned()),
+        (
+            "--snapshot-interval",
+            format_duration(c::DEFAULT_SNAPSHOT_INTERVAL),
+        ),
+        (
+            "--segment-max-age",
+            format_duration(c::DEFAULT_SEGMENT_MAX_AGE),
+        ),
+        (
+            "--segment-max-bytes",
+            format_size(c::DEFAULT_SEGMENT_MAX_BYTES),
+        ),
+        ("--spool-max-bytes", format_size(c::DEFAULT_SPOOL_MAX_BYTES)),
+        (
+            "--idle-interval",
+            format_duration(c::DEFAULT_IDLE_SEAL_INTERVAL),
+        ),
+        (
+            "--shutdown-timeout",
+            format_duration(c::DEFAULT_SHUTDOWN_TIMEOUT),
+        ),
+        ("--election-prefix", c::DEFAULT_ELECTION_PREFIX.to_owned()),
+        ("--election-ttl", format_duration(c::DEFAULT_ELECTION_TTL)),
+        (
+            "--prune-interval",
+            format_duration(etcd_archiver::prune::DEFAULT_PRUNE_INTERVAL),
+        ),
+        ("--ready-max-lag", format_duration(c::DEFAULT_READY_MAX_LAG)),
+        (
+            "--heartbeat-interval",
+            format_duration(c::DEFAULT_HEARTBEAT_INTERVAL),
+        ),
+    ];
+    for (flag, default) in &defaults {
+        let block = run
+            .get(*flag)
+            .with_context(|| format!("{flag} in run --help"))?;
+        ensure!(
+            block.contains(&format!("[default: {default}]")),
+            "{flag}: {block}"
+        );
+    }
+    ensure!(run["--segment-max-bytes"].contains("[default: 16MiB]"));
+    for (flag, block) in &run {
+        if flag == "--help" || flag == "--log-format" {
+            continue;
+        }
+        let env = format!(
+            "[env: ETCD_ARCHIVER_{}=",
+            flag[2..].to_uppercase().replace('-', "_")
+        );
+        ensure!(block.contains(&env), "{flag}: {block}");
+    }
+    let check = help_blocks("etcd-archiver", &["check"])?;
+    ensure!(
+        check["--max-rpo"].contains("[default: 1m]"),
+        "{}",
+        check["--max-rpo"]
+    );
+    ensure!(check["--segment-max-age"].contains("[default: 5s]"));
+    let restorer = help_blocks("etcd-restorer", &["restore"])?;
+    ensure!(
+        restorer["--max-staleness"].contains("[default: 2m]")
+            && restorer["--max-staleness"].contains("[env: ETCD_RESTORER_MAX_STALENESS="),
+        "{}",
+        restorer["--max-staleness"]
+    );
+    ensure!(
+        !restorer["--output"].contains("[env:"),
+        "a target is never a variable"
+    );
+    let follow = help_blocks("etcd-restorer", &["follow"])?;
+    ensure!(follow["--poll-interval"].contains("[default: 200ms]"));
+
+    // Env and the file named by env are read before anything connects.
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("settings.toml");
+    std::fs::write(
+        &file,
+        "archive = \"file:///nonexistent\"\nspool-max-bytes = \"0.5\"\n",
+    )?;
+    let out = Command::new(binary("etcd-archiver"))
+        .arg("snapshot")
+        .env("ETCD_ARCHIVER_CONFIG", &file)
+        .env("ETCD_ARCHIVER_SEGMENT_MAX_BYTES", "1.5MiB")
+        .env("ETCD_ARCHIVER_LOG", "warn")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    ensure!(
+        stderr.contains("--spool-max-bytes: \"0.5\" is a fraction of a byte"),
+        "{stderr}"
+    );
+    let out = Command::new(binary("etcd-archiver"))
+        .args(["snapshot", "--spool-max-bytes", "1GiB"])
+        .env("ETCD_ARCHIVER_CONFIG", &file)
+        .env("ETCD_ARCHIVER_SEGMENT_MAX_BYTES", "-1MiB")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    ensure!(
+        stderr.contains("--segment-max-bytes: \"-1MiB\""),
+        "{stderr}"
+    );
+    Ok(())
+}
