@@ -155,7 +155,7 @@ pub async fn take(
         Ok(false) => {
             let uploading = Progress::new(
                 progress,
-                format!("upload {key}"),
+                format!("upload snapshot at revision {}", header.revision),
                 Unit::Bytes,
                 Some(object_bytes),
             );

@@ -317,11 +317,11 @@ fn json_logs() -> bool {
 fn style(unit: Unit, has_total: bool) -> ProgressStyle {
     let template = match (unit, has_total) {
         (Unit::Bytes, true) => {
-            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}".to_owned()
+            "{prefix} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}".to_owned()
         }
         (Unit::Bytes, false) => "{spinner} {prefix} {bytes} {bytes_per_sec} {elapsed}".to_owned(),
         (Unit::Items(name), true) => {
-            format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {name} {{per_sec:0}} eta {{eta}}")
+            format!("{{prefix}} [{{wide_bar}}] {{human_pos}}/{{human_len}} {name} {{per_sec:0}} eta {{eta}}")
         }
         (Unit::Items(name), false) => {
             format!("{{spinner}} {{prefix}} {{human_pos}} {name} {{per_sec:0}} {{elapsed}}")

@@ -38,7 +38,12 @@ async fn download_checked(
             .await
             .with_context(|| format!("create {}", scratch.display()))?;
         // The object's size is not listed: the download counts up.
-        let downloading = Progress::new(progress, format!("download {key}"), Unit::Bytes, None);
+        let downloading = Progress::new(
+            progress,
+            format!("download snapshot at revision {revision}"),
+            Unit::Bytes,
+            None,
+        );
         let mut file = downloading.counting(file);
         archive
             .download(&key, &mut file)
@@ -55,8 +60,12 @@ async fn download_checked(
                 .map(|h| h.db_bytes);
             let out =
                 std::fs::File::create(&db).with_context(|| format!("create {}", db.display()))?;
-            let decompressing =
-                Progress::new(progress, format!("decompress {key}"), Unit::Bytes, total);
+            let decompressing = Progress::new(
+                progress,
+                format!("decompress snapshot at revision {revision}"),
+                Unit::Bytes,
+                total,
+            );
             let mut out = std::io::BufWriter::new(decompressing.counting(out));
             let header = snapshot::read_object(&key, &mut input, &mut out)?;
             std::io::Write::flush(&mut out)?;
