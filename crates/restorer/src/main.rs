@@ -366,11 +366,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // follow is long-running: its progress lines are INFO.
+    // follow is long-running: its progress lines are INFO. The other
+    // commands log warnings, and the progress lines of their long steps
+    // (shown when stderr is not a terminal; see `etcdpitr_common::progress`).
     let log_default = if matches!(cli.command, Command::Follow { .. }) {
         "info"
     } else {
-        "warn"
+        "warn,etcdpitr_common::progress=info"
     };
     let command = async {
         let mut stdout = etcdpitr_common::cli::stdout();
