@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use etcdpitr_common::layout::{self, GenerationId, GenerationObject, SegmentName};
+use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::manifest::ArchiveManifest;
 use etcdpitr_common::segment::{self, EventKind, Record};
 use etcdpitr_common::store::Archive;
@@ -20,8 +21,11 @@ use crate::config::{parse_duration, InvalidConfig, Settings};
 pub const DEFAULT_CANARY_PREFIX: &str = "/etcd-pitr/canary/";
 /// The canary key's name under the prefix.
 pub const CANARY_NAME: &str = "check";
-/// How often the archive is listed while waiting.
+/// How often the newest generation's segments are listed while waiting.
 const POLL: Duration = Duration::from_millis(250);
+/// How often the whole archive is listed while the canary's segment waits
+/// for a base snapshot to make it restorable.
+const RESTORABLE_POLL: Duration = Duration::from_secs(1);
 
 /// `etcd-archiver check` flags: the archiver's settings (for the
 /// connection, the archive and its keys) plus the bound.
@@ -103,6 +107,8 @@ pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
         .await?
         .with_context(|| format!("no archive at {}: nothing to check", archive.url()))?;
     ArchiveManifest::parse(layout::MANIFEST_NAME, &manifest)?.check_keys(&config.keys)?;
+    // Listed before the write, so that afterwards only new names are.
+    let mut segments = Segments::start(&archive).await?;
 
     // One key whatever the host (a CronJob's pods each have a new name):
     // the write is told apart by its revision and value.
@@ -121,32 +127,37 @@ pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
         .revision();
     tracing::info!(%key, revision, "canary written; waiting for the archive to hold it");
 
-    let mut segments = Segments::default();
     loop {
-        if let Some((object, seen)) = segments
+        if let Some((generation, object, seen)) = segments
             .find(&archive, revision, key.as_bytes(), value.as_bytes())
             .await?
         {
-            let recovery_point = seen.duration_since(written);
-            if recovery_point > bound {
-                return Err(RpoExceeded {
-                    state: format!(
-                        "{object} holds it, {:.3} s after the write",
-                        recovery_point.as_secs_f64()
-                    ),
-                    key,
-                    revision,
-                    bound,
+            let state = match restorable_since(&archive, generation, revision, written, bound).await? {
+                Some(at) if at.duration_since(written) <= bound => {
+                    return Ok(Checked {
+                        key,
+                        revision,
+                        object,
+                        recovery_point: at.max(seen).duration_since(written),
+                        bound,
+                    })
                 }
-                .into());
-            }
-            return Ok(Checked {
+                Some(at) => format!(
+                    "{object} holds it, restorable {:.3} s after the write",
+                    at.max(seen).duration_since(written).as_secs_f64()
+                ),
+                None => format!(
+                    "{object} holds it, but no base snapshot of generation {} serves revision {revision} yet",
+                    generation.0
+                ),
+            };
+            return Err(RpoExceeded {
                 key,
                 revision,
-                object,
-                recovery_point,
                 bound,
-            });
+                state,
+            }
+            .into());
         }
         if written.elapsed() > bound {
             return Err(RpoExceeded {
@@ -161,14 +172,71 @@ pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
     }
 }
 
+/// When revision `revision` of `generation` was seen restorable (the
+/// generation part of the archive's history, not a deposed writer's, and a
+/// base snapshot serving the revision): the first listing's start if it
+/// already was, else the listing that saw it, listed every second until
+/// `bound` after `written` (then `None`).
+///
+/// # Errors
+/// The generation is a deposed writer's; store failures.
+async fn restorable_since(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+    written: Instant,
+    bound: Duration,
+) -> anyhow::Result<Option<Instant>> {
+    loop {
+        let listed = Instant::now();
+        let listing = ArchiveListing::load(archive).await?;
+        if let Some(g) = listing
+            .generations
+            .iter()
+            .find(|g| g.id == Some(generation))
+        {
+            if g.chain().base_for(revision).is_some() {
+                return Ok(Some(listed));
+            }
+        } else if listing.void.iter().any(|g| g.id == Some(generation)) {
+            anyhow::bail!(
+                "generation {} holds the canary but was started by a deposed writer: it is not part of the archive's history",
+                generation.0
+            );
+        }
+        if written.elapsed() > bound {
+            return Ok(None);
+        }
+        tokio::time::sleep(RESTORABLE_POLL).await;
+    }
+}
+
 /// The newest generation's segments seen so far.
-#[derive(Default)]
 struct Segments {
     generation: Option<GenerationId>,
     names: Vec<SegmentName>,
 }
 
 impl Segments {
+    /// The newest generation of the archive's history (one a deposed writer
+    /// started is left out) and its segments.
+    ///
+    /// # Errors
+    /// Store failures, unreadable manifests.
+    async fn start(archive: &Archive) -> anyhow::Result<Self> {
+        let listing = ArchiveListing::load(archive).await?;
+        Ok(match listing.generations.last() {
+            Some(g) => Self {
+                generation: g.id,
+                names: g.segments.clone(),
+            },
+            None => Self {
+                generation: None,
+                names: Vec::new(),
+            },
+        })
+    }
+
     /// Lists what is new in the archive's newest generation and returns the
     /// object holding the canary write at `revision`, once there is one,
     /// with when the listing showed it.
@@ -178,14 +246,14 @@ impl Segments {
         revision: Revision,
         key: &[u8],
         value: &[u8],
-    ) -> anyhow::Result<Option<(String, Instant)>> {
+    ) -> anyhow::Result<Option<(GenerationId, String, Instant)>> {
         let newest = archive
             .list_root_dirs()
             .await?
             .iter()
             .filter_map(|d| GenerationId::parse_dir(d))
             .max();
-        let Some(generation) = newest else {
+        let Some(generation) = newest.max(self.generation) else {
             return Ok(None);
         };
         if self.generation != Some(generation) {
@@ -228,7 +296,7 @@ impl Segments {
             holds,
             "{object} holds revision {revision}, but not the canary write: this archive is not this cluster's history (another cluster, or a restored one)"
         );
-        Ok(Some((object, listed)))
+        Ok(Some((generation, object, listed)))
     }
 
     /// What the archive held, for the error message.

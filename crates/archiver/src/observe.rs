@@ -108,6 +108,9 @@ pub struct Status {
     pub etcd_error: Option<String>,
     /// Why the last upload failed, until one succeeds.
     pub store_error: Option<String>,
+    /// Whether the generation has a base snapshot in the store: until it
+    /// has, none of its revisions is restorable.
+    pub restorable: bool,
 }
 
 impl Status {
@@ -119,6 +122,7 @@ impl Status {
             source: None,
             etcd_error: None,
             store_error: None,
+            restorable: false,
         }
     }
 }
@@ -143,6 +147,12 @@ pub fn readiness(status: &Status, now_ms: i64, max_lag: Duration) -> Result<(), 
             let Some(durable) = status.durable else {
                 return Err("starting: reading the archive's newest generation".into());
             };
+            if !status.restorable {
+                return Err(format!(
+                    "generation {} has no base snapshot archived yet: none of its revisions is restorable",
+                    status.generation.map_or(0, |g| g.0)
+                ));
+            }
             let lag = lag_ms(durable, status.source, now_ms);
             if u128::try_from(lag).unwrap_or(0) > max_lag.as_millis() {
                 let source = status
@@ -389,6 +399,7 @@ impl Observer {
         let mut s = self.status();
         s.generation = Some(generation);
         s.durable = Some(durable);
+        s.restorable = false;
         let m = &self.0.metrics;
         m.generation
             .set(value(i64::try_from(generation.0).unwrap_or(i64::MAX)));
@@ -451,9 +462,14 @@ impl Observer {
         let m = &self.0.metrics;
         #[allow(clippy::cast_precision_loss)]
         m.uploaded_bytes.add(done.uploaded_bytes as f64);
-        if self.status().generation != Some(generation) {
+        let mut s = self.status();
+        if s.generation != Some(generation) {
             return;
         }
+        s.restorable = true;
+        // A snapshot that reached the store clears an earlier failure.
+        s.store_error = None;
+        drop(s);
         m.last_snapshot_timestamp.set(value(done.taken_ms) / 1000.0);
         m.snapshot_duration.set(done.duration.as_secs_f64());
         if m.restorable_start.get() == 0.0 {
@@ -463,7 +479,9 @@ impl Observer {
 
     /// The newest restorable range of `generation` starts at `first`.
     pub fn restorable_start(&self, generation: GenerationId, first: Revision) {
-        if self.status().generation == Some(generation) {
+        let mut s = self.status();
+        if s.generation == Some(generation) {
+            s.restorable = true;
             self.0.metrics.restorable_start.set(value(first));
         }
     }
@@ -472,8 +490,12 @@ impl Observer {
     /// when a writer resumes it (unless this process took a newer one).
     pub fn snapshot_time(&self, generation: GenerationId, taken_ms: i64) {
         let m = &self.0.metrics;
-        if self.status().generation == Some(generation) && m.last_snapshot_timestamp.get() == 0.0 {
-            m.last_snapshot_timestamp.set(value(taken_ms) / 1000.0);
+        let mut s = self.status();
+        if s.generation == Some(generation) {
+            s.restorable = true;
+            if m.last_snapshot_timestamp.get() == 0.0 {
+                m.last_snapshot_timestamp.set(value(taken_ms) / 1000.0);
+            }
         }
     }
 
@@ -560,8 +582,10 @@ mod tests {
 
     fn writer(durable: Option<Durable>, source: Option<Seen>) -> Status {
         Status {
+            generation: Some(GenerationId(3)),
             durable,
             source,
+            restorable: true,
             ..Status::new(Role::Writer)
         }
     }
@@ -600,6 +624,13 @@ mod tests {
         assert!(readiness(&writer(None, None), NOW, max)
             .unwrap_err()
             .starts_with("starting"));
+        // A new generation before its base snapshot is in the store.
+        let mut unrestorable = current.clone();
+        unrestorable.restorable = false;
+        assert_eq!(
+            readiness(&unrestorable, NOW, max).unwrap_err(),
+            "generation 3 has no base snapshot archived yet: none of its revisions is restorable"
+        );
     }
 
     #[test]
