@@ -106,6 +106,8 @@ impl Fixture {
             .arg(&rss)
             .arg(integration::binary("etcd-restorer"))
             .args(args)
+            // Without the progress lines: stdout and stderr are read as one.
+            .env("ETCD_RESTORER_LOG", "warn")
             .output()
             .unwrap();
         let rss_kib = std::fs::read_to_string(&rss)
@@ -405,7 +407,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn head_of(f: &Fixture) -> String {
     let (code, out, _) = f.run(&["verify", "--archive", &f.url, "--json"]);
     assert_eq!(code, 0, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(v["ok"], true, "{out}");
     v["head"].as_str().unwrap().to_owned()
 }

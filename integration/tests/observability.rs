@@ -252,10 +252,11 @@ async fn metrics_health_readiness_and_heartbeat_follow_etcd_going_away_and_back(
         "{standby_text}"
     );
 
-    // etcd goes away: not ready within the bound, still healthy, and the
-    // lag grows past the bound (no word from the source proves it current).
+    // etcd goes away: not ready within the bound (+ 5 s for a loaded
+    // machine), still healthy, and the lag grows past the bound (no word
+    // from the source proves it current).
     cluster.members[0].kill();
-    let (answer, took) = wait_status(port, "/readyz", 503, Duration::from_secs(3))
+    let (answer, took) = wait_status(port, "/readyz", 503, Duration::from_secs(3 + 5))
         .await
         .unwrap();
     assert!(answer.body.contains("etcd"), "{}", answer.body);

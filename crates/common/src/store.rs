@@ -190,13 +190,15 @@ const MISTAKE_CODES: [(&str, StoreMistake); 10] = [
 /// error type is private, so its wording is matched, here only.
 const REQWEST_SCHEME_REFUSED: &str = "URL scheme is not allowed";
 
-/// The [`StoreMistake`] that `error` reveals, if any. Typed first: a
-/// request the HTTP client refused to build for its URL scheme, an
-/// `Unauthenticated` (401) or `PermissionDenied` (403) answer; then the
-/// service's error code in the answer's body ([`service_error`]), which
-/// also tells a missing bucket from a missing object and a bad signature
-/// from a missing permission, and is the only witness for listings (which
-/// `object_store` reports as generic errors whatever the status).
+/// The [`StoreMistake`] that `error` reveals, if any: a request the HTTP
+/// client refused to build for its URL scheme; else the service's error
+/// code in the answer's body ([`service_error`]) when there is one, which
+/// tells a missing bucket from a missing object and a bad signature from a
+/// missing permission, is the only witness for listings (which
+/// `object_store` reports as generic errors whatever the status), and
+/// keeps a 403 for another reason (a skewed clock) from reading as a
+/// missing permission; else an `Unauthenticated` (401) or
+/// `PermissionDenied` (403) answer.
 pub fn mistake(error: &object_store::Error) -> Option<StoreMistake> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(c) = cause {
@@ -210,9 +212,12 @@ pub fn mistake(error: &object_store::Error) -> Option<StoreMistake> {
     }
     let text = error.to_string();
     if let Some((_, code, _)) = service_error(&text) {
-        if let Some((_, m)) = MISTAKE_CODES.iter().find(|(c, _)| *c == code) {
-            return Some(*m);
-        }
+        // Another code (a clock skew, throttling…) is no setting to fix,
+        // whatever the HTTP status.
+        return MISTAKE_CODES
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, m)| *m);
     }
     match error {
         object_store::Error::Unauthenticated { .. } => Some(StoreMistake::BadCredentials),

@@ -364,13 +364,17 @@ pub async fn resolve_time(
             let latest = links.iter().map(|s| s.end_ms).max().unwrap_or(started_ms);
             let last = chain.last_revision();
             let archive_newest = listing.generations.last().and_then(|n| n.id) == g.id;
+            // A clock step may put the archived moments later than observed.
+            let step = timeline
+                .widest_step(last, false)
+                .filter(|step| latest.saturating_add(step.offset_ms) >= time_ms);
             let mut why = if !newest {
                 format!(
                     "falls in the gap after generation {} (archived until {})",
                     g.generation(),
                     crate::format_ms(latest)
                 )
-            } else if !archive_newest || links.is_empty() {
+            } else if !archive_newest || links.is_empty() || step.is_some() {
                 format!(
                     "is after the last archived moment ({})",
                     crate::format_ms(latest)
@@ -400,15 +404,12 @@ pub async fn resolve_time(
                     ),
                 }
             };
-            // A clock step may put the archived moments later than observed.
-            if let Some(step) = timeline.widest_step(last, false) {
-                if latest.saturating_add(step.offset_ms) >= time_ms {
-                    why += &format!(
-                        " as the archiver observed it, but its wall clock stepped: {}, so that moment may truly be as late as {}; restore a revision you choose with --revision",
-                        describe_step(g.generation(), step),
-                        crate::format_ms(latest.saturating_add(step.offset_ms))
-                    );
-                }
+            if let Some(step) = step {
+                why += &format!(
+                    " as the archiver observed it, but its wall clock stepped: {}, so that moment may truly be as late as {}; restore a revision you choose with --revision",
+                    describe_step(g.generation(), step),
+                    crate::format_ms(latest.saturating_add(step.offset_ms))
+                );
             }
             return Err(not_covered(why).into());
         };
