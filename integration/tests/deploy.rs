@@ -601,7 +601,7 @@ async fn alerts_and_dashboard_query_the_archivers_metrics() {
         "etcd_pitr_archive_lag_seconds",
         "etcd_pitr_last_snapshot_timestamp_seconds",
         "etcd_pitr_upload_errors_total",
-        "etcd_pitr_gaps_total",
+        "etcd_pitr_generation",
         "kube_pod_status_ready",
     ] {
         assert!(queried.contains(needed), "no alert on {needed}");
