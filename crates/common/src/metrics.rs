@@ -219,6 +219,17 @@ fn checked(check: Option<&Check>) -> (&'static str, &'static str, String) {
 mod tests {
     use super::*;
 
+    /// The whole HTTP answer to `GET path`.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     #[tokio::test]
     async fn serves_metrics_and_health() {
         let mut registry = Registry::default();
@@ -230,15 +241,7 @@ mod tests {
         let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(registry))
             .await
             .unwrap();
-        let get = |path: &'static str| async move {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            c.read_to_string(&mut out).await.unwrap();
-            out
-        };
+        let get = |path| get(addr, path);
         let metrics = get("/metrics").await;
         assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
         assert!(metrics.contains("# TYPE test_applied_revision gauge\ntest_applied_revision 42\n"));
@@ -268,15 +271,7 @@ mod tests {
         let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(registry))
             .await
             .unwrap();
-        let get = |path: &'static str| async move {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            c.read_to_string(&mut out).await.unwrap();
-            out
-        };
+        let get = |path| get(addr, path);
         let not_ready = get("/readyz").await;
         assert!(
             not_ready.starts_with("HTTP/1.1 503 Service Unavailable"),
