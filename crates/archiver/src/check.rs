@@ -132,19 +132,21 @@ pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
             .find(&archive, revision, key.as_bytes(), value.as_bytes())
             .await?
         {
-            let state = match restorable_since(&archive, generation, revision, written, bound).await? {
-                Some(at) if at.duration_since(written) <= bound => {
+            let restorable =
+                restorable_since(&archive, generation, revision, seen, written + bound).await?;
+            let state = match restorable.map(|at| at.duration_since(written)) {
+                Some(recovery_point) if recovery_point <= bound => {
                     return Ok(Checked {
                         key,
                         revision,
                         object,
-                        recovery_point: at.max(seen).duration_since(written),
+                        recovery_point,
                         bound,
                     })
                 }
-                Some(at) => format!(
+                Some(took) => format!(
                     "{object} holds it, restorable {:.3} s after the write",
-                    at.max(seen).duration_since(written).as_secs_f64()
+                    took.as_secs_f64()
                 ),
                 None => format!(
                     "{object} holds it, but no base snapshot of generation {} serves revision {revision} yet",
@@ -172,11 +174,12 @@ pub async fn command(args: CheckArgs) -> anyhow::Result<Checked> {
     }
 }
 
-/// When revision `revision` of `generation` was seen restorable (the
-/// generation part of the archive's history, not a deposed writer's, and a
-/// base snapshot serving the revision): the first listing's start if it
-/// already was, else the listing that saw it, listed every second until
-/// `bound` after `written` (then `None`).
+/// When revision `revision` of `generation`, whose segment was listed at
+/// `seen`, was restorable (the generation part of the archive's history,
+/// not a deposed writer's, and a base snapshot serving the revision):
+/// `seen` if the first listing of the whole archive shows it so, else the
+/// start of the listing that does, listed every second until `deadline`
+/// (then `None`).
 ///
 /// # Errors
 /// The generation is a deposed writer's; store failures.
@@ -184,11 +187,11 @@ async fn restorable_since(
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
-    written: Instant,
-    bound: Duration,
+    seen: Instant,
+    deadline: Instant,
 ) -> anyhow::Result<Option<Instant>> {
+    let mut listed = seen;
     loop {
-        let listed = Instant::now();
         let listing = ArchiveListing::load(archive).await?;
         if let Some(g) = listing
             .generations
@@ -204,10 +207,11 @@ async fn restorable_since(
                 generation.0
             );
         }
-        if written.elapsed() > bound {
+        if Instant::now() > deadline {
             return Ok(None);
         }
         tokio::time::sleep(RESTORABLE_POLL).await;
+        listed = Instant::now();
     }
 }
 
