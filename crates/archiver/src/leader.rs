@@ -193,15 +193,6 @@ impl Drop for LossWatch {
     }
 }
 
-/// Whether `e` holds a store failure the operator must fix (a bad URL,
-/// credentials, a missing bucket, refused permissions).
-fn is_store_setting(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<StoreError>()
-            .is_some_and(StoreError::is_usage)
-    })
-}
-
 async fn connect_and_probe(config: &Config) -> anyhow::Result<(Client, ClusterInfo)> {
     let mut client = etcd::connect(config).await?;
     let info = etcd::cluster_info(&mut client).await?;
@@ -588,7 +579,7 @@ impl Session<'_> {
                 Ok(false) => return Ok(SessionOutcome::Deposed),
                 // A store setting the operator must fix (bucket, credentials,
                 // permissions) is not retried: the archiver exits 2.
-                Err(e) if is_store_setting(&e) => return Err(e),
+                Err(e) if errors::is_store_setting(&e) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = errors::one_line(&e), hint = errors::hint(&e).map(tracing::field::display), retry_in = ?delay, "cannot decide or start the generation; retrying");
                     if !pause(&mut delay, stop).await {
@@ -622,7 +613,7 @@ impl Session<'_> {
                     tracing::error!(%detail, "the watch does not continue the archived history");
                     forced = Some((StartReason::LineageBroken, detail));
                 }
-                SessionEnd::Disconnected(e) if is_store_setting(&e) => return Err(e),
+                SessionEnd::Disconnected(e) if errors::is_store_setting(&e) => return Err(e),
                 SessionEnd::Disconnected(e) => {
                     // A clock step the store did not take ends a session too.
                     if e.chain().any(<dyn std::error::Error>::is::<StoreError>) {

@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use etcd_archiver::config::{InvalidConfig, Settings};
 use etcdpitr_common::cli::{DocsCommand, LogFormat, Logging};
 use etcdpitr_common::crypto::{self, CryptoFault};
-use etcdpitr_common::errors::{self, Hint};
+use etcdpitr_common::errors;
 use tokio_util::sync::CancellationToken;
 
 /// Continuously archives an etcd cluster into object storage for
@@ -63,12 +63,8 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     // `downcast_ref` also finds a type attached with `.context(…)`, which
     // the chain's items do not show as such.
     if error.downcast_ref::<InvalidConfig>().is_some()
-        || errors::hint(error).is_some_and(Hint::is_usage)
-        || chain().any(|c| {
-            crypto::fault_of(c) == Some(CryptoFault::WrongKeys)
-                || c.downcast_ref::<etcdpitr_common::store::StoreError>()
-                    .is_some_and(etcdpitr_common::store::StoreError::is_usage)
-        })
+        || errors::is_store_setting(error)
+        || chain().any(|c| crypto::fault_of(c) == Some(CryptoFault::WrongKeys))
     {
         2
     } else if error

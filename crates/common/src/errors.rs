@@ -95,6 +95,17 @@ fn tidy(text: &str) -> String {
     text
 }
 
+/// Whether `error` holds a store setting the operator must fix (a bad
+/// archive URL, an unusable credentials file, or a [`StoreMistake`] in the
+/// store's answer): not worth retrying, and both binaries exit 2.
+pub fn is_store_setting(error: &anyhow::Error) -> bool {
+    hint(error).is_some_and(Hint::is_usage)
+        || error.chain().any(|c| {
+            c.downcast_ref::<store::StoreError>()
+                .is_some_and(store::StoreError::is_usage)
+        })
+}
+
 /// The common mistake `error` reveals, if any (see [`Hint`]).
 pub fn hint(error: &anyhow::Error) -> Option<Hint> {
     error.chain().find_map(|cause| {

@@ -25,7 +25,7 @@ pub mod source;
 pub mod synth;
 
 use etcdpitr_common::crypto::{self, CryptoFault};
-use etcdpitr_common::errors::{self, Hint};
+use etcdpitr_common::errors;
 use etcdpitr_common::store::StoreError;
 
 /// Failure classes with distinct, documented exit codes.
@@ -54,7 +54,7 @@ pub enum ExitKind {
 pub fn classify(error: &anyhow::Error) -> ExitKind {
     use etcdpitr_common::listing::ListingError;
     // A store setting to fix, whatever the step that met it.
-    if errors::hint(error).is_some_and(Hint::is_usage) {
+    if errors::is_store_setting(error) {
         return ExitKind::Usage;
     }
     for cause in error.chain() {
