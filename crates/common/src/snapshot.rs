@@ -260,6 +260,12 @@ pub enum HeaderReadError {
     Integrity(#[from] IntegrityError),
 }
 
+/// zstd level of snapshot bodies. Level 1 compresses an etcd database
+/// (its values, its half-empty pages) within a few percent of level 3 at
+/// about twice the speed, which keeps compression off a snapshot's
+/// critical path: it runs while etcd streams the file.
+pub const ZSTD_LEVEL: i32 = 1;
+
 /// Writes a snapshot object: header, then `db` compressed. Streams.
 ///
 /// # Errors
@@ -270,9 +276,94 @@ pub fn write_object(
     out: &mut impl Write,
 ) -> io::Result<()> {
     out.write_all(&header.encode())?;
-    let mut encoder = zstd::Encoder::new(out, 3)?;
+    let mut encoder = zstd::Encoder::new(out, ZSTD_LEVEL)?;
     io::copy(db, &mut encoder)?;
     encoder.finish()?.flush()
+}
+
+/// Writes a snapshot object while the etcd snapshot file streams in, when
+/// the header cannot be known yet (it holds the whole file's hash and the
+/// revision read from the file): a placeholder is written where the header
+/// goes, the body is compressed (and hashed) as the bytes arrive, and
+/// [`BodyWritten::write_header`] fills the header in place at the end.
+pub struct ObjectWriter<W: Write> {
+    encoder: zstd::Encoder<'static, W>,
+    start: u64,
+    hasher: blake3::Hasher,
+    db_bytes: u64,
+}
+
+impl<W: Write + io::Seek> ObjectWriter<W> {
+    /// Starts an object at the current position of `out` (normally an
+    /// empty file): the header's place is reserved.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn new(mut out: W) -> io::Result<Self> {
+        let start = out.stream_position()?;
+        out.write_all(&[0; HEADER_LEN])?;
+        Ok(Self {
+            start,
+            encoder: zstd::Encoder::new(out, ZSTD_LEVEL)?,
+            hasher: blake3::Hasher::new(),
+            db_bytes: 0,
+        })
+    }
+
+    /// Appends the next bytes of the etcd snapshot file.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn write(&mut self, db: &[u8]) -> io::Result<()> {
+        self.hasher.update(db);
+        self.db_bytes += db.len() as u64;
+        self.encoder.write_all(db)
+    }
+
+    /// Ends the body: what follows is the header, which needs the file's
+    /// length and hash returned here.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn finish_body(self) -> io::Result<BodyWritten<W>> {
+        Ok(BodyWritten {
+            out: self.encoder.finish()?,
+            start: self.start,
+            db_bytes: self.db_bytes,
+            db_blake3: *self.hasher.finalize().as_bytes(),
+        })
+    }
+}
+
+/// A snapshot object whose body is written and whose header is not.
+pub struct BodyWritten<W> {
+    out: W,
+    start: u64,
+    /// Length of the etcd snapshot file.
+    pub db_bytes: u64,
+    /// blake3 of the etcd snapshot file.
+    pub db_blake3: [u8; 32],
+}
+
+impl<W: Write + io::Seek> BodyWritten<W> {
+    /// Writes `header` in its place (the start of the object) and flushes,
+    /// returning the output, positioned after the header.
+    ///
+    /// # Errors
+    /// I/O errors; [`io::ErrorKind::InvalidInput`] if `header` does not
+    /// describe the body written (its length or hash).
+    pub fn write_header(mut self, header: &SnapshotHeader) -> io::Result<W> {
+        if header.db_bytes != self.db_bytes || header.db_blake3 != self.db_blake3 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the snapshot header does not describe the body written",
+            ));
+        }
+        self.out.seek(io::SeekFrom::Start(self.start))?;
+        self.out.write_all(&header.encode())?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
 }
 
 /// Decompresses a snapshot object's body into `out`, checking length and
@@ -413,6 +504,49 @@ mod tests {
             Err(SnapshotError::ChecksumMismatch { .. })
         ));
     }
+    /// An object written as the file streams in, header last, reads back
+    /// as one written in one go; a header for other content is refused.
+    #[test]
+    fn object_writer_fills_the_header_in_at_the_end() {
+        let db: Vec<u8> = (0..300_000u32).flat_map(u32::to_le_bytes).collect();
+        let mut out = io::Cursor::new(b"prefix".to_vec());
+        out.set_position(6);
+        let mut writer = ObjectWriter::new(out).unwrap();
+        for chunk in db.chunks(32 * 1024 + 7) {
+            writer.write(chunk).unwrap();
+        }
+        let body = writer.finish_body().unwrap();
+        let mut header = header_for(&db, 9);
+        assert_eq!(
+            (body.db_bytes, body.db_blake3),
+            (header.db_bytes, header.db_blake3)
+        );
+        header.db_bytes += 1;
+        let mut wrong = BodyWritten {
+            out: io::Cursor::new(Vec::new()),
+            start: 0,
+            db_bytes: body.db_bytes,
+            db_blake3: body.db_blake3,
+        };
+        assert_eq!(
+            wrong.write_header(&header).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        header.db_bytes -= 1;
+        wrong = BodyWritten {
+            out: io::Cursor::new(Vec::new()),
+            start: 0,
+            db_bytes: body.db_bytes,
+            db_blake3: [1; 32],
+        };
+        assert!(wrong.write_header(&header).is_err());
+        let obj = body.write_header(&header).unwrap().into_inner();
+        assert_eq!(&obj[..6], b"prefix");
+        let mut back = Vec::new();
+        assert_eq!(read_object("s", &mut &obj[6..], &mut back).unwrap(), header);
+        assert!(back == db);
+    }
+
     /// A real etcd 3.5.1 snapshot (`etcdctl snapshot save`) at revision 31.
     const ETCD_SNAPSHOT: &[u8] = include_bytes!("../testdata/etcd-3.5.1-rev31.db");
 
