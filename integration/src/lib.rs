@@ -9,11 +9,13 @@
 //! - [`workload`]: deterministic writes.
 //! - [`history`]: oracles (archive contents, etcd's history and reads).
 //! - [`bench`]: a large archive and timed commands, for the benchmarks.
+//! - [`loadgen`]: a Kubernetes-like workload that fills etcd to a size.
 
 mod bench;
 mod binaries;
 mod etcd;
 mod history;
+pub mod loadgen;
 mod store;
 mod workload;
 
