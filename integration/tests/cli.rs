@@ -471,6 +471,10 @@ fn help_shows_defaults_and_env_vars_and_env_is_read() -> anyhow::Result<()> {
         ),
         ("--spool-max-bytes", format_size(c::DEFAULT_SPOOL_MAX_BYTES)),
         (
+            "--upload-concurrency",
+            c::DEFAULT_UPLOAD_CONCURRENCY.to_string(),
+        ),
+        (
             "--idle-interval",
             format_duration(c::DEFAULT_IDLE_SEAL_INTERVAL),
         ),

@@ -31,6 +31,10 @@ pub const DEFAULT_SEGMENT_MAX_AGE: Duration = Duration::from_secs(5);
 pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 16 << 20;
 /// Default limit of sealed-but-not-uploaded bytes kept in the spool.
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Default number of segments uploaded at once.
+pub const DEFAULT_UPLOAD_CONCURRENCY: u32 = 4;
+/// Most segments uploaded at once (each holds one segment in memory).
+const MAX_UPLOAD_CONCURRENCY: u32 = 64;
 /// Default interval at which an idle cluster's progress is sealed.
 pub const DEFAULT_IDLE_SEAL_INTERVAL: Duration = Duration::from_mins(1);
 /// Default time allowed for a clean shutdown (seal + upload).
@@ -122,6 +126,17 @@ pub struct Settings {
         )
     )]
     pub spool_max_bytes: Option<String>,
+    /// `--upload-concurrency` (a count).
+    #[arg(
+        long,
+        env = "ETCD_ARCHIVER_UPLOAD_CONCURRENCY",
+        value_name = "N",
+        help = with_default(
+            "Segments uploaded at once (they still count as archived strictly in order)",
+            DEFAULT_UPLOAD_CONCURRENCY
+        )
+    )]
+    pub upload_concurrency: Option<u32>,
     /// `--idle-interval` (a duration).
     #[arg(
         long,
@@ -258,6 +273,7 @@ struct FileSettings {
     segment_max_age: Option<String>,
     segment_max_bytes: Option<String>,
     spool_max_bytes: Option<String>,
+    upload_concurrency: Option<u32>,
     idle_interval: Option<String>,
     cacert: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -339,6 +355,8 @@ pub struct Config {
     pub segment_max_bytes: u64,
     /// Spool limit.
     pub spool_max_bytes: u64,
+    /// Segments uploaded at once.
+    pub upload_concurrency: usize,
     /// Seal interval while the cluster is idle.
     pub idle_seal_interval: Duration,
     /// Shutdown budget.
@@ -371,6 +389,7 @@ impl std::fmt::Debug for Config {
             .field("segment_max_age", &self.segment_max_age)
             .field("segment_max_bytes", &self.segment_max_bytes)
             .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("upload_concurrency", &self.upload_concurrency)
             .field("idle_seal_interval", &self.idle_seal_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("election", &self.election)
@@ -474,6 +493,13 @@ impl Settings {
             self.encryption_key_file
         };
         let keys = Arc::new(Keyring::load(&key_files)?);
+        let upload_concurrency = self
+            .upload_concurrency
+            .or(file.upload_concurrency)
+            .unwrap_or(DEFAULT_UPLOAD_CONCURRENCY);
+        if !(1..=MAX_UPLOAD_CONCURRENCY).contains(&upload_concurrency) {
+            bail!("--upload-concurrency: must be between 1 and {MAX_UPLOAD_CONCURRENCY}, not {upload_concurrency}");
+        }
         let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
             Some(s) => Some(s.trim().parse::<SocketAddr>().with_context(|| {
                 format!("--metrics-addr: {s:?} is not an address like 0.0.0.0:9090 or [::1]:9090")
@@ -482,6 +508,7 @@ impl Settings {
         };
         Ok(Config {
             keys,
+            upload_concurrency: upload_concurrency as usize,
             metrics_addr,
             ready_max_lag: duration(
                 "ready-max-lag",
@@ -569,6 +596,7 @@ mod tests {
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.ready_max_lag, DEFAULT_READY_MAX_LAG);
         assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        assert_eq!(c.upload_concurrency, DEFAULT_UPLOAD_CONCURRENCY as usize);
     }
 
     #[test]
@@ -629,6 +657,12 @@ mod tests {
         let mut s = base();
         s.archive = None;
         assert!(format!("{:#}", s.resolve().unwrap_err()).contains("--archive"));
+        for n in [0, MAX_UPLOAD_CONCURRENCY + 1] {
+            let mut s = base();
+            s.upload_concurrency = Some(n);
+            let err = format!("{:#}", s.resolve().unwrap_err());
+            assert!(err.contains("--upload-concurrency"), "{err}");
+        }
     }
 
     #[test]
@@ -722,6 +756,7 @@ snapshot-interval = "2h"
 segment-max-age = "750ms"
 segment-max-bytes = "1.5MiB"
 spool-max-bytes = "0.5GiB"
+upload-concurrency = 7
 idle-interval = "20s"
 cacert = "{ca}"
 cert = "{cert}"

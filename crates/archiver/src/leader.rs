@@ -103,6 +103,7 @@ impl Pipeline {
             fatal.clone(),
             tip.clone(),
             opened.observer.clone(),
+            config.upload_concurrency,
         ));
         let (sealed, sealed_rx) = tokio::sync::mpsc::unbounded_channel();
         let spooler = tokio::spawn(uploader::run_spooler(

@@ -1,7 +1,10 @@
-//! Full snapshots: streamed from etcd's Maintenance API to a scratch file
-//! (never whole in memory), revision read from the file itself, compressed
-//! into the snapshot object format and uploaded.
+//! Full snapshots: streamed from etcd's Maintenance API (never whole in
+//! memory) into two scratch files at once, the file itself and the
+//! snapshot object it compresses into; the revision is read from the file
+//! itself and written into the object's header, then the object is
+//! uploaded.
 
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,10 +17,9 @@ use etcdpitr_common::catalog::Catalog;
 use etcdpitr_common::layout::{self, GenerationId};
 use etcdpitr_common::manifest::LineageFingerprint;
 use etcdpitr_common::progress::{Mode, Progress, Unit};
-use etcdpitr_common::snapshot::{self as format, SnapshotHeader};
+use etcdpitr_common::snapshot::{BodyWritten, ObjectWriter, SnapshotHeader};
 use etcdpitr_common::store::{Archive, PRIVATE_FILE_MODE};
 use etcdpitr_common::{now_ms, Revision};
-use tokio::io::AsyncWriteExt;
 
 use crate::observe::SnapshotDone;
 use crate::tip::SharedTip;
@@ -38,8 +40,10 @@ pub struct Taken {
 /// newest snapshot. Returns its revision, lineage fingerprint, duration
 /// and the bytes uploaded.
 ///
-/// Its three long steps (receiving the file from etcd, compressing it,
-/// uploading the object) show their progress per `progress`.
+/// The file is compressed into the snapshot object as it arrives from
+/// etcd (on a blocking thread fed through a bounded queue, so memory stays
+/// flat at any database size); its two long steps (receiving, uploading)
+/// show their progress per `progress`.
 ///
 /// Dropping it midway leaves at most scratch files, removed on the next run.
 ///
@@ -68,30 +72,37 @@ pub async fn take(
     })
     .await
     .context("start etcd snapshot")?;
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(PRIVATE_FILE_MODE)
-        .open(&db_path)
-        .await
-        .with_context(|| format!("create {}", db_path.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut db_bytes = 0u64;
+    let (chunks, received) = tokio::sync::mpsc::channel(RECEIVE_QUEUE_CHUNKS);
+    let (db_scratch, obj_scratch) = (db_path.clone(), obj_path.clone());
+    let writing =
+        tokio::task::spawn_blocking(move || write_scratch(&db_scratch, &obj_scratch, received));
     let receiving = Progress::new(progress, "receive etcd snapshot", Unit::Bytes, None);
-    while let Some(chunk) = stream.message().await.context("receive etcd snapshot")? {
-        if db_bytes == 0 {
-            // The first message says how much follows; etcd sends the
-            // file's sha256 after it, in one more message.
-            receiving.set_total(chunk.blob().len() as u64 + chunk.remaining_bytes() + 32);
+    let mut db_bytes = 0u64;
+    let streamed = async {
+        while let Some(mut chunk) = stream.message().await.context("receive etcd snapshot")? {
+            if db_bytes == 0 {
+                // The first message says how much follows; etcd sends the
+                // file's sha256 after it, in one more message.
+                receiving.set_total(chunk.blob().len() as u64 + chunk.remaining_bytes() + 32);
+            }
+            let blob = std::mem::take(&mut chunk.0.blob);
+            let n = blob.len() as u64;
+            if chunks.send(blob).await.is_err() {
+                // The writer stopped: its error says why.
+                break;
+            }
+            db_bytes += n;
+            receiving.inc(n);
         }
-        hasher.update(chunk.blob());
-        file.write_all(chunk.blob()).await?;
-        db_bytes += chunk.blob().len() as u64;
-        receiving.inc(chunk.blob().len() as u64);
+        anyhow::Ok(())
     }
-    file.sync_all().await?;
-    drop(file);
+    .await;
+    drop(chunks);
+    let body = writing
+        .await
+        .context("write the snapshot's scratch files")?;
+    streamed?;
+    let body = body?;
     receiving.finish();
 
     let header_db = db_path.clone();
@@ -103,17 +114,21 @@ pub async fn take(
     let header = tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
         let reader = BoltReader::open(&header_db).context("read the snapshot's revision")?;
         let revision = bbolt::etcd_revision(&reader).context("read the snapshot's revision")?;
-        Ok(SnapshotHeader {
+        let header = SnapshotHeader {
             generation: generation.0,
             revision,
             taken_ms,
-            db_bytes,
-            db_blake3: *hasher.finalize().as_bytes(),
+            db_bytes: body.db_bytes,
+            db_blake3: body.db_blake3,
             prev_digest,
             prev_revision,
-        })
+        };
+        body.write_header(&header)
+            .context("write the snapshot object's header")?;
+        Ok(header)
     })
     .await??;
+    tokio::fs::remove_file(&db_path).await.ok();
     if header.revision < min_revision {
         bail!(
             "snapshot revision {} is below the generation's start {min_revision}",
@@ -125,24 +140,6 @@ pub async fn take(
     let fingerprint = crate::lineage::record(client, archive, generation, header.revision)
         .await
         .context("record the snapshot's lineage fingerprint")?;
-    let (src, dst) = (db_path.clone(), obj_path.clone());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let compressing = Progress::new(progress, "compress snapshot", Unit::Bytes, Some(db_bytes));
-        let mut input = std::io::BufReader::new(compressing.counting(std::fs::File::open(&src)?));
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(PRIVATE_FILE_MODE)
-            .open(&dst)
-            .with_context(|| format!("create {}", dst.display()))?;
-        let mut out = std::io::BufWriter::new(out);
-        format::write_object(&header, &mut input, &mut out)?;
-        compressing.finish();
-        Ok(())
-    })
-    .await??;
-    tokio::fs::remove_file(&db_path).await.ok();
 
     let key = layout::snapshot_key(generation, header.revision);
     let object_bytes = tokio::fs::metadata(&obj_path).await?.len();
@@ -170,7 +167,7 @@ pub async fn take(
     }
     // Segments commit to what the store holds: another taker of the same
     // revision (the `snapshot` command, a second writer) may have won.
-    let digest = format::read_header(archive, generation, header.revision)
+    let digest = etcdpitr_common::snapshot::read_header(archive, generation, header.revision)
         .await
         .with_context(|| format!("read the header of {key}"))?
         .digest();
@@ -231,6 +228,50 @@ pub async fn remove_abandoned_uploads(archive: &Archive, generation: GenerationI
             }
         }
     }
+}
+
+/// etcd's snapshot messages (32 KiB each) queued between the gRPC stream and
+/// the thread writing the scratch files: a few MiB, so that neither waits
+/// on the other's hiccups while memory stays bounded.
+const RECEIVE_QUEUE_CHUNKS: usize = 128;
+
+/// Scratch-file write buffer.
+const SCRATCH_BUFFER_BYTES: usize = 1 << 20;
+
+/// Writes the etcd snapshot file as it arrives on `received` into two
+/// scratch files at once: the file itself at `db_path` (only read for its
+/// revision, so it is not fsynced), and the snapshot object at `obj_path`,
+/// compressed and hashed on the way, its header left to fill in.
+fn write_scratch(
+    db_path: &Path,
+    obj_path: &Path,
+    mut received: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> anyhow::Result<BodyWritten<BufWriter<std::fs::File>>> {
+    let create = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(path)
+            .map(|f| BufWriter::with_capacity(SCRATCH_BUFFER_BYTES, f))
+            .with_context(|| format!("create {}", path.display()))
+    };
+    let mut db = create(db_path)?;
+    let mut object = ObjectWriter::new(create(obj_path)?)
+        .with_context(|| format!("write {}", obj_path.display()))?;
+    while let Some(chunk) = received.blocking_recv() {
+        db.write_all(&chunk)
+            .with_context(|| format!("write {}", db_path.display()))?;
+        object
+            .write(&chunk)
+            .with_context(|| format!("write {}", obj_path.display()))?;
+    }
+    db.flush()
+        .with_context(|| format!("write {}", db_path.display()))?;
+    object
+        .finish_body()
+        .with_context(|| format!("write {}", obj_path.display()))
 }
 
 /// Removes scratch files a killed run may have left.

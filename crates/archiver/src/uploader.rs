@@ -3,9 +3,10 @@
 //! A sealed segment leaves the watch path at once (so a slow disk never
 //! stalls reading the watch); the spooler makes it durable in
 //! `data-dir/spool` (temp file, fsync, rename), then the uploader uploads it
-//! write-once, strictly in order, and removes it from the spool. So a `kill -9` loses nothing that was sealed, a store
-//! outage only grows the spool, and "archived through revision N" advances
-//! only when every earlier segment is in the store. When the spool holds
+//! write-once (several at once, `--upload-concurrency`) and removes it from
+//! the spool in order. So a `kill -9` loses nothing that was sealed, a
+//! store outage only grows the spool, and "archived through revision N"
+//! advances only when every earlier segment is in the store. When the spool holds
 //! more than its limit, [`Spool::wait_for_room`] makes the watch reader wait:
 //! etcd keeps the history until compaction, so waiting loses nothing.
 //!
@@ -35,6 +36,7 @@ use etcdpitr_common::hashchain::Digest;
 use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::segment;
 use etcdpitr_common::store::{self, Archive, StoreError};
+use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -371,17 +373,68 @@ async fn resolve_conflict(archive: &Archive, key: &str, ours: &[u8]) -> anyhow::
     }
 }
 
-/// Uploads spooled segments in order until the channel closes (then drains
-/// what is queued) or `abort` fires. Returns the number uploaded.
+/// How an upload of one segment ended.
+type Outcome = anyhow::Result<Option<(Digest, Option<u64>)>>;
+
+/// Uploads one spooled segment write-once, retrying transient failures
+/// (see [`run_uploader`]): its digest and the bytes put (`None` when the
+/// store already held the same history from another writer), or `None`
+/// if `abort` fired first.
+async fn upload_one(
+    archive: &Archive,
+    spool: &Spool,
+    observer: &Observer,
+    abort: &CancellationToken,
+    item: &SpoolItem,
+) -> Outcome {
+    let key = layout::segment_key(item.generation, &item.name);
+    let what = format!("upload segment {key} (it stays in the spool)");
+    retry(
+        &what,
+        abort,
+        |e| !is_permanent_store_error(e),
+        || async {
+            let put = async {
+                let data = Bytes::from(spool.read(item).await?);
+                match archive.put_once(&key, data.clone()).await {
+                    Err(StoreError::Conflict(_)) => resolve_conflict(archive, &key, &data)
+                        .await
+                        .map(|digest| (digest, None)),
+                    Err(e) => Err(e.into()),
+                    Ok(()) => Ok((segment::digest(&data), Some(data.len() as u64))),
+                }
+            }
+            .await;
+            if let Err(e) = &put {
+                observer.upload_failed(e);
+            }
+            put
+        },
+    )
+    .await
+}
+
+/// Uploads spooled segments until the channel closes (then drains what is
+/// queued) or `abort` fires. Returns the number uploaded.
+///
+/// Up to `concurrency` segments upload at once (a store's latency, not its
+/// bandwidth, bounds one upload at a time), but they count as archived
+/// strictly in order: a segment's digest reaches `tip`, its durability
+/// `observer` (the archived revision), its catalog row `uploaded` and its
+/// spool file is removed only once every segment before it did. One that
+/// completes early waits for those before it.
 ///
 /// Transient failures (network, throttling, a full local disk) are retried
 /// with backoff. A permanent one ([`is_permanent_store_error`]: no such
 /// bucket, access denied, a [`StoreError::Conflict`] with an existing
-/// object) goes to `fatal` at once and the uploader stops; the segment stays
-/// in the spool.
+/// object) goes to `fatal` and the uploader stops as soon as every segment
+/// before the failed one is counted; the failed segment and every later
+/// one stay in the spool (a later one already in the store is uploaded
+/// again, as the same bytes, on the next start).
 ///
 /// Dropping it midway is safe: an item is removed from the spool only after
-/// its upload succeeded, and a repeated upload of the same bytes succeeds.
+/// it and every item before it were uploaded, and a repeated upload of the
+/// same bytes succeeds.
 ///
 /// Each failed attempt and each durable segment is reported to `observer`.
 #[allow(clippy::too_many_arguments)]
@@ -394,34 +447,32 @@ pub async fn run_uploader(
     fatal: Fatal,
     tip: SharedTip,
     observer: Observer,
+    concurrency: usize,
 ) -> u64 {
+    let concurrency = concurrency.max(1);
     let mut uploaded = 0;
-    while let Some(item) = rx.recv().await {
-        let key = layout::segment_key(item.generation, &item.name);
-        let what = format!("upload segment {key} (it stays in the spool)");
-        let done = retry(
-            &what,
-            &abort,
-            |e| !is_permanent_store_error(e),
-            || async {
-                let put = async {
-                    let data = spool.read(&item).await?;
-                    match archive.put_once(&key, Bytes::from(data.clone())).await {
-                        Err(StoreError::Conflict(_)) => resolve_conflict(&archive, &key, &data)
-                            .await
-                            .map(|digest| (digest, None)),
-                        Err(e) => Err(e.into()),
-                        Ok(()) => Ok((segment::digest(&data), Some(data.len() as u64))),
+    let mut in_flight = FuturesOrdered::new();
+    let mut queue_open = true;
+    loop {
+        let (item, done) = tokio::select! {
+            // Count what is done before taking more.
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => done,
+            next = rx.recv(), if queue_open && in_flight.len() < concurrency => {
+                match next {
+                    Some(item) => {
+                        let (archive, spool, observer, abort) = (&archive, &*spool, &observer, &abort);
+                        in_flight.push_back(async move {
+                            let done = upload_one(archive, spool, observer, abort, &item).await;
+                            (item, done)
+                        });
                     }
+                    None => queue_open = false,
                 }
-                .await;
-                if let Err(e) = &put {
-                    observer.upload_failed(e);
-                }
-                put
-            },
-        )
-        .await;
+                continue;
+            }
+            else => return uploaded,
+        };
         match done {
             Ok(Some((digest, put_bytes))) => {
                 tip.segment_archived(item.generation, item.name.last, digest);
@@ -439,14 +490,14 @@ pub async fn run_uploader(
         }
         spool.release(item.bytes);
         uploaded += 1;
-        tracing::debug!(segment = %key, "uploaded");
+        tracing::debug!(segment = %layout::segment_key(item.generation, &item.name), "uploaded");
     }
-    uploaded
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
     use etcdpitr_common::testing::{Fault, Faulty};
@@ -556,6 +607,7 @@ mod tests {
                 fatal.clone(),
                 tip.clone(),
                 observer.clone(),
+                crate::config::DEFAULT_UPLOAD_CONCURRENCY as usize,
             ),
         )
         .await
@@ -718,6 +770,341 @@ mod tests {
             "{err:#}"
         );
         assert!(s.item.path.exists(), "the segment stays in the spool");
+    }
+
+    /// An in-memory store whose puts take `delay`, wait while their path
+    /// holds a `held` text, fail for good when it holds `deny` and fail
+    /// transiently while `flaky` counts down for it; it counts the puts
+    /// running at once.
+    #[derive(Debug, Default)]
+    struct Gated {
+        inner: object_store::memory::InMemory,
+        delay: Duration,
+        deny: Option<String>,
+        held: Mutex<Vec<String>>,
+        released: Notify,
+        flaky: Mutex<Vec<(String, usize)>>,
+        active: AtomicU64,
+        max_active: AtomicU64,
+    }
+
+    impl Gated {
+        fn release(&self, text: &str) {
+            self.held.lock().unwrap().retain(|h| h != text);
+            self.released.notify_waiters();
+        }
+
+        async fn stored(&self, key: &str) -> bool {
+            self.inner.head(&StorePath::from(key)).await.is_ok()
+        }
+    }
+
+    impl std::fmt::Display for Gated {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Gated")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for Gated {
+        async fn put_opts(
+            &self,
+            location: &StorePath,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let path = location.as_ref();
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_active.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            loop {
+                let released = self.released.notified();
+                if !self.held.lock().unwrap().iter().any(|h| path.contains(h)) {
+                    break;
+                }
+                released.await;
+            }
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            if self.deny.as_deref().is_some_and(|d| path.contains(d)) {
+                return Err(object_store::Error::PermissionDenied {
+                    path: path.to_owned(),
+                    source: "AccessDenied".into(),
+                });
+            }
+            for (text, left) in self.flaky.lock().unwrap().iter_mut() {
+                if path.contains(text.as_str()) && *left > 0 {
+                    *left -= 1;
+                    return Err(object_store::Error::Generic {
+                        store: "Gated",
+                        source: "connection reset".into(),
+                    });
+                }
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &StorePath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &StorePath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<StorePath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<StorePath>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &StorePath,
+            to: &StorePath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// Eight spooled segments of generation 1 (revisions 11..=90, ten
+    /// each, the n-th's store key ending in `-{n}`'s last revision), and
+    /// a running uploader over `store` with `concurrency`.
+    struct Many {
+        _dir: tempfile::TempDir,
+        store: Arc<Gated>,
+        spool: Arc<Spool>,
+        catalog: Arc<Mutex<Catalog>>,
+        items: Vec<SpoolItem>,
+        tip: SharedTip,
+        registry: etcdpitr_common::metrics::Registry,
+        fatal: Fatal,
+        uploader: tokio::task::JoinHandle<u64>,
+    }
+
+    /// Last revision of the n-th segment (from 0) of [`Many`].
+    fn last_of(n: usize) -> i64 {
+        10 * (n as i64 + 2)
+    }
+
+    fn start_many(store: Gated, concurrency: usize) -> Many {
+        let store = Arc::new(store);
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let (spool, _) = Spool::open(&data_dir, 1 << 30, Arc::default()).unwrap();
+        let catalog = Arc::new(Mutex::new(
+            Catalog::open(&data_dir.join("catalog.db")).unwrap(),
+        ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let items: Vec<SpoolItem> = (0..8)
+            .map(|n| {
+                let name = SegmentName {
+                    first: last_of(n) - 9,
+                    last: last_of(n),
+                    end_ms: 5,
+                };
+                let data = format!("segment {n}");
+                spool.reserve(data.len() as u64);
+                let item = spool.write(GenerationId(1), name, data.as_bytes()).unwrap();
+                spool.written(item.bytes);
+                tx.send(item.clone()).unwrap();
+                item
+            })
+            .collect();
+        drop(tx);
+        let archive = Archive::from_store(store.clone(), "", "memory://test");
+        let fatal = Fatal::new(&CancellationToken::new());
+        let tip = SharedTip::new(crate::tip::Tip::start(GenerationId(1), 10, [0; 32]));
+        let (observer, registry) = Observer::new(
+            crate::clock::AnchoredClock::system(),
+            Duration::from_secs(30),
+        );
+        observer.writing();
+        observer.generation(
+            GenerationId(1),
+            crate::observe::Durable {
+                revision: 10,
+                vouched_ms: 0,
+            },
+        );
+        let uploader = tokio::spawn(run_uploader(
+            archive,
+            spool.clone(),
+            catalog.clone(),
+            rx,
+            CancellationToken::new(),
+            fatal.clone(),
+            tip.clone(),
+            observer,
+            concurrency,
+        ));
+        Many {
+            _dir: dir,
+            store,
+            spool,
+            catalog,
+            items,
+            tip,
+            registry,
+            fatal,
+            uploader,
+        }
+    }
+
+    impl Many {
+        fn key(&self, n: usize) -> String {
+            layout::segment_key(GenerationId(1), &self.items[n].name)
+        }
+
+        /// Every view of "archived through": the chain's tip, the metric,
+        /// the catalog and the spool agree on the last `n` segments counted.
+        fn assert_counted(&self, n: usize) {
+            let through = if n == 0 { 10 } else { last_of(n - 1) };
+            assert_eq!(self.tip.get().segment.0, through, "tip");
+            let metrics = self.registry.render();
+            let line = format!("etcd_pitr_archived_revision {through}\n");
+            assert!(metrics.contains(&line), "{line} in {metrics}");
+            let catalog = self.catalog.lock().unwrap();
+            let last = catalog.last_uploaded_segment(GenerationId(1)).unwrap();
+            assert_eq!(last.map(|l| l.last), (n > 0).then_some(through), "catalog");
+            for (i, item) in self.items.iter().enumerate() {
+                assert_eq!(item.path.exists(), i >= n, "spool file of segment {i}");
+            }
+        }
+
+        async fn wait_stored(&self, n: usize) {
+            let key = self.key(n);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !self.store.stored(&key).await {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the segment reaches the store");
+        }
+    }
+
+    /// Segments that reach the store before an earlier one are not counted
+    /// (tip, metric, catalog, spool) until it does.
+    #[tokio::test]
+    async fn the_watermark_advances_in_order_when_uploads_complete_out_of_order() {
+        let mut m = start_many(Gated::default(), 4);
+        m.store.held.lock().unwrap().extend([
+            format!("-{:016x}", last_of(1)),
+            format!("-{:016x}", last_of(5)),
+        ]);
+        // With four at once, 0 is counted and 2..=4 wait for 1; 5 cannot
+        // start while the window is 1..=4.
+        for n in [0, 2, 3, 4] {
+            m.wait_stored(n).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m.assert_counted(1);
+        m.store.release(&format!("-{:016x}", last_of(1)));
+        for n in [1, 6, 7] {
+            m.wait_stored(n).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m.assert_counted(5);
+        m.store.release(&format!("-{:016x}", last_of(5)));
+        assert_eq!((&mut m.uploader).await.unwrap(), 8);
+        m.assert_counted(8);
+        assert_eq!(m.spool.bytes(), 0);
+        assert!(!m.fatal.failed());
+    }
+
+    /// A segment that fails for good stops the watermark before it, even
+    /// though later ones reached the store; they stay in the spool.
+    #[tokio::test]
+    async fn a_failed_segment_is_never_passed() {
+        let mut m = start_many(
+            Gated {
+                deny: Some(format!("-{:016x}", last_of(3))),
+                delay: Duration::from_millis(20),
+                ..Gated::default()
+            },
+            4,
+        );
+        m.store
+            .held
+            .lock()
+            .unwrap()
+            .push(format!("-{:016x}", last_of(3)));
+        for n in 4..7 {
+            m.wait_stored(n).await;
+        }
+        m.store.release(&format!("-{:016x}", last_of(3)));
+        assert_eq!((&mut m.uploader).await.unwrap(), 3);
+        m.assert_counted(3);
+        let err = m.fatal.take().expect("the failure is kept");
+        assert!(is_permanent_store_error(&err));
+        assert!(format!("{err:#}").contains(&m.key(3)), "{err:#}");
+
+        // A transient failure is retried while later segments wait for it.
+        let mut m = start_many(
+            Gated {
+                flaky: Mutex::new(vec![(format!("-{:016x}", last_of(2)), 1)]),
+                ..Gated::default()
+            },
+            4,
+        );
+        for n in [0, 1, 3, 4, 5] {
+            m.wait_stored(n).await;
+        }
+        // Well before the retry (after RETRY_MIN).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m.assert_counted(2);
+        assert_eq!((&mut m.uploader).await.unwrap(), 8);
+        m.assert_counted(8);
+        assert!(!m.fatal.failed());
+    }
+
+    /// Uploads overlap: eight puts of 100 ms take about two rounds with
+    /// four at once, never more than four at a time; one at a time takes
+    /// eight rounds.
+    #[tokio::test]
+    async fn uploads_overlap_up_to_the_concurrency() {
+        let slow = || Gated {
+            delay: Duration::from_millis(100),
+            ..Gated::default()
+        };
+        let started = std::time::Instant::now();
+        let mut m = start_many(slow(), 4);
+        assert_eq!((&mut m.uploader).await.unwrap(), 8);
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+        assert_eq!(m.store.max_active.load(Ordering::SeqCst), 4);
+        m.assert_counted(8);
+
+        let started = std::time::Instant::now();
+        let mut m = start_many(slow(), 1);
+        assert_eq!((&mut m.uploader).await.unwrap(), 8);
+        assert!(started.elapsed() >= Duration::from_millis(800));
+        assert_eq!(m.store.max_active.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -147,6 +147,9 @@ fn assert_applied(table: &toml::Table, config: &Config) -> Vec<&'static str> {
             assert_eq!(value, parse_size(key, &expected).unwrap(), "{key}");
         }
     }
+    if let Some(n) = count(table, "upload-concurrency") {
+        assert_eq!(config.upload_concurrency, n as usize, "upload-concurrency");
+    }
     assert_eq!(
         config.metrics_addr.map(|a| a.to_string()),
         text(table, "metrics-addr")
@@ -211,6 +214,7 @@ fn assert_applied(table: &toml::Table, config: &Config) -> Vec<&'static str> {
         "heartbeat-interval",
         "segment-max-bytes",
         "spool-max-bytes",
+        "upload-concurrency",
         "metrics-addr",
         "cacert",
         "cert",
