@@ -350,6 +350,11 @@ fn is_sealed_object(relative: &str) -> bool {
     relative != layout::MANIFEST_NAME
 }
 
+/// Bytes of each ranged read of [`Archive::download`].
+pub const READ_RANGE_BYTES: u64 = 4 << 20;
+/// Ranged reads [`Archive::download`] keeps in flight at once.
+pub const READS_IN_FLIGHT: usize = 6;
+
 /// Plaintext bytes read from a local file per upload step.
 const UPLOAD_READ_BYTES: usize = 1 << 20;
 
@@ -881,7 +886,11 @@ impl Archive {
     }
 
     /// Streams an object into a local writer (opened on the way, for an
-    /// encrypted archive), returning the count of bytes written.
+    /// encrypted archive), returning the count of bytes written. The object
+    /// is fetched with up to [`READS_IN_FLIGHT`] ranged reads of
+    /// [`READ_RANGE_BYTES`] at once, written in order: a store's latency
+    /// per request is paid about once per [`READS_IN_FLIGHT`] ranges, and
+    /// memory stays bounded by them.
     ///
     /// # Errors
     /// [`StoreError::NotFound`], [`StoreError::Crypto`], local I/O or
@@ -892,20 +901,42 @@ impl Archive {
         relative: &str,
         out: &mut W,
     ) -> Result<u64, StoreError> {
+        use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
-        let result = match self.store.get(&self.path(relative)).await {
-            Ok(r) => r,
+        let path = self.path(relative);
+        let size = match self.store.head(&path).await {
+            Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(StoreError::NotFound(relative.into()))
             }
             Err(e) => return Err(e.into()),
         };
-        let mut stream = result.into_stream();
+        let store = &self.store;
+        let path = &path;
+        let mut ranges = futures::stream::iter(
+            (0..size)
+                .step_by(READ_RANGE_BYTES as usize)
+                .map(|start| start..size.min(start + READ_RANGE_BYTES)),
+        )
+        .map(|range| async move {
+            let want = range.end - range.start;
+            let bytes = store.get_range(path, range).await?;
+            // An object replaced meanwhile (or a store that ignores
+            // ranges) must not splice into another's bytes.
+            if bytes.len() as u64 != want {
+                return Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("a ranged read of {want} bytes returned {}", bytes.len()),
+                )));
+            }
+            Ok(bytes)
+        })
+        .buffered(READS_IN_FLIGHT);
         let mut total = 0u64;
         let mut opener =
             is_sealed_object(relative).then(|| crypto::Opener::new(&self.keys, relative));
         let mut plain = Vec::new();
-        while let Some(chunk) = stream.try_next().await? {
+        while let Some(chunk) = ranges.next().await.transpose()? {
             let bytes = match &mut opener {
                 Some(o) => {
                     plain.clear();

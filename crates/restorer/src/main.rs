@@ -227,6 +227,13 @@ enum Command {
         /// (default: read from the restored file, else 3.5).
         #[arg(long, env = "ETCD_RESTORER_ETCD_VERSION", value_name = "VERSION")]
         etcd_version: Option<EtcdRelease>,
+        /// Also run bbolt's whole consistency check on the restored file
+        /// (reads every page of every bucket once more). Without it the file
+        /// is read back once: every byte checked against the archived
+        /// snapshot's hash or against what was written, and every leaf of
+        /// the `key` bucket checked where its branch pages place it.
+        #[arg(long, env = "ETCD_RESTORER_PARANOID")]
+        paranoid: bool,
     },
     /// Read every object of the archive and check it; exit 4 on any problem.
     Verify {
@@ -395,6 +402,7 @@ fn main() -> ExitCode {
                 min_lease_ttl,
                 force,
                 etcd_version,
+                paranoid,
             } => {
                 let min_lease_ttl_secs = match min_lease_ttl {
                     Some(text) => {
@@ -413,6 +421,7 @@ fn main() -> ExitCode {
                     bump,
                     force,
                     etcd_version,
+                    paranoid,
                 };
                 commands::restore(
                     &target.archive,

@@ -12,71 +12,69 @@ use etcdpitr_common::manifest::ClockStep;
 use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{self, Record, RecordReader, SegmentHeader};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
-use etcdpitr_common::store::Archive;
+use etcdpitr_common::store::{self, Archive};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
+use tokio_util::io::SyncIoBridge;
 
 use crate::plan::{self, PlanError};
 use crate::point::{AfterNewest, Currency, TimeRules};
 
-/// Downloads snapshot object `(generation, revision)` to `scratch`, checks
-/// it (length and blake3 against its header, header against its name, and
-/// the revision of the bbolt content against the header) and writes the etcd
-/// snapshot file it holds to `db_path`, showing the download and the
-/// decompression per `progress`. The scratch file is always removed.
-async fn download_checked(
+/// Fetches snapshot object `(generation, revision)` and writes the etcd
+/// snapshot file it holds to `db_path` as it arrives (parallel ranged
+/// reads feeding the decompression; nothing is staged), checking it:
+/// length and blake3 against its header, header against its name, and the
+/// revision of the bbolt content against the header. Shows the bytes
+/// written per `progress`.
+async fn fetch_checked(
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
-    scratch: &Path,
     db_path: &Path,
     progress: Mode,
 ) -> anyhow::Result<SnapshotHeader> {
     let key = layout::snapshot_key(generation, revision);
-    let checked = async {
-        let file = tokio::fs::File::create(scratch)
-            .await
-            .with_context(|| format!("create {}", scratch.display()))?;
-        // The object's size is not listed: the download counts up.
-        let downloading = Progress::new(
-            progress,
-            format!("download snapshot at revision {revision}"),
-            Unit::Bytes,
-            None,
-        );
-        let mut file = downloading.counting(file);
-        archive
-            .download(&key, &mut file)
-            .await
-            .with_context(|| format!("download {key}"))?;
-        drop(file);
-        downloading.finish();
-        let (src, key, db) = (scratch.to_owned(), key.clone(), db_path.to_owned());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<SnapshotHeader> {
-            let mut input = std::io::BufReader::new(std::fs::File::open(&src)?);
-            // The header (read ahead here) gives the decompressed length.
-            let total = SnapshotHeader::decode(&key, std::io::BufRead::fill_buf(&mut input)?)
-                .ok()
-                .map(|h| h.db_bytes);
-            let out =
-                std::fs::File::create(&db).with_context(|| format!("create {}", db.display()))?;
-            let decompressing = Progress::new(
-                progress,
-                format!("decompress snapshot at revision {revision}"),
-                Unit::Bytes,
-                total,
-            );
-            let mut out = std::io::BufWriter::new(decompressing.counting(out));
-            let header = snapshot::read_object(&key, &mut input, &mut out)?;
-            std::io::Write::flush(&mut out)?;
-            decompressing.finish();
-            Ok(header)
-        })
-        .await?
-    }
-    .await;
-    tokio::fs::remove_file(scratch).await.ok();
-    let header = checked?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(db_path)
+        .with_context(|| format!("create {}", db_path.display()))?;
+    // The download writes the object into one end of a pipe; the
+    // decompression reads the other on a blocking thread.
+    let (mut sending, receiving) = tokio::io::duplex(store::READ_RANGE_BYTES as usize);
+    let fetching = Progress::new(
+        progress,
+        format!("fetch snapshot at revision {revision}"),
+        Unit::Bytes,
+        None,
+    );
+    let (object, fetch_progress) = (key.clone(), fetching.clone());
+    let decompress = tokio::task::spawn_blocking(move || {
+        let mut input = std::io::BufReader::new(SyncIoBridge::new(receiving));
+        // The header (read ahead here) gives the file's length.
+        if let Ok(h) = SnapshotHeader::decode(&object, std::io::BufRead::fill_buf(&mut input)?) {
+            fetch_progress.set_total(h.db_bytes);
+        }
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, fetch_progress.counting(out));
+        let header = snapshot::read_object(&object, &mut input, &mut out)?;
+        std::io::Write::flush(&mut out).map_err(|source| snapshot::SnapshotError::Io {
+            object: object.clone(),
+            source,
+        })?;
+        anyhow::Ok(header)
+    });
+    let download = async {
+        let result = archive.download(&key, &mut sending).await;
+        // The end of the pipe: the decompression sees the end of the object.
+        drop(sending);
+        result
+    };
+    let (downloaded, decompressed) = tokio::join!(download, decompress);
+    // A failed download cuts the object short: its error is the cause.
+    downloaded.with_context(|| format!("download {key}"))?;
+    let header = decompressed??;
+    fetching.finish();
     if header.revision != revision || header.generation != generation.0 {
         return Err(chain::IntegrityError::new(
             key,
@@ -94,8 +92,8 @@ async fn download_checked(
 }
 
 /// Downloads a snapshot object and writes the etcd snapshot file it holds to
-/// `dest`, checking its length and blake3 hash; the download and the
-/// decompression show their progress per `progress`.
+/// `dest`, checking its length and blake3 hash; the fetch shows its
+/// progress per `progress`.
 ///
 /// # Errors
 /// Store failures or an integrity error naming the object.
@@ -106,20 +104,12 @@ pub async fn fetch_snapshot(
     dest: &Path,
     progress: Mode,
 ) -> anyhow::Result<SnapshotHeader> {
-    download_checked(
-        archive,
-        generation,
-        revision,
-        &dest.with_extension("download"),
-        dest,
-        progress,
-    )
-    .await
+    fetch_checked(archive, generation, revision, dest, progress).await
 }
 
 /// Downloads a snapshot object and checks its content against its header
-/// (length, blake3 and the revision of the bbolt content) without keeping
-/// the file. Returns the file's length.
+/// (length, blake3 and the revision of the bbolt content), holding the
+/// file at `scratch` (in a private directory) only while it is checked.
 ///
 /// # Errors
 /// Store failures or an integrity error naming the object.
@@ -129,19 +119,10 @@ pub async fn verify_snapshot(
     revision: Revision,
     scratch: &Path,
 ) -> anyhow::Result<SnapshotHeader> {
-    // The content check reads the decompressed file: keep it in a private
-    // temporary file, removed when dropped.
-    let db = tempfile::NamedTempFile::new().context("create a temporary file")?;
     // Shown as one object of `verify`'s own progress.
-    download_checked(
-        archive,
-        generation,
-        revision,
-        scratch,
-        db.path(),
-        Mode::Hidden,
-    )
-    .await
+    let checked = fetch_checked(archive, generation, revision, scratch, Mode::Hidden).await;
+    tokio::fs::remove_file(scratch).await.ok();
+    checked
 }
 
 /// Number of segments fetched ahead of the one being replayed.

@@ -5,18 +5,19 @@
 //! memory stays bounded whatever the number of revisions.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use etcdpitr_common::bbolt::{self, BoltError, BoltReader};
 use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
+use etcdpitr_common::snapshot::SnapshotHeader;
 use etcdpitr_common::Revision;
 use sha2::Digest;
 
-use crate::bolt_writer::{bucket_header, PageWriter, TreeBuilder};
+use crate::bolt_writer::{bucket_header, Finished, PageWriter, TreeBuilder};
 
 /// etcd's revision key: 8-byte big-endian main, `_`, 8-byte big-endian sub,
 /// plus `t` for a tombstone.
@@ -280,29 +281,67 @@ fn bolt_err(e: BoltError) -> anyhow::Error {
     anyhow::Error::from(e).context("read base snapshot")
 }
 
-/// Writes the restored snapshot file at `out_path` from the base snapshot at
-/// `base_path` (revision `base_revision`) and the events up to `target`,
-/// showing per `progress` the copy of the base's keys (bytes written) and
-/// the replay (revisions).
+/// What [`synthesize`] wrote, for [`seal`] to read back.
+pub struct Written {
+    summary: Summary,
+    page_size: u64,
+    /// The base snapshot's first two pages (its meta pages, since
+    /// overwritten) and its bytes after its high-water mark (etcd's sha256
+    /// trailer, since overwritten).
+    base_head: Vec<u8>,
+    base_tail: Vec<u8>,
+    base_high_water: u64,
+    base_blake3: [u8; 32],
+    finished: Finished,
+}
+
+/// Turns the base snapshot in `out_path` (the file etcd streamed, as
+/// [`crate::source::fetch_snapshot`] wrote it; `base` is its object's
+/// header) into the snapshot at `target`: the archived events up to it are
+/// appended to the `key` bucket, whose pages left of its right edge stay
+/// as they are (bbolt pages are copy-on-write); the small buckets are
+/// written anew with the archived leases and `bump`; then the meta pages.
+/// The replay shows its progress per `progress`. [`seal`] completes the
+/// file.
 ///
 /// # Errors
 /// A chain that does not continue the base, I/O or integrity errors.
 pub fn synthesize(
-    base_path: &Path,
-    base_revision: Revision,
+    out_path: &Path,
+    base: &SnapshotHeader,
     target: Revision,
     events: &mut dyn EventSource,
     bump: Bump,
-    out_path: &Path,
     progress: Mode,
-) -> anyhow::Result<Summary> {
-    let base = BoltReader::open(base_path).context("open base snapshot")?;
-    let buckets = base.buckets().map_err(bolt_err)?;
+) -> anyhow::Result<Written> {
+    let reader = BoltReader::open(out_path).map_err(bolt_err)?;
+    let buckets = reader.buckets().map_err(bolt_err)?;
     if !buckets.iter().any(|(n, _)| n == b"key") {
-        bail!("base snapshot has no `key` bucket: not an etcd snapshot");
+        bail!(bolt_err(BoltError::Invalid(
+            "no `key` bucket: not an etcd snapshot".into()
+        )));
     }
+    let (page_size, base_high_water) = (reader.page_size(), reader.high_water());
     let werr = write_err(out_path);
-    let mut w = PageWriter::create(out_path).map_err(&werr)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(out_path)
+        .map_err(&werr)?;
+    // etcd's snapshot is its pages and a sha256 trailer.
+    let tail_len = base.db_bytes.checked_sub(base_high_water * page_size);
+    let Some(tail_len) = tail_len.filter(|&n| n <= page_size) else {
+        bail!(bolt_err(BoltError::Invalid(format!(
+            "{} bytes do not hold {base_high_water} pages of {page_size} bytes and a trailer",
+            base.db_bytes
+        ))));
+    };
+    let mut base_head = vec![0u8; 2 * page_size as usize];
+    let mut base_tail = vec![0u8; tail_len as usize];
+    file.read_exact_at(&mut base_head, 0).map_err(&werr)?;
+    file.read_exact_at(&mut base_tail, base_high_water * page_size)
+        .map_err(&werr)?;
+    let mut w = PageWriter::append_to(file, base_high_water, page_size).map_err(&werr)?;
     let mut leases: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut roots = Vec::new();
     let mut summary = Summary {
@@ -312,14 +351,15 @@ pub fn synthesize(
         bytes: 0,
         lengthened_leases: 0,
     };
+    let base_revision = base.revision;
     for (name, sequence) in &buckets {
         let root = match name.as_slice() {
             b"key" => {
-                let mut tree = TreeBuilder::new();
-                // The other buckets are small: only the keys' copy shows.
-                let copying = Progress::new(progress, "copy base snapshot", Unit::Bytes, None);
-                copy_bucket(&base, b"key", &mut tree, &mut w, &werr, &copying)?;
-                copying.finish();
+                let edge = reader
+                    .right_edge(b"key")
+                    .map_err(bolt_err)?
+                    .unwrap_or_default();
+                let mut tree = TreeBuilder::continue_from(edge);
                 let replaying = Progress::new(
                     progress,
                     "replay",
@@ -369,16 +409,16 @@ pub fn synthesize(
                     )
                     .map_err(&werr)?;
                 }
-                summary.key_entries = tree.count();
                 tree.finish(&mut w).map_err(&werr)?
             }
             b"lease" => {
                 // The base's leases win: they carry what etcd itself stored.
-                base.for_each(b"lease", &mut |k, v| {
-                    leases.insert(k.to_vec(), v.to_vec());
-                    Ok(())
-                })
-                .map_err(bolt_err)?;
+                reader
+                    .for_each(b"lease", &mut |k, v| {
+                        leases.insert(k.to_vec(), v.to_vec());
+                        Ok(())
+                    })
+                    .map_err(bolt_err)?;
                 if bump.min_lease_ttl_secs > 0 {
                     // Every lease is written anew: without a remaining TTL
                     // checkpointed by etcd, each starts with its full TTL.
@@ -399,11 +439,12 @@ pub fn synthesize(
             }
             b"meta" => {
                 let mut meta = BTreeMap::new();
-                base.for_each(b"meta", &mut |k, v| {
-                    meta.insert(k.to_vec(), v.to_vec());
-                    Ok(())
-                })
-                .map_err(bolt_err)?;
+                reader
+                    .for_each(b"meta", &mut |k, v| {
+                        meta.insert(k.to_vec(), v.to_vec());
+                        Ok(())
+                    })
+                    .map_err(bolt_err)?;
                 if bump.mark_compacted {
                     meta.insert(
                         b"scheduledCompactRev".to_vec(),
@@ -413,8 +454,18 @@ pub fn synthesize(
                 write_map(&mut w, &meta).map_err(&werr)?
             }
             other => {
+                // Members, cluster, auth: small; written anew so that the
+                // pages of the base's root tree can all be let go.
                 let mut tree = TreeBuilder::new();
-                copy_bucket(&base, other, &mut tree, &mut w, &werr, &Progress::hidden())?;
+                let mut io_error = None;
+                reader
+                    .for_each(other, &mut |k, v| {
+                        tree.add(&mut w, k, v).map_err(|e| {
+                            io_error = Some(e);
+                            BoltError::Invalid("write failed".into())
+                        })
+                    })
+                    .map_err(|e| io_error.take().map_or_else(|| bolt_err(e), &werr))?;
                 tree.finish(&mut w).map_err(&werr)?
             }
         };
@@ -425,38 +476,16 @@ pub fn synthesize(
         root_tree.add(&mut w, name, header).map_err(&werr)?;
     }
     let root = root_tree.finish(&mut w).map_err(&werr)?;
-    let mut file = w.finish(root).map_err(&werr)?;
-    append_sha256(&mut file).map_err(&werr)?;
-    // Owner-only like `etcdctl snapshot save`'s files, whatever the umask.
-    file.set_permissions(std::fs::Permissions::from_mode(
-        etcdpitr_common::store::PRIVATE_FILE_MODE,
-    ))
-    .map_err(&werr)?;
-    file.sync_all().map_err(&werr)?;
-    summary.bytes = file.metadata().map_err(&werr)?.len();
-    Ok(summary)
-}
-
-/// Streams every entry of a base bucket into `tree`; `progress` follows
-/// the bytes written.
-fn copy_bucket(
-    base: &BoltReader,
-    bucket: &[u8],
-    tree: &mut TreeBuilder,
-    w: &mut PageWriter,
-    werr: &dyn Fn(io::Error) -> anyhow::Error,
-    progress: &Progress,
-) -> anyhow::Result<()> {
-    let mut io_error = None;
-    base.for_each(bucket, &mut |k, v| {
-        let added = tree.add(w, k, v).map_err(|e| {
-            io_error = Some(e);
-            BoltError::Invalid("write failed".into())
-        });
-        progress.set_done(w.len_bytes());
-        added
+    let finished = w.finish(root, reader.txid() + 2).map_err(&werr)?;
+    Ok(Written {
+        summary,
+        page_size,
+        base_head,
+        base_tail,
+        base_high_water,
+        base_blake3: base.db_blake3,
+        finished,
     })
-    .map_err(|e| io_error.take().map_or_else(|| bolt_err(e), werr))
 }
 
 fn write_map(w: &mut PageWriter, map: &BTreeMap<Vec<u8>, Vec<u8>>) -> io::Result<u64> {
@@ -467,32 +496,47 @@ fn write_map(w: &mut PageWriter, map: &BTreeMap<Vec<u8>, Vec<u8>>) -> io::Result
     tree.finish(w)
 }
 
-/// Appends sha256 of the whole file, the trailer `etcdutl snapshot restore`
-/// checks.
-fn append_sha256(file: &mut std::fs::File) -> std::io::Result<()> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    file.seek(SeekFrom::End(0))?;
-    file.write_all(&hasher.finalize())
+/// How [`seal`] checks the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SealOptions {
+    /// Also run bbolt's whole consistency check (every page of every
+    /// bucket), which reads the file's pages one by one a second time.
+    pub paranoid: bool,
 }
 
-/// Reads a synthesized file back: bbolt's consistency check, the revision
-/// it claims and its sha256 trailer. Shows per `progress` the bytes read:
-/// the file once for the check (counted when it ends), once for the hash.
+/// Completes the file [`synthesize`] wrote at `path`: reads it back once
+/// while the disk syncs it, computing the sha256 trailer `etcdutl
+/// snapshot restore` checks and checking that every byte is what was
+/// meant (the base's pages hash to the archived snapshot's blake3 with the
+/// replaced meta pages and trailer, the pages appended to what was
+/// written, the meta pages to what was written), that it is a bbolt file
+/// at the expected revision, and that every leaf of the `key` bucket is a
+/// leaf page where the branch pages say (counting the entries). Then
+/// appends the trailer and syncs. Shows the bytes read per `progress`.
 ///
 /// # Errors
-/// [`OutputError`]: `Read` if reading it fails, `Mismatch` if it differs
-/// from what was written.
-pub fn verify_output(path: &Path, expected: &Summary, progress: Mode) -> Result<(), OutputError> {
+/// [`OutputError`]: `Read` or `Write` for local I/O failures, `Mismatch`
+/// if the file reads back other than it was written.
+pub fn seal(
+    path: &Path,
+    written: Written,
+    options: SealOptions,
+    progress: Mode,
+) -> Result<Summary, OutputError> {
+    let Written {
+        mut summary,
+        page_size,
+        base_head,
+        base_tail,
+        base_high_water,
+        base_blake3,
+        finished,
+    } = written;
     let read = |source: io::Error| OutputError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let write = |source: io::Error| OutputError::Write {
         path: path.to_owned(),
         source,
     };
@@ -506,59 +550,121 @@ pub fn verify_output(path: &Path, expected: &Summary, progress: Mode) -> Result<
         BoltError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => read(e),
         other => mismatch(other.to_string()),
     };
-    let progress = Progress::new(
-        progress,
-        "verify restored file",
-        Unit::Bytes,
-        Some(2 * expected.bytes),
-    );
+    let mut file = finished.file;
+    let len = finished.high_water * page_size;
+    // The disk writes the file back while it is read here.
+    let syncing = {
+        let file = file.try_clone().map_err(write)?;
+        std::thread::spawn(move || file.sync_data())
+    };
     let reader = BoltReader::open(path).map_err(bolt)?;
-    let counts = reader.check().map_err(bolt)?;
-    progress.inc(expected.bytes);
-    let keys = counts
-        .iter()
-        .find(|(n, _)| n == b"key")
-        .map_or(0, |(_, c)| *c);
-    if keys != expected.key_entries {
-        return Err(mismatch(format!(
-            "holds {keys} key entries, expected {}",
-            expected.key_entries
-        )));
-    }
     let revision = bbolt::etcd_revision(&reader).map_err(bolt)?;
-    if revision != expected.revision {
+    if revision != summary.revision {
         return Err(mismatch(format!(
             "is at revision {revision}, expected {}",
-            expected.revision
+            summary.revision
         )));
     }
-    let mut file = std::fs::File::open(path).map_err(read)?;
-    let len = file.metadata().map_err(read)?.len();
-    if len % 512 != 32 {
-        return Err(mismatch("has no sha256 trailer".into()));
-    }
-    let mut hasher = sha2::Sha256::new();
-    let mut remaining = len - 32;
+    let leaves = reader.leaf_pages(b"key").map_err(bolt)?;
+    let reading = Progress::new(progress, "read back restored file", Unit::Bytes, Some(len));
+    let mut sha = sha2::Sha256::new();
+    let mut base_hash = blake3::Hasher::new();
+    let mut appended = blake3::Hasher::new();
+    let base_end = base_high_water * page_size;
     let mut buf = vec![0u8; 1 << 20];
-    while remaining > 0 {
-        let n = file
-            .read(&mut buf[..remaining.min(1 << 20) as usize])
-            .map_err(read)?;
-        if n == 0 {
-            return Err(mismatch("shrank while being verified".into()));
+    let mut at = 0u64;
+    let (mut key_entries, mut leaves_seen) = (0u64, 0u64);
+    while at < len {
+        let n = buf.len().min((len - at) as usize);
+        let chunk = &mut buf[..n];
+        file.read_exact_at(chunk, at).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                mismatch("shrank while being read back".into())
+            } else {
+                read(e)
+            }
+        })?;
+        sha.update(&*chunk);
+        // Pages of this chunk (chunks hold whole pages).
+        let first = at / page_size;
+        for (i, page) in chunk.chunks(page_size as usize).enumerate() {
+            let pgid = first + i as u64;
+            if leaves.contains(pgid) {
+                let (id, flags, count) = bbolt::page_header(page);
+                if id != pgid || flags != bbolt::LEAF_PAGE {
+                    return Err(mismatch(format!(
+                        "page {pgid}, a leaf of the key bucket, says it is page {id} with flags {flags:#x}"
+                    )));
+                }
+                key_entries += u64::from(count);
+                leaves_seen += 1;
+            }
         }
-        hasher.update(&buf[..n]);
-        remaining -= n as u64;
-        progress.inc(n as u64);
+        // The byte ranges of the chunk in the base's pages and after them.
+        let end = at + n as u64;
+        let meta_len = base_head.len() as u64;
+        if at < meta_len {
+            let m = meta_len.min(end);
+            if chunk[..(m - at) as usize] != finished.meta[at as usize..m as usize] {
+                return Err(mismatch("its meta pages are not what was written".into()));
+            }
+            base_hash.update(&base_head[at as usize..m as usize]);
+        }
+        if end > meta_len && at < base_end {
+            let (from, to) = (at.max(meta_len), end.min(base_end));
+            base_hash.update(&chunk[(from - at) as usize..(to - at) as usize]);
+        }
+        if end > base_end {
+            appended.update(&chunk[(at.max(base_end) - at) as usize..]);
+        }
+        at = end;
+        reading.inc(n as u64);
     }
-    let mut trailer = [0u8; 32];
-    file.read_exact(&mut trailer).map_err(read)?;
-    if hasher.finalize().as_slice() != trailer {
-        return Err(mismatch("sha256 trailer does not match".into()));
+    base_hash.update(&base_tail);
+    if base_hash.finalize().as_bytes() != &base_blake3 {
+        return Err(mismatch(
+            "the base snapshot's pages differ from the archived snapshot".into(),
+        ));
     }
-    progress.inc(trailer.len() as u64);
-    progress.finish();
-    Ok(())
+    if appended.finalize() != finished.appended {
+        return Err(mismatch(
+            "the pages appended differ from what was written".into(),
+        ));
+    }
+    if leaves_seen != leaves.len() {
+        return Err(mismatch(
+            "a leaf of the key bucket lies beyond its end".into(),
+        ));
+    }
+    summary.key_entries = key_entries;
+    if options.paranoid {
+        let counts = reader.check().map_err(bolt)?;
+        let keys = counts
+            .iter()
+            .find(|(n, _)| n == b"key")
+            .map_or(0, |(_, c)| *c);
+        if keys != key_entries {
+            return Err(mismatch(format!(
+                "the consistency check counts {keys} key entries, the leaves {key_entries}"
+            )));
+        }
+    }
+    reading.finish();
+    syncing
+        .join()
+        .map_err(|_| write(io::Error::other("the sync thread panicked")))?
+        .map_err(write)?;
+    // The trailer `etcdutl snapshot restore` checks.
+    file.seek(SeekFrom::End(0)).map_err(write)?;
+    file.write_all(&sha.finalize()).map_err(write)?;
+    // Owner-only like `etcdctl snapshot save`'s files, whatever the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(
+        etcdpitr_common::store::PRIVATE_FILE_MODE,
+    ))
+    .map_err(write)?;
+    file.sync_all().map_err(write)?;
+    summary.bytes = len + 32;
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -679,26 +785,220 @@ mod tests {
         assert!(out.to_string().contains("/out/snap.db"), "{out}");
     }
 
-    #[test]
-    fn reading_back_a_missing_output_is_a_local_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gone.db");
-        let summary = Summary {
-            revision: 1,
-            key_entries: 0,
-            replayed: 0,
-            bytes: 0,
-            lengthened_leases: 0,
+    /// A real etcd 3.5.1 snapshot (`etcdctl snapshot save`) at revision 31
+    /// with 30 key entries.
+    const ETCD_SNAPSHOT: &[u8] = include_bytes!("../../common/testdata/etcd-3.5.1-rev31.db");
+
+    struct Events(Vec<RevisionRecord>, Vec<LeaseRecord>);
+
+    impl EventSource for Events {
+        fn replay(
+            &mut self,
+            on_revision: &mut dyn FnMut(&RevisionRecord) -> anyhow::Result<()>,
+            on_lease: &mut dyn FnMut(LeaseRecord),
+        ) -> anyhow::Result<()> {
+            for l in &self.1 {
+                on_lease(*l);
+            }
+            self.0.iter().try_for_each(on_revision)
+        }
+    }
+
+    /// Revisions 32..=`last` on top of the real snapshot: one put each
+    /// (some with a lease and a large value), every tenth a delete.
+    fn events(last: Revision) -> Events {
+        let records = (32..=last)
+            .map(|revision| {
+                let key = format!("k{}", revision % 13).into_bytes();
+                let event = if revision % 10 == 0 {
+                    Event {
+                        kind: EventKind::Delete,
+                        key,
+                        value: Vec::new(),
+                        create_revision: 0,
+                        mod_revision: revision,
+                        version: 0,
+                        lease: 0,
+                    }
+                } else {
+                    Event {
+                        kind: EventKind::Put,
+                        key,
+                        value: vec![revision as u8; if revision % 97 == 0 { 9000 } else { 40 }],
+                        create_revision: 32,
+                        mod_revision: revision,
+                        version: revision - 31,
+                        lease: if revision % 3 == 0 { 77 } else { 0 },
+                    }
+                };
+                RevisionRecord {
+                    revision,
+                    observed_ms: 0,
+                    catching_up: false,
+                    events: vec![event],
+                }
+            })
+            .collect();
+        let lease = LeaseRecord {
+            id: 77,
+            ttl_secs: 60,
+            revision: 33,
         };
-        let err = verify_output(&path, &summary, Mode::Hidden).unwrap_err();
+        // Like the archive's records: only leases referenced by then.
+        Events(
+            records,
+            (last >= lease.revision)
+                .then_some(lease)
+                .into_iter()
+                .collect(),
+        )
+    }
+
+    fn base_header() -> SnapshotHeader {
+        SnapshotHeader {
+            generation: 1,
+            revision: 31,
+            taken_ms: 0,
+            db_bytes: ETCD_SNAPSHOT.len() as u64,
+            db_blake3: *blake3::hash(ETCD_SNAPSHOT).as_bytes(),
+            prev_digest: [0; 32],
+            prev_revision: 0,
+        }
+    }
+
+    #[test]
+    fn revisions_are_appended_to_the_base_pages_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        for (last, bump) in [
+            (31, Bump::default()),
+            (40, Bump::default()),
+            (
+                5_000,
+                Bump {
+                    revisions: 100,
+                    mark_compacted: true,
+                    min_lease_ttl_secs: 600,
+                },
+            ),
+        ] {
+            let path = dir.path().join(format!("{last}.db"));
+            std::fs::write(&path, ETCD_SNAPSHOT).unwrap();
+            let mut source = events(last);
+            let written =
+                synthesize(&path, &base_header(), last, &mut source, bump, Mode::Hidden).unwrap();
+            let summary =
+                seal(&path, written, SealOptions { paranoid: true }, Mode::Hidden).unwrap();
+            let bumped = u64::from(bump.revisions > 0);
+            assert_eq!(summary.revision, last + bump.revisions);
+            assert_eq!(summary.replayed, (last - 31) as u64);
+            assert_eq!(summary.key_entries, 30 + summary.replayed + bumped);
+            assert_eq!(
+                summary.lengthened_leases,
+                u64::from(bump.min_lease_ttl_secs > 0)
+            );
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(summary.bytes, bytes.len() as u64);
+            // The trailer `etcdutl snapshot restore` checks.
+            let (body, trailer) = bytes.split_at(bytes.len() - 32);
+            assert_eq!(bytes.len() % 512, 32);
+            assert_eq!(sha2::Sha256::digest(body).as_slice(), trailer);
+            // The base's pages past its meta pages are untouched.
+            let base_pages = ETCD_SNAPSHOT.len() - 32;
+            assert_eq!(bytes[8192..base_pages], ETCD_SNAPSHOT[8192..base_pages]);
+
+            let r = BoltReader::open(&path).unwrap();
+            assert_eq!(bbolt::etcd_revision(&r).unwrap(), last + bump.revisions);
+            let mut entries = Vec::new();
+            for_each_key_entry(&r, &mut |e| entries.push(e)).unwrap();
+            let replayed: Vec<Event> = source.0.iter().flat_map(|r| r.events.clone()).collect();
+            let tail = &entries[30..30 + replayed.len()];
+            for (got, want) in tail.iter().zip(&replayed) {
+                assert_eq!(got.key, want.key);
+                if want.kind == EventKind::Put {
+                    assert_eq!(got, want);
+                }
+            }
+            let lease = r.get(b"lease", &77i64.to_be_bytes()).unwrap();
+            let expected_ttl = if bump.min_lease_ttl_secs > 0 { 600 } else { 60 };
+            assert_eq!(
+                lease.as_deref().and_then(decode_lease),
+                (last >= 33).then_some((77, expected_ttl))
+            );
+            let compacted = r.get(b"meta", b"scheduledCompactRev").unwrap();
+            assert_eq!(
+                compacted.is_some_and(|v| v == revision_key(last + 100, 0, false)),
+                bump.mark_compacted
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_reads_back_otherwise_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.db");
+        // A base page changed after it was fetched, an appended page
+        // changed after it was written, the file cut short.
+        let damage: [(&str, fn(&Path, u64)); 3] = [
+            ("base snapshot's pages differ", |p, _| {
+                flip(p, 3 * 4096 + 100);
+            }),
+            ("appended differ", |p, len| flip(p, len - 100)),
+            ("", |p, len| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(len - 4096)
+                    .unwrap();
+            }),
+        ];
+        for (needle, damage) in damage {
+            std::fs::remove_file(&path).ok();
+            std::fs::write(&path, ETCD_SNAPSHOT).unwrap();
+            let written = synthesize(
+                &path,
+                &base_header(),
+                400,
+                &mut events(400),
+                Bump::default(),
+                Mode::Hidden,
+            )
+            .unwrap();
+            damage(&path, std::fs::metadata(&path).unwrap().len());
+            let err = seal(&path, written, SealOptions::default(), Mode::Hidden).unwrap_err();
+            assert!(matches!(err, OutputError::Mismatch { .. }), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        // A file gone before it was read back is a local error (exit 1).
+        std::fs::remove_file(&path).ok();
+        std::fs::write(&path, ETCD_SNAPSHOT).unwrap();
+        let written = synthesize(
+            &path,
+            &base_header(),
+            40,
+            &mut events(40),
+            Bump::default(),
+            Mode::Hidden,
+        )
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = seal(&path, written, SealOptions::default(), Mode::Hidden).unwrap_err();
         assert!(matches!(err, OutputError::Read { .. }), "{err}");
-        assert!(err.to_string().contains("gone.db"), "{err}");
+        assert!(err.to_string().contains("out.db"), "{err}");
         assert_eq!(
             crate::classify(&anyhow::Error::from(err)),
             crate::ExitKind::Other
         );
-        std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        let err = verify_output(&path, &summary, Mode::Hidden).unwrap_err();
-        assert!(matches!(err, OutputError::Mismatch { .. }), "{err}");
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x55], at).unwrap();
     }
 }

@@ -11,7 +11,7 @@ use etcdpitr_common::progress::Mode;
 use super::{describe_time_choice, load, plan_target, ArchiveEvents, OutputLock, Scratch, Target};
 use crate::next_steps::{EtcdRelease, NextSteps, ReleaseChoice};
 use crate::source;
-use crate::synth::{self, Bump};
+use crate::synth::{self, Bump, SealOptions};
 use crate::UsageError;
 
 /// How `restore` runs, besides its target and output.
@@ -26,6 +26,8 @@ pub struct RestoreOptions {
     /// `--etcd-version`: the release of the next commands printed (`None`:
     /// read from the file).
     pub etcd_version: Option<EtcdRelease>,
+    /// `--paranoid`: also run bbolt's whole consistency check on the file.
+    pub paranoid: bool,
 }
 
 /// `etcd-restorer restore`: writes the file, then prints the result and
@@ -47,6 +49,7 @@ pub async fn restore(
         bump,
         force,
         etcd_version,
+        paranoid,
     } = *options;
     if bump.mark_compacted && bump.revisions == 0 {
         bail!(UsageError(
@@ -114,36 +117,28 @@ pub async fn restore(
     if output.exists() && !force {
         bail!(exists());
     }
-    // The base snapshot and the file being written live in a private
-    // scratch directory next to the output (same file system, so the
-    // finished file is renamed into place), removed on every exit path.
+    // The file is written in a private scratch directory next to the
+    // output (same file system, so the finished file is renamed into
+    // place), removed on every exit path. The base snapshot is fetched
+    // straight into it and stays in place: the restored file is the base's
+    // pages with the replayed revisions appended.
     let scratch = Scratch::new_in(&dir)?;
-    let base_path = scratch.file("base.db");
     let partial = scratch.file(&file_name);
-    source::fetch_snapshot(
+    let base = source::fetch_snapshot(
         &archive,
         plan.generation,
         plan.snapshot_revision,
-        &base_path,
+        &partial,
         Mode::Auto,
     )
     .await
-    .with_context(|| format!("fetch the base snapshot into {}", base_path.display()))?;
+    .with_context(|| format!("fetch the base snapshot into {}", partial.display()))?;
     let mut events = ArchiveEvents::new(&archive, plan.replay());
-    let (base2, partial2, plan2) = (base_path.clone(), partial.clone(), plan.clone());
+    let (partial2, target) = (partial.clone(), plan.target);
+    let seal = SealOptions { paranoid };
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<synth::Summary> {
-        let summary = synth::synthesize(
-            &base2,
-            plan2.snapshot_revision,
-            plan2.target,
-            &mut events,
-            bump,
-            &partial2,
-            Mode::Auto,
-        )?;
-        synth::verify_output(&partial2, &summary, Mode::Auto)
-            .context("verify the restored file")?;
-        Ok(summary)
+        let written = synth::synthesize(&partial2, &base, target, &mut events, bump, Mode::Auto)?;
+        synth::seal(&partial2, written, seal, Mode::Auto).context("verify the restored file")
     })
     .await??;
     if force {
