@@ -55,6 +55,21 @@ bench-envelope mib="512":
     cargo build --release -p integration --bin bench-envelope
     target/release/bench-envelope {{mib}}
 
+# Kubernetes-like load into a running etcd until its database reaches a size (see docs/benchmarks.md).
+loadgen endpoints="http://127.0.0.1:2379" size="1GB" writers="64":
+    cargo build --release -p integration --bin loadgen
+    target/release/loadgen --endpoints {{endpoints}} --target-db-bytes {{size}} --writers {{writers}}
+
+# GB-scale benchmark: snapshot, restore (local, S3 with latency), slow store, time to a running etcd (see docs/benchmarks.md).
+bench-scale size="1GB": setup
+    cargo build --release --workspace --bins
+    target/release/bench-scale {{size}}
+
+# Long-running exactness test: HashKV of members restored from a 1 GB archive (ETCD_PITR_SCALE_BYTES overrides).
+scale-test: setup
+    cargo build --release --workspace --bins
+    cargo test -p integration --release --test scale -- --ignored --nocapture
+
 # Man pages of both binaries into target/man (docs/operations.md).
 man:
     cargo build --release --bins -p etcd-archiver -p etcd-restorer

@@ -273,3 +273,86 @@ impl Proxy {
         self.up.store(up, Ordering::SeqCst);
     }
 }
+
+/// A TCP proxy on 127.0.0.1 that delays every byte by a fixed time in each
+/// direction: a delay line, not a throttle. Each chunk read from one side is
+/// written to the other `delay` after it arrived, in order, while later
+/// chunks keep arriving, so a request-response exchange takes `delay` longer
+/// each way but streaming throughput is unchanged (latency, not bandwidth
+/// loss). Models an object store far away.
+pub struct DelayProxy {
+    /// Port clients connect to.
+    pub port: u16,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    /// Starts a proxy to `127.0.0.1:target` adding `delay` per direction.
+    ///
+    /// # Errors
+    /// If it cannot bind.
+    pub async fn start(target: u16, delay: Duration) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    inbound.set_nodelay(true).ok();
+                    outbound.set_nodelay(true).ok();
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(
+                        delay_line(in_read, out_write, delay),
+                        delay_line(out_read, in_write, delay)
+                    );
+                });
+            }
+        });
+        Ok(Self { port, accept })
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read; the end of
+/// the stream is passed on the same way.
+async fn delay_line(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            // An empty chunk stands for the end of the stream.
+            if tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if chunk.is_empty() || to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        to.shutdown().await.ok();
+    };
+    tokio::join!(reader, writer);
+}

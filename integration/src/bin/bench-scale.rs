@@ -1,0 +1,641 @@
+//! GB-scale benchmark: etcd-pitr next to etcd's own tools on one database,
+//! in one run.
+//!
+//! Starts etcd 3.5 (`--unsafe-no-fsync`), fills it with the Kubernetes-like
+//! workload (`integration::loadgen`) until its database reaches SIZE, then:
+//! 1. the archiver's first full snapshot (into a `file://` archive) until the
+//!    listing shows it, next to `etcdctl snapshot save`;
+//! 2. more writes at the highest rate (the archiver keeps up or lags);
+//! 3. `etcd-restorer restore` of the newest revision next to `cp` + `sync` of
+//!    etcd's own snapshot at that revision (output size too);
+//! 4. the same restore from S3 (moto, a copy of the archive), directly and
+//!    through a proxy adding latency per request, next to the local restore;
+//! 5. a second archiver writing to S3 through that proxy: its first snapshot,
+//!    and whether it keeps up with writes at the highest rate;
+//! 6. time to a running restored etcd (restore + `etcdutl snapshot restore` +
+//!    start + first read) next to the same from etcd's own snapshot;
+//! 7. `HashKV` of the restored member at the restored revision against the
+//!    source's.
+//!
+//! Usage: `bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N]`
+//! (SIZE e.g. `1GB`, `3GB`; defaults 64 writers, 10 s of writes after the
+//! snapshot, 50 ms of latency), after `cargo build --release --bins`.
+//! Needs about 5 × SIZE of free space in the temporary directory.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use etcdpitr_common::listing::ArchiveListing;
+use etcdpitr_common::settings::parse_size;
+use etcdpitr_common::store::Archive;
+use integration::loadgen::{run_load, LoadOptions, LoadSummary, Until};
+use integration::{
+    archiver_args, binary, timed, ArchiverProcess, DelayProxy, EtcdCluster, EtcdVersion,
+    RestoredEtcd, S3Server, Timing,
+};
+
+const USAGE: &str = "usage: bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N]";
+/// Free space needed, in multiples of SIZE: etcd's database, etcd's two
+/// snapshots, the archive and its S3 copy, two restored files and the
+/// restored members' data directories, not all at once.
+const SPACE_FACTOR: u64 = 5;
+/// Segment age limit of the benchmark's archivers.
+const SEGMENT_MAX_AGE: &str = "2s";
+const BUCKET: &str = "pitr";
+
+/// Copies the files of a local archive directory into an S3 bucket under a
+/// prefix (boto3's parallel multipart transfers). Arguments: endpoint,
+/// directory, bucket, prefix.
+const MIRROR_TO_S3: &str = r##"
+import os, sys, boto3
+from boto3.s3.transfer import TransferConfig
+from concurrent.futures import ThreadPoolExecutor
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="testing",
+                  aws_secret_access_key="testing", region_name="us-east-1")
+root, bucket, prefix = sys.argv[2], sys.argv[3], sys.argv[4]
+files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if "#" not in f]
+config = TransferConfig(max_concurrency=4, multipart_chunksize=16 << 20)
+def upload(path):
+    s3.upload_file(path, bucket, prefix + "/" + os.path.relpath(path, root), Config=config)
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(upload, files))
+print(len(files))
+"##;
+
+struct Settings {
+    size_bytes: u64,
+    size_text: String,
+    writers: u64,
+    more_secs: u64,
+    delay: Duration,
+}
+
+fn settings() -> anyhow::Result<Settings> {
+    let mut args = std::env::args().skip(1);
+    let size_text = args.next().context(USAGE)?;
+    let mut s = Settings {
+        size_bytes: parse_size("SIZE", &size_text)?,
+        size_text,
+        writers: 64,
+        more_secs: 10,
+        delay: Duration::from_millis(50),
+    };
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let number: u64 = value
+            .parse()
+            .with_context(|| format!("{flag}: {value:?} is not a whole number"))?;
+        match flag.as_str() {
+            "--writers" => s.writers = number,
+            "--more-secs" => s.more_secs = number,
+            "--delay-ms" => s.delay = Duration::from_millis(number),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(s)
+}
+
+/// Bytes available to unprivileged users in the file system holding `dir`.
+fn available_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .context("run df")?;
+    ensure!(
+        out.status.success(),
+        "df {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("parse df's output")
+}
+
+/// The newest archived revision of the (only) generation, if any.
+async fn archived_revision(archive: &Archive) -> Option<i64> {
+    let listing = ArchiveListing::load(archive).await.ok()?;
+    let generation = listing.generations.last()?;
+    let chain = generation.chain();
+    (!chain.links.is_empty()).then(|| chain.last_revision())
+}
+
+/// Waits until the archive lists a base snapshot; returns how long it took.
+async fn wait_snapshot(archive: &Archive, archiver: &ArchiverProcess) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(listing) = ArchiveListing::load(archive).await {
+            if listing.generations.iter().any(|g| !g.snapshots.is_empty()) {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > Duration::from_mins(30) {
+            bail!(
+                "no snapshot listed after 30 min; see {}",
+                archiver.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Peak resident set size of a process in MiB (`VmHWM`, what GNU time
+/// reports as its maximum resident set size).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// How an archiver followed writes at the highest rate.
+struct KeepUp {
+    writes: LoadSummary,
+    /// Revisions written but not yet archived when the writes stopped.
+    lag_revisions: i64,
+    /// The largest such gap seen during the writes (sampled every 500 ms).
+    max_lag_revisions: i64,
+    /// From the end of the writes until everything was archived.
+    catch_up: Duration,
+}
+
+/// Writes for `secs` at the highest rate while watching how far the archive
+/// is behind etcd.
+async fn writes_while_archiving(
+    source: &EtcdCluster,
+    archive: &Archive,
+    options: &LoadOptions,
+    secs: u64,
+) -> anyhow::Result<KeepUp> {
+    let endpoints = vec![source.endpoints()];
+    let load_options = options.clone();
+    let load = tokio::spawn(async move {
+        run_load(
+            &endpoints,
+            &load_options,
+            Until::Elapsed(Duration::from_secs(secs)),
+        )
+        .await
+    });
+    let mut client = source.client().await?;
+    let mut max_lag_revisions = 0;
+    while !load.is_finished() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let head = integration::current_revision(&mut client).await?;
+        if let Some(archived) = archived_revision(archive).await {
+            max_lag_revisions = max_lag_revisions.max(head - archived);
+        }
+    }
+    let writes = load.await??;
+    let head = integration::current_revision(&mut client).await?;
+    let ended = Instant::now();
+    let lag_revisions = archived_revision(archive).await.map_or(head, |a| head - a);
+    while archived_revision(archive).await.is_none_or(|a| a < head) {
+        if ended.elapsed() > Duration::from_mins(10) {
+            bail!("revision {head} not archived 10 min after the writes stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(KeepUp {
+        writes,
+        lag_revisions,
+        max_lag_revisions: max_lag_revisions.max(lag_revisions),
+        catch_up: ended.elapsed(),
+    })
+}
+
+/// `etcd-restorer restore` of `revision` into `output` under GNU time, with
+/// the S3 endpoint of `s3_port` when the archive is in S3.
+fn restore(
+    url: &str,
+    revision: i64,
+    output: &Path,
+    s3_port: Option<u16>,
+) -> anyhow::Result<Timing> {
+    let restorer = binary("etcd-restorer").display().to_string();
+    let revision = revision.to_string();
+    let output_arg = output.display().to_string();
+    let mut args: Vec<String> = Vec::new();
+    if let Some(port) = s3_port {
+        args.extend(
+            S3Server::env(port)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}")),
+        );
+    }
+    args.push(restorer);
+    args.extend(
+        [
+            "restore",
+            "--archive",
+            url,
+            "--revision",
+            &revision,
+            "--output",
+            &output_arg,
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    timed(
+        Path::new("/usr/bin/env"),
+        &args,
+        &output.with_extension("out"),
+    )
+}
+
+/// Starts etcd on `snapshot` (`etcdutl snapshot restore`, start, first
+/// read); returns it and how long that took.
+async fn start_restored(snapshot: &Path) -> anyhow::Result<(RestoredEtcd, Duration)> {
+    let started = Instant::now();
+    let etcd = RestoredEtcd::start(EtcdVersion::V35, snapshot)
+        .await
+        .with_context(|| format!("start etcd on {}", snapshot.display()))?;
+    Ok((etcd, started.elapsed()))
+}
+
+fn file_size(path: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("size of {}", path.display()))?
+        .len())
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+struct Table(Vec<[String; 4]>);
+
+impl Table {
+    fn row(&mut self, what: &str, ours: String, reference: String, ratio: String) {
+        self.0.push([what.to_owned(), ours, reference, ratio]);
+    }
+
+    fn print(&self) {
+        println!("| figure | etcd-pitr | reference in the same run | ratio |");
+        println!("|---|---|---|---|");
+        for [a, b, c, d] in &self.0 {
+            println!("| {a} | {b} | {c} | {d} |");
+        }
+    }
+}
+
+fn ratio(ours: f64, reference: f64) -> String {
+    format!("{:.2}×", ours / reference)
+}
+
+#[tokio::main]
+#[allow(clippy::too_many_lines)]
+async fn main() -> anyhow::Result<()> {
+    let s = settings()?;
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let tmp = tempfile::Builder::new().prefix("bench-scale").tempdir()?;
+    let available = available_bytes(tmp.path())?;
+    let needed = s.size_bytes * SPACE_FACTOR;
+    ensure!(
+        available >= needed,
+        "bench-scale {} needs about {} free in {} ({SPACE_FACTOR} × SIZE), only {} is available; free space or set TMPDIR to a larger file system",
+        s.size_text,
+        gb(needed),
+        tmp.path().parent().unwrap_or(tmp.path()).display(),
+        gb(available)
+    );
+    let mut table = Table(Vec::new());
+    let quota = (s.size_bytes * 2).max(8 << 30).to_string();
+    let source = EtcdCluster::start_with_flags(
+        EtcdVersion::V35,
+        1,
+        false,
+        &["--quota-backend-bytes", &quota],
+    )
+    .await?;
+    let endpoints = source.endpoints();
+    let options = LoadOptions {
+        writers: s.writers,
+        ..LoadOptions::default()
+    };
+
+    eprintln!("filling etcd to {} with {} writers", s.size_text, s.writers);
+    let fill = run_load(
+        std::slice::from_ref(&endpoints),
+        &options,
+        Until::DbBytes(s.size_bytes),
+    )
+    .await?;
+    let fill_secs = fill.elapsed.as_secs_f64();
+
+    eprintln!("archiver: first snapshot");
+    let local_url = format!("file://{}/archive", tmp.path().display());
+    let local = Archive::open(&local_url)?;
+    let args = archiver_args(
+        &endpoints,
+        &local_url,
+        &tmp.path().join("archiver-data"),
+        &["--no-election", "--segment-max-age", SEGMENT_MAX_AGE],
+    );
+    let mut archiver = ArchiverProcess::start(&args, &[], &tmp.path().join("archiver.log"))?;
+    let pid = archiver.child.as_ref().expect("just started").id();
+    let first_snapshot = wait_snapshot(&local, &archiver).await?.as_secs_f64();
+    let archiver_rss = peak_rss_mib(pid);
+    eprintln!("etcdctl snapshot save");
+    let etcdctl = source.version.bin_dir().join("etcdctl");
+    let etcdctl_first = tmp.path().join("etcdctl-first.db");
+    let etcdctl_first_timing = timed(
+        &etcdctl,
+        &[
+            "--endpoints",
+            &endpoints,
+            "snapshot",
+            "save",
+            &etcdctl_first.display().to_string(),
+        ],
+        &tmp.path().join("etcdctl-first.out"),
+    )?;
+    std::fs::remove_file(&etcdctl_first)?;
+    table.row(
+        "archiver's first full snapshot, until `list` shows it",
+        format!("{first_snapshot:.1} s"),
+        format!(
+            "`etcdctl snapshot save`: {:.1} s",
+            etcdctl_first_timing.wall_secs
+        ),
+        ratio(first_snapshot, etcdctl_first_timing.wall_secs),
+    );
+
+    eprintln!("{} s more of writes while archiving", s.more_secs);
+    let more = writes_while_archiving(
+        &source,
+        &local,
+        &LoadOptions {
+            seed: options.seed + 1,
+            ..options.clone()
+        },
+        s.more_secs,
+    )
+    .await?;
+    let archiver_rss = archiver_rss.max(peak_rss_mib(pid));
+    archiver.terminate(Duration::from_mins(1))?;
+    table.row(
+        "archiver peak RSS (first snapshot and writes)",
+        format!("{archiver_rss:.0} MiB"),
+        format!(
+            "`etcdctl snapshot save`: {:.0} MiB",
+            etcdctl_first_timing.peak_rss_mib
+        ),
+        "goal < 100 MiB".to_owned(),
+    );
+    let mut client = source.client().await?;
+    let last = integration::current_revision(&mut client).await?;
+    let listing = ArchiveListing::load(&local).await?;
+    let base = listing.generations[0].snapshots[0];
+    table.row(
+        &format!(
+            "archiver, local store, {} s of writes at {:.0} revisions/s",
+            s.more_secs,
+            more.writes.ops as f64 / more.writes.elapsed.as_secs_f64()
+        ),
+        format!(
+            "behind by {} revisions when writes stopped (at most {}), caught up {:.1} s later",
+            more.lag_revisions,
+            more.max_lag_revisions,
+            more.catch_up.as_secs_f64()
+        ),
+        "—".to_owned(),
+        "—".to_owned(),
+    );
+
+    eprintln!("etcdctl snapshot save at revision {last}");
+    let reference = tmp.path().join("etcdctl.db");
+    let reference_save = timed(
+        &etcdctl,
+        &[
+            "--endpoints",
+            &endpoints,
+            "snapshot",
+            "save",
+            &reference.display().to_string(),
+        ],
+        &tmp.path().join("etcdctl.out"),
+    )?;
+    let reference_bytes = file_size(&reference)?;
+
+    eprintln!("restore of revision {last} (base {base}) from the local archive");
+    let restored = tmp.path().join("restored.db");
+    let local_restore = restore(&local_url, last, &restored, None)?;
+    let restored_bytes = file_size(&restored)?;
+    let copy = tmp.path().join("copy.db");
+    let copy_timing = timed(
+        Path::new("/bin/sh"),
+        &[
+            "-c",
+            r#"cp "$1" "$2" && sync "$2""#,
+            "sh",
+            &reference.display().to_string(),
+            &copy.display().to_string(),
+        ],
+        &tmp.path().join("copy.out"),
+    )?;
+    std::fs::remove_file(&copy)?;
+    table.row(
+        &format!(
+            "`etcd-restorer restore` of the newest revision ({} revisions on top of the base)",
+            last - base
+        ),
+        format!(
+            "{:.1} s, {:.0} MiB peak RSS",
+            local_restore.wall_secs, local_restore.peak_rss_mib
+        ),
+        format!(
+            "`cp` + `sync` of etcd's own snapshot at that revision: {:.1} s",
+            copy_timing.wall_secs
+        ),
+        ratio(local_restore.wall_secs, copy_timing.wall_secs),
+    );
+    table.row(
+        "restored file size",
+        gb(restored_bytes),
+        format!(
+            "etcd's own snapshot at that revision: {}",
+            gb(reference_bytes)
+        ),
+        ratio(restored_bytes as f64, reference_bytes as f64),
+    );
+
+    eprintln!("copying the archive into S3 (moto)");
+    let s3 = S3Server::start(BUCKET).await?;
+    let mirror_started = Instant::now();
+    let out = Command::new("python3")
+        .args(["-c", MIRROR_TO_S3, &format!("http://127.0.0.1:{}", s3.port)])
+        .arg(tmp.path().join("archive"))
+        .args([BUCKET, "copy"])
+        .output()
+        .context("run python3 with boto3")?;
+    ensure!(
+        out.status.success(),
+        "copy the archive into S3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "copied {} objects in {:.1} s",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        mirror_started.elapsed().as_secs_f64()
+    );
+    let s3_url = format!("s3://{BUCKET}/copy");
+    let proxy = DelayProxy::start(s3.port, s.delay).await?;
+    let delay_ms = s.delay.as_millis();
+    eprintln!("restore from S3, directly and with {delay_ms} ms per request");
+    let from_s3 = tmp.path().join("from-s3.db");
+    let s3_restore = restore(&s3_url, last, &from_s3, Some(s3.port))?;
+    ensure!(
+        file_size(&from_s3)? == restored_bytes,
+        "the restore from S3 differs in size from the local one"
+    );
+    std::fs::remove_file(&from_s3)?;
+    let slow_restore = restore(&s3_url, last, &from_s3, Some(proxy.port))?;
+    ensure!(
+        file_size(&from_s3)? == restored_bytes,
+        "the restore from S3 differs in size from the local one"
+    );
+    std::fs::remove_file(&from_s3)?;
+    table.row(
+        "restore from S3 (moto on this machine)",
+        format!(
+            "{:.1} s, {:.0} MiB peak RSS",
+            s3_restore.wall_secs, s3_restore.peak_rss_mib
+        ),
+        format!("restore from local files: {:.1} s", local_restore.wall_secs),
+        ratio(s3_restore.wall_secs, local_restore.wall_secs),
+    );
+    table.row(
+        &format!("restore from S3 with {delay_ms} ms added per request"),
+        format!(
+            "{:.1} s, {:.0} MiB peak RSS",
+            slow_restore.wall_secs, slow_restore.peak_rss_mib
+        ),
+        format!("restore from local files: {:.1} s", local_restore.wall_secs),
+        ratio(slow_restore.wall_secs, local_restore.wall_secs),
+    );
+
+    eprintln!("time to a running restored etcd");
+    let (ours_etcd, ours_start) = start_restored(&restored).await?;
+    let (ref_etcd, ref_start) = start_restored(&reference).await?;
+    let ours_total = local_restore.wall_secs + ours_start.as_secs_f64();
+    table.row(
+        "time to a running restored etcd (restore + `etcdutl snapshot restore` + start + first read)",
+        format!(
+            "{ours_total:.1} s ({:.1} + {:.1})",
+            local_restore.wall_secs,
+            ours_start.as_secs_f64()
+        ),
+        format!(
+            "`etcdutl snapshot restore` of the `etcdctl snapshot save` file + start + first read: {:.1} s",
+            ref_start.as_secs_f64()
+        ),
+        ratio(ours_total, ref_start.as_secs_f64()),
+    );
+    let hash = |c: etcd_client::Client| async move {
+        anyhow::Ok(c.maintenance_client().hash_kv(last).await?.hash())
+    };
+    let source_hash = hash(source.client().await?).await?;
+    let ours_hash = hash(ours_etcd.client().await?).await?;
+    let ref_hash = hash(ref_etcd.client().await?).await?;
+    drop((ours_etcd, ref_etcd));
+    table.row(
+        &format!("`HashKV` at revision {last}"),
+        format!("restored member: {ours_hash}"),
+        format!("source: {source_hash} (member from etcd's own snapshot: {ref_hash})"),
+        if ours_hash == source_hash {
+            "equal"
+        } else {
+            "DIFFERENT"
+        }
+        .to_owned(),
+    );
+    for file in [&restored, &reference] {
+        std::fs::remove_file(file)?;
+    }
+
+    eprintln!("archiver writing to S3 with {delay_ms} ms per request");
+    let slow_url = format!("s3://{BUCKET}/slow");
+    let slow = {
+        let _env = integration::use_s3_in_process(s3.port).await;
+        Archive::open(&slow_url)?
+    };
+    let args = archiver_args(
+        &endpoints,
+        &slow_url,
+        &tmp.path().join("slow-archiver-data"),
+        &["--no-election", "--segment-max-age", SEGMENT_MAX_AGE],
+    );
+    let mut slow_archiver = ArchiverProcess::start(
+        &args,
+        &S3Server::env(proxy.port),
+        &tmp.path().join("slow-archiver.log"),
+    )?;
+    let slow_pid = slow_archiver.child.as_ref().expect("just started").id();
+    let slow_snapshot = wait_snapshot(&slow, &slow_archiver).await?.as_secs_f64();
+    let slow_more = writes_while_archiving(
+        &source,
+        &slow,
+        &LoadOptions {
+            seed: options.seed + 2,
+            ..options.clone()
+        },
+        s.more_secs,
+    )
+    .await?;
+    let slow_rss = peak_rss_mib(slow_pid);
+    slow_archiver.terminate(Duration::from_mins(1))?;
+    table.row(
+        &format!("archiver's first full snapshot into S3 with {delay_ms} ms added per request"),
+        format!("{slow_snapshot:.1} s, {slow_rss:.0} MiB peak RSS"),
+        format!("into local files: {first_snapshot:.1} s"),
+        ratio(slow_snapshot, first_snapshot),
+    );
+    table.row(
+        &format!(
+            "archiver, S3 with {delay_ms} ms added per request, {} s of writes at {:.0} revisions/s",
+            s.more_secs,
+            slow_more.writes.ops as f64 / slow_more.writes.elapsed.as_secs_f64()
+        ),
+        format!(
+            "behind by {} revisions when writes stopped (at most {}), caught up {:.1} s later",
+            slow_more.lag_revisions,
+            slow_more.max_lag_revisions,
+            slow_more.catch_up.as_secs_f64()
+        ),
+        format!(
+            "local store: behind by {}, caught up {:.1} s later",
+            more.lag_revisions,
+            more.catch_up.as_secs_f64()
+        ),
+        "—".to_owned(),
+    );
+
+    println!("Command: `{command_line}`");
+    println!(
+        "Database: {} ({} revisions, {:.2} GB of values) filled in {fill_secs:.0} s ({:.0} operations/s) by {} writers; the archive's base snapshot is at revision {base}, the newest revision {last}; `etcdctl snapshot save` at {last}: {:.1} s",
+        gb(u64::try_from(fill.db_size_bytes).unwrap_or(0)),
+        fill.last_revision,
+        fill.value_bytes as f64 / 1e9,
+        fill.ops as f64 / fill_secs,
+        s.writers,
+        reference_save.wall_secs
+    );
+    println!();
+    table.print();
+    ensure!(
+        ours_hash == source_hash,
+        "the restored member's HashKV differs from the source's"
+    );
+    Ok(())
+}
