@@ -356,3 +356,59 @@ async fn delay_line(
     };
     tokio::join!(reader, writer);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The delay line adds its delay to each direction of an exchange but
+    /// keeps streaming throughput: a large transfer takes about one delay
+    /// more, not one delay per chunk.
+    #[tokio::test]
+    async fn delay_proxy_adds_latency_not_bandwidth_loss() -> anyhow::Result<()> {
+        const DELAY: Duration = Duration::from_millis(100);
+        const STREAM_BYTES: usize = 32 << 20;
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let echo_port = echo.local_addr()?.port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = socket.split();
+                    tokio::io::copy(&mut r, &mut w).await.ok();
+                });
+            }
+        });
+        let proxy = DelayProxy::start(echo_port, DELAY).await?;
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port)).await?;
+
+        let started = Instant::now();
+        client.write_all(b"ping").await?;
+        let mut answer = [0u8; 4];
+        client.read_exact(&mut answer).await?;
+        let round_trip = started.elapsed();
+        assert_eq!(&answer, b"ping");
+        assert!(round_trip >= 2 * DELAY, "round trip {round_trip:?}");
+
+        let (mut reader, mut writer) = client.into_split();
+        let started = Instant::now();
+        let send = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 << 10];
+            for _ in 0..STREAM_BYTES / chunk.len() {
+                writer.write_all(&chunk).await?;
+            }
+            anyhow::Ok(())
+        });
+        let mut received = vec![0u8; STREAM_BYTES];
+        reader.read_exact(&mut received).await?;
+        send.await??;
+        let streamed = started.elapsed();
+        assert!(received.iter().all(|&b| b == 7));
+        // 512 chunks at one delay each would take 51 s.
+        assert!(
+            streamed < 2 * DELAY + Duration::from_secs(3),
+            "{STREAM_BYTES} bytes took {streamed:?}"
+        );
+        Ok(())
+    }
+}
