@@ -128,42 +128,69 @@ pub async fn take(
         Ok(header)
     })
     .await??;
-    tokio::fs::remove_file(&db_path).await.ok();
+    // Dropping a file of the database's size takes a while: done while the
+    // object uploads.
+    let removing = async { tokio::fs::remove_file(&db_path).await.ok() };
     if header.revision < min_revision {
         bail!(
             "snapshot revision {} is below the generation's start {min_revision}",
             header.revision
         );
     }
-    // The fingerprint goes first: without its snapshot it is still true,
-    // while a snapshot without one could not prove its lineage later.
-    let fingerprint = crate::lineage::record(client, archive, generation, header.revision)
-        .await
-        .context("record the snapshot's lineage fingerprint")?;
-
     let key = layout::snapshot_key(generation, header.revision);
     let object_bytes = tokio::fs::metadata(&obj_path).await?.len();
     // A snapshot name carries its revision: an existing object at that name
     // is a complete snapshot of the same revision (multipart uploads appear
     // atomically), so it is kept rather than overwritten.
-    let mut uploaded_bytes = 0;
-    match archive.exists(&key).await {
-        Ok(true) => tracing::info!(snapshot = %key, "snapshot of this revision already archived"),
-        Ok(false) => {
-            let uploading = Progress::new(
-                progress,
-                format!("upload snapshot at revision {}", header.revision),
-                Unit::Bytes,
-                Some(object_bytes),
-            );
-            archive
-                .upload_file(&key, &obj_path, &uploading)
+    let exists = archive
+        .exists(&key)
+        .await
+        .with_context(|| format!("check snapshot {key}"))?;
+    if exists {
+        tracing::info!(snapshot = %key, "snapshot of this revision already archived");
+    }
+    let uploading = (!exists).then(|| {
+        Progress::new(
+            progress,
+            format!("upload snapshot at revision {}", header.revision),
+            Unit::Bytes,
+            Some(object_bytes),
+        )
+    });
+    let staging = async {
+        match &uploading {
+            Some(uploading) => archive
+                .stage_file(&key, &obj_path, uploading)
                 .await
-                .with_context(|| format!("upload snapshot {key}"))?;
-            uploading.finish();
-            uploaded_bytes = object_bytes;
+                .map(Some),
+            None => Ok(None),
         }
-        Err(e) => return Err(anyhow::Error::from(e).context(format!("check snapshot {key}"))),
+    };
+    // The fingerprint goes first: without its snapshot it is still true,
+    // while a snapshot without one could not prove its lineage later. So
+    // the upload runs meanwhile, but completes only once it is recorded.
+    let recording = crate::lineage::record(client, archive, generation, header.revision);
+    let (fingerprint, staged, _) = tokio::join!(recording, staging, removing);
+    let fingerprint = match fingerprint {
+        Ok(f) => f,
+        Err(e) => {
+            if let Ok(Some(staged)) = staged {
+                staged.abort().await.ok();
+            }
+            return Err(e.context("record the snapshot's lineage fingerprint"));
+        }
+    };
+    let staged = staged.with_context(|| format!("upload snapshot {key}"))?;
+    let mut uploaded_bytes = 0;
+    if let Some(staged) = staged {
+        staged
+            .complete()
+            .await
+            .with_context(|| format!("upload snapshot {key}"))?;
+        if let Some(uploading) = uploading {
+            uploading.finish();
+        }
+        uploaded_bytes = object_bytes;
     }
     // Segments commit to what the store holds: another taker of the same
     // revision (the `snapshot` command, a second writer) may have won.
@@ -241,17 +268,25 @@ const SCRATCH_BUFFER_BYTES: usize = 1 << 20;
 /// Writes the etcd snapshot file as it arrives on `received` into two
 /// scratch files at once: the file itself at `db_path` (only read for its
 /// revision, so it is not fsynced), and the snapshot object at `obj_path`,
-/// compressed and hashed on the way, its header left to fill in.
+/// compressed and hashed on the way, its header left to fill in. Both are
+/// new files.
 fn write_scratch(
     db_path: &Path,
     obj_path: &Path,
     mut received: tokio::sync::mpsc::Receiver<Vec<u8>>,
 ) -> anyhow::Result<BodyWritten<BufWriter<std::fs::File>>> {
     let create = |path: &Path| {
+        // A new file, never an old one truncated: a `file://` archive may
+        // hold an earlier object file as a hard link to it.
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::from(e).context(format!("remove {}", path.display())))
+            }
+            _ => {}
+        }
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(PRIVATE_FILE_MODE)
             .open(path)
             .map(|f| BufWriter::with_capacity(SCRATCH_BUFFER_BYTES, f))

@@ -344,6 +344,67 @@ pub struct Archive {
     keys: Arc<Keyring>,
 }
 
+/// An upload of [`Archive::stage_file`] waiting to be completed. Dropping
+/// it abandons the upload (a cloud store keeps the parts until a lifecycle
+/// rule or [`StagedUpload::abort`] removes them; a `file://` archive's
+/// staging file is removed with the upload, or by
+/// [`Archive::remove_abandoned_uploads`]).
+#[derive(Debug)]
+pub struct StagedUpload<'a> {
+    archive: &'a Archive,
+    relative: String,
+    how: Staged,
+}
+
+/// How an upload was staged.
+#[derive(Debug)]
+enum Staged {
+    /// A multipart upload, all but its last part uploaded.
+    Multipart(object_store::WriteMultipart),
+    /// A `file://` archive's staging file (`<object>#<n>`): a hard link to
+    /// the caller's file.
+    Linked { staging: PathBuf, object: PathBuf },
+}
+
+impl StagedUpload<'_> {
+    /// Uploads the last part and completes the upload: the object exists
+    /// (durably, for a `file://` archive).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn complete(self) -> Result<(), StoreError> {
+        match self.how {
+            Staged::Multipart(writer) => {
+                writer.finish().await?;
+            }
+            Staged::Linked { staging, object } => {
+                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    std::fs::File::open(&staging)?.sync_all()?;
+                    std::fs::rename(&staging, &object)?;
+                    match object.parent() {
+                        Some(parent) => fsync_dir(parent),
+                        None => Ok(()),
+                    }
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+            }
+        }
+        self.archive.finish_local(&self.relative, false).await
+    }
+
+    /// Abandons the upload and asks the store to drop its parts.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn abort(self) -> Result<(), StoreError> {
+        match self.how {
+            Staged::Multipart(writer) => Ok(writer.abort().await?),
+            Staged::Linked { staging, .. } => Ok(tokio::fs::remove_file(staging).await?),
+        }
+    }
+}
+
 /// Whether an object is sealed in an encrypted archive: all but the archive
 /// manifest, which says whether the archive is encrypted.
 fn is_sealed_object(relative: &str) -> bool {
@@ -351,12 +412,20 @@ fn is_sealed_object(relative: &str) -> bool {
 }
 
 /// Bytes of each ranged read of [`Archive::download`].
-pub const READ_RANGE_BYTES: u64 = 4 << 20;
+pub const READ_RANGE_BYTES: u64 = 2 << 20;
 /// Ranged reads [`Archive::download`] keeps in flight at once.
-pub const READS_IN_FLIGHT: usize = 6;
+pub const READS_IN_FLIGHT: usize = 8;
 
 /// Plaintext bytes read from a local file per upload step.
 const UPLOAD_READ_BYTES: usize = 1 << 20;
+
+/// Size of the parts of a multipart upload ([`Archive::upload_file`]).
+pub const UPLOAD_PART_BYTES: usize = 8 << 20;
+
+/// Parts of one multipart upload in flight at once: they upload in
+/// parallel (a store's latency, not its bandwidth, bounds one request at a
+/// time) and each holds its bytes in memory until the store has them.
+const UPLOAD_PARTS_IN_FLIGHT: usize = 4;
 
 /// Environment variable prefixes handed to the cloud store builders.
 const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
@@ -847,8 +916,33 @@ impl Archive {
         file: &std::path::Path,
         progress: &crate::progress::Progress,
     ) -> Result<(), StoreError> {
+        self.stage_file(relative, file, progress)
+            .await?
+            .complete()
+            .await
+    }
+
+    /// [`Archive::upload_file`] but for its last step: every byte is
+    /// uploaded but the last part (at most [`UPLOAD_PART_BYTES`]), and the
+    /// object does not exist until [`StagedUpload::complete`]. So a caller
+    /// can upload while it does what must come before the object exists.
+    ///
+    /// A plaintext object of a `file://` archive on the file system of
+    /// `file` becomes a hard link to it: the caller must never write to
+    /// `file` again (remove it, and create a new file under its name).
+    ///
+    /// # Errors
+    /// Local I/O or backend errors.
+    pub async fn stage_file(
+        &self,
+        relative: &str,
+        file: &std::path::Path,
+        progress: &crate::progress::Progress,
+    ) -> Result<StagedUpload<'_>, StoreError> {
         use tokio::io::AsyncReadExt;
-        const PART_BYTES: usize = 8 << 20;
+        if let Some(staged) = self.link_local(relative, file, progress).await? {
+            return Ok(staged);
+        }
         let path = self.path(relative);
         let mut f = tokio::fs::File::open(file).await?;
         let mut sealer = match self.keys.sealing() {
@@ -857,34 +951,95 @@ impl Archive {
         };
         self.prepare_local(relative).await?;
         let upload = self.store.put_multipart(&path).await?;
-        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let mut writer =
+            object_store::WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART_BYTES);
         let mut buf = vec![0u8; UPLOAD_READ_BYTES];
         let mut sealed = Vec::new();
-        loop {
-            let n = f.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            writer.wait_for_capacity(2).await?;
-            match &mut sealer {
-                Some(s) => {
-                    sealed.clear();
-                    s.update(&buf[..n], &mut sealed);
-                    writer.write(&sealed);
+        let written = async {
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
                 }
-                None => writer.write(&buf[..n]),
+                writer.wait_for_capacity(UPLOAD_PARTS_IN_FLIGHT).await?;
+                match &mut sealer {
+                    Some(s) => {
+                        sealed.clear();
+                        s.update(&buf[..n], &mut sealed);
+                        writer.write(&sealed);
+                    }
+                    None => writer.write(&buf[..n]),
+                }
+                progress.inc(n as u64);
             }
-            progress.inc(n as u64);
+            if let Some(s) = sealer {
+                sealed.clear();
+                s.finish(&mut sealed);
+                writer.write(&sealed);
+            }
+            writer.wait_for_capacity(0).await?;
+            Ok::<_, StoreError>(())
         }
-        if let Some(s) = sealer {
-            sealed.clear();
-            s.finish(&mut sealed);
-            writer.write(&sealed);
+        .await;
+        if let Err(e) = written {
+            // Best effort: the store would keep an incomplete multipart
+            // upload's parts (a `file://` archive's staging file goes with
+            // the upload).
+            writer.abort().await.ok();
+            return Err(e);
         }
-        writer.finish().await?;
-        self.finish_local(relative, false).await
+        Ok(StagedUpload {
+            archive: self,
+            relative: relative.to_owned(),
+            how: Staged::Multipart(writer),
+        })
     }
 
+    /// Stages a plaintext object of a `file://` archive by hard-linking
+    /// `file` as its staging file, when both are on one file system: the
+    /// bytes are neither copied nor written again, and the file's pages
+    /// that the kernel already wrote back need no fsync. `None` when the
+    /// object is sealed, the archive is not local, or the link fails for
+    /// another file system.
+    async fn link_local(
+        &self,
+        relative: &str,
+        file: &std::path::Path,
+        progress: &crate::progress::Progress,
+    ) -> Result<Option<StagedUpload<'_>>, StoreError> {
+        let sealed = self.keys.sealing().is_some() && is_sealed_object(relative);
+        let Some(object) = self.local_file(relative)?.filter(|_| !sealed) else {
+            return Ok(None);
+        };
+        self.prepare_local(relative).await?;
+        let source = file.to_owned();
+        let linked = tokio::task::spawn_blocking(move || -> std::io::Result<Option<PathBuf>> {
+            let mut n = 1u64;
+            loop {
+                let staging = PathBuf::from(format!("{}#{n}", object.display()));
+                match std::fs::hard_link(&source, &staging) {
+                    Ok(()) => return Ok(Some(staging)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let Some(staging) = linked else {
+            return Ok(None);
+        };
+        progress.inc(tokio::fs::metadata(&staging).await?.len());
+        Ok(Some(StagedUpload {
+            archive: self,
+            relative: relative.to_owned(),
+            how: Staged::Linked {
+                staging,
+                object: self.local_file(relative)?.expect("a local archive"),
+            },
+        }))
+    }
     /// Streams an object into a local writer (opened on the way, for an
     /// encrypted archive), returning the count of bytes written. The object
     /// is fetched with up to [`READS_IN_FLIGHT`] ranged reads of
@@ -1235,6 +1390,52 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    /// A staged upload's object exists only once it is completed; an
+    /// aborted one leaves nothing. Plain objects of a `file://` archive are
+    /// staged as links to the local file, sealed ones as multipart uploads.
+    #[tokio::test]
+    async fn staged_uploads_appear_on_completion() {
+        use crate::crypto::{ArchiveKey, KEY_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("local-file");
+        let data: Vec<u8> = (0..(UPLOAD_PART_BYTES as u32 + 1000))
+            .map(|i| i as u8)
+            .collect();
+        std::fs::write(&src, &data).unwrap();
+        let keys = Arc::new(Keyring::new(vec![ArchiveKey::from_bytes(&[3; KEY_BYTES])]));
+        for (name, keys) in [("plain", Arc::default()), ("sealed", keys)] {
+            let root = dir.path().join(name);
+            let a = Archive::open(&format!("file://{}", root.display()))
+                .unwrap()
+                .with_keys(keys);
+            let staged = a
+                .stage_file("g/snapshots/s", &src, &Progress::hidden())
+                .await
+                .unwrap();
+            assert_eq!(matches!(staged.how, Staged::Linked { .. }), name == "plain");
+            assert!(!a.exists("g/snapshots/s").await.unwrap());
+            staged.complete().await.unwrap();
+            assert!(a.get("g/snapshots/s").await.unwrap() == data, "{name}");
+
+            let staged = a
+                .stage_file("g/snapshots/t", &src, &Progress::hidden())
+                .await
+                .unwrap();
+            staged.abort().await.unwrap();
+            assert!(!a.exists("g/snapshots/t").await.unwrap());
+            let left: Vec<_> = std::fs::read_dir(root.join("g/snapshots"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, ["s"], "{name}: no staging file is left");
+            assert_private_tree(&root);
+        }
+        assert!(
+            std::fs::read(&src).unwrap() == data,
+            "the local file is kept"
+        );
     }
 
     #[tokio::test]
