@@ -9,6 +9,7 @@
 //! - [`retention`]: which restore points a policy keeps, what a prune deletes.
 //! - [`prune`]: carrying out a retention plan, crash-safe.
 //! - [`progress`]: progress of long steps: a bar on a terminal, log lines otherwise.
+//! - [`relay`]: a long pass over a stream split between two threads.
 //! - [`hashchain`]: tamper evidence: the links between objects, and their proof.
 //! - [`store`]: archive URLs, object access, write-once puts.
 //! - [`object_lock`]: S3 Object Lock (upload checksums, reading retentions).
@@ -36,6 +37,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod object_lock;
 pub mod progress;
+pub mod relay;
 pub mod prune;
 pub mod retention;
 pub mod segment;

@@ -35,6 +35,7 @@ use thiserror::Error;
 use crate::bbolt::{self, BoltError, BoltReader};
 use crate::chain::IntegrityError;
 use crate::layout::GenerationId;
+use crate::relay;
 use crate::segment::MAX_ZSTD_WINDOW_LOG;
 use crate::store::{Archive, StoreError};
 use crate::Revision;
@@ -379,7 +380,7 @@ impl<W: Write + io::Seek> BodyWritten<W> {
 pub fn read_object(
     object: &str,
     input: &mut impl Read,
-    out: &mut impl Write,
+    out: &mut (impl Write + Send),
 ) -> Result<SnapshotHeader, SnapshotError> {
     let io_err = |source: io::Error| SnapshotError::Io {
         object: object.to_owned(),
@@ -398,28 +399,47 @@ pub fn read_object(
         .window_log_max(MAX_ZSTD_WINDOW_LOG)
         .map_err(io_err)?;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        // Ask for at most one byte beyond `db_bytes`: enough to notice a
-        // body that is too long without decompressing (or writing) more.
-        let room = header.db_bytes - total;
-        let want = buf
-            .len()
-            .min(usize::try_from(room.saturating_add(1)).unwrap_or(usize::MAX));
-        let n = match decoder.read(&mut buf[..want]) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return Err(mismatch()),
-        };
-        if n as u64 > room {
-            return Err(mismatch());
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(io_err)?;
-        total += n as u64;
-    }
+    // Decompression here, hashing and writing on a second thread.
+    let total = relay::relay(
+        relay::CHUNK_BYTES,
+        |feed| {
+            let mut total = 0u64;
+            loop {
+                let Some(mut buf) = feed.buffer() else {
+                    return Ok(total);
+                };
+                // Ask for at most one byte beyond `db_bytes`: enough to
+                // notice a body that is too long without decompressing (or
+                // writing) more.
+                let room = header.db_bytes - total;
+                let want = relay::CHUNK_BYTES
+                    .min(usize::try_from(room.saturating_add(1)).unwrap_or(usize::MAX));
+                buf.resize(want, 0);
+                let n = loop {
+                    match decoder.read(&mut buf) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return Err(mismatch()),
+                    }
+                };
+                if n == 0 {
+                    return Ok(total);
+                }
+                if n as u64 > room {
+                    return Err(mismatch());
+                }
+                buf.truncate(n);
+                total += n as u64;
+                if !feed.send(buf) {
+                    return Ok(total);
+                }
+            }
+        },
+        |chunk| {
+            hasher.update(chunk);
+            out.write_all(chunk).map_err(io_err)
+        },
+    )?;
     if total != header.db_bytes || hasher.finalize().as_bytes() != &header.db_blake3 {
         return Err(mismatch());
     }

@@ -371,6 +371,10 @@ enum Command {
     Docs(DocsCommand),
 }
 
+/// Freed buffers go back to the system: peak memory stays what is live.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // follow is long-running: its progress lines are INFO. The other

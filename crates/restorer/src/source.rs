@@ -12,7 +12,7 @@ use etcdpitr_common::manifest::ClockStep;
 use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::segment::{self, Record, RecordReader, SegmentHeader};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
-use etcdpitr_common::store::{self, Archive};
+use etcdpitr_common::store::{self, Archive, StoreError};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 use tokio_util::io::SyncIoBridge;
@@ -71,9 +71,16 @@ async fn fetch_checked(
         result
     };
     let (downloaded, decompressed) = tokio::join!(download, decompress);
-    // A failed download cuts the object short: its error is the cause.
-    downloaded.with_context(|| format!("download {key}"))?;
-    let header = decompressed??;
+    let header = match (downloaded, decompressed?) {
+        (Ok(_), decompressed) => decompressed?,
+        // The decompression stopped first (a damaged object): the download
+        // found the pipe closed.
+        (Err(StoreError::Io(e)), Err(cause)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Err(cause)
+        }
+        // A failed download cuts the object short: its error is the cause.
+        (Err(e), _) => return Err(anyhow::Error::from(e).context(format!("download {key}"))),
+    };
     fetching.finish();
     if header.revision != revision || header.generation != generation.0 {
         return Err(chain::IntegrityError::new(

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use etcdpitr_common::bbolt::{self, BoltError, BoltReader};
 use etcdpitr_common::progress::{Mode, Progress, Unit};
+use etcdpitr_common::relay;
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
 use etcdpitr_common::snapshot::SnapshotHeader;
 use etcdpitr_common::Revision;
@@ -571,54 +572,74 @@ pub fn seal(
     let mut base_hash = blake3::Hasher::new();
     let mut appended = blake3::Hasher::new();
     let base_end = base_high_water * page_size;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
+    let meta_len = base_head.len() as u64;
     let (mut key_entries, mut leaves_seen) = (0u64, 0u64);
-    while at < len {
-        let n = buf.len().min((len - at) as usize);
-        let chunk = &mut buf[..n];
-        file.read_exact_at(chunk, at).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                mismatch("shrank while being read back".into())
-            } else {
-                read(e)
-            }
-        })?;
-        sha.update(&*chunk);
-        // Pages of this chunk (chunks hold whole pages).
-        let first = at / page_size;
-        for (i, page) in chunk.chunks(page_size as usize).enumerate() {
-            let pgid = first + i as u64;
-            if leaves.contains(pgid) {
-                let (id, flags, count) = bbolt::page_header(page);
-                if id != pgid || flags != bbolt::LEAF_PAGE {
-                    return Err(mismatch(format!(
-                        "page {pgid}, a leaf of the key bucket, says it is page {id} with flags {flags:#x}"
-                    )));
+    // Reading and sha256 here; the checks and blake3 on a second thread.
+    let mut checked_to = 0u64;
+    relay::relay(
+        relay::CHUNK_BYTES,
+        |feed| {
+            let mut at = 0u64;
+            while at < len {
+                let Some(mut buf) = feed.buffer() else {
+                    return Ok(());
+                };
+                buf.resize(relay::CHUNK_BYTES.min((len - at) as usize), 0);
+                file.read_exact_at(&mut buf, at).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        mismatch("shrank while being read back".into())
+                    } else {
+                        read(e)
+                    }
+                })?;
+                sha.update(&buf);
+                at += buf.len() as u64;
+                reading.inc(buf.len() as u64);
+                if !feed.send(buf) {
+                    return Ok(());
                 }
-                key_entries += u64::from(count);
-                leaves_seen += 1;
             }
-        }
-        // The byte ranges of the chunk in the base's pages and after them.
-        let end = at + n as u64;
-        let meta_len = base_head.len() as u64;
-        if at < meta_len {
-            let m = meta_len.min(end);
-            if chunk[..(m - at) as usize] != finished.meta[at as usize..m as usize] {
-                return Err(mismatch("its meta pages are not what was written".into()));
+            Ok(())
+        },
+        |chunk| {
+            let at = checked_to;
+            // Pages of this chunk (chunks hold whole pages).
+            let first = at / page_size;
+            for (i, page) in chunk.chunks(page_size as usize).enumerate() {
+                let pgid = first + i as u64;
+                if leaves.contains(pgid) {
+                    let (id, flags, count) = bbolt::page_header(page);
+                    if id != pgid || flags != bbolt::LEAF_PAGE {
+                        return Err(mismatch(format!(
+                            "page {pgid}, a leaf of the key bucket, says it is page {id} with flags {flags:#x}"
+                        )));
+                    }
+                    key_entries += u64::from(count);
+                    leaves_seen += 1;
+                }
             }
-            base_hash.update(&base_head[at as usize..m as usize]);
-        }
-        if end > meta_len && at < base_end {
-            let (from, to) = (at.max(meta_len), end.min(base_end));
-            base_hash.update(&chunk[(from - at) as usize..(to - at) as usize]);
-        }
-        if end > base_end {
-            appended.update(&chunk[(at.max(base_end) - at) as usize..]);
-        }
-        at = end;
-        reading.inc(n as u64);
+            // The byte ranges of the chunk in the base's pages and after.
+            let end = at + chunk.len() as u64;
+            if at < meta_len {
+                let m = meta_len.min(end);
+                if chunk[..(m - at) as usize] != finished.meta[at as usize..m as usize] {
+                    return Err(mismatch("its meta pages are not what was written".into()));
+                }
+                base_hash.update(&base_head[at as usize..m as usize]);
+            }
+            if end > meta_len && at < base_end {
+                let (from, to) = (at.max(meta_len), end.min(base_end));
+                base_hash.update(&chunk[(from - at) as usize..(to - at) as usize]);
+            }
+            if end > base_end {
+                appended.update(&chunk[(at.max(base_end) - at) as usize..]);
+            }
+            checked_to = end;
+            Ok(())
+        },
+    )?;
+    if checked_to != len {
+        return Err(mismatch("was not read back whole".into()));
     }
     base_hash.update(&base_tail);
     if base_hash.finalize().as_bytes() != &base_blake3 {
