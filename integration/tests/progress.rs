@@ -62,10 +62,7 @@ async fn progress_is_log_lines_off_a_terminal_and_a_bar_on_one() -> anyhow::Resu
 
     // The daemon's periodic snapshots: lines in its log, never a bar.
     let daemon = std::fs::read_to_string(&log)?;
-    for step in [
-        "receive etcd snapshot",
-        "upload snapshot at revision ",
-    ] {
+    for step in ["receive etcd snapshot", "upload snapshot at revision "] {
         assert!(!finished(&daemon, step).is_empty(), "{step}: {daemon}");
     }
     assert!(!has_terminal_codes(&daemon));
@@ -93,7 +90,11 @@ async fn progress_is_log_lines_off_a_terminal_and_a_bar_on_one() -> anyhow::Resu
     };
     let text = restore("text.db", &[])?;
     assert!(!has_terminal_codes(&text), "{text:?}");
-    for step in ["fetch snapshot at revision ", "replay", "read back restored file"] {
+    for step in [
+        "fetch snapshot at revision ",
+        "replay",
+        "read back restored file",
+    ] {
         let lines = finished(&text, step);
         assert_eq!(lines.len(), 1, "{step}: {text}");
         assert!(lines[0].contains(" INFO "), "{text}");
@@ -185,10 +186,7 @@ async fn progress_is_log_lines_off_a_terminal_and_a_bar_on_one() -> anyhow::Resu
     )?;
     assert_eq!(code, 0, "{err}");
     assert!(!has_terminal_codes(&err), "{err:?}");
-    for step in [
-        "receive etcd snapshot",
-        "upload snapshot at revision ",
-    ] {
+    for step in ["receive etcd snapshot", "upload snapshot at revision "] {
         assert_eq!(finished(&err, step).len(), 1, "{step}: {err}");
     }
     let (code, _, err) = run_archiver(
