@@ -132,25 +132,33 @@ pub async fn verify_snapshot(
     checked
 }
 
-/// Number of segments fetched ahead of the one being replayed.
-const PREFETCH: usize = 4;
+/// Segments fetched at once ahead of the one being replayed: a store's
+/// latency per request is paid about once per this many segments.
+const PREFETCH: usize = 6;
 
-/// Fetches `segments` in order in a background task, `PREFETCH` ahead.
-/// Each item is the object key and its bytes (not yet checked).
+/// Fetches `segments` in a background task, [`PREFETCH`] requests in
+/// flight, delivered in order. Each item is the object key and its bytes
+/// (not yet checked).
 pub fn prefetch_segments(
     archive: Archive,
     generation: GenerationId,
     segments: Vec<SegmentName>,
 ) -> mpsc::Receiver<anyhow::Result<(String, Bytes)>> {
-    let (tx, rx) = mpsc::channel(PREFETCH);
+    use futures::StreamExt;
+    let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        for name in segments {
-            let key = layout::segment_key(generation, &name);
-            let result = archive
-                .get(&key)
-                .await
-                .with_context(|| format!("download {key}"))
-                .map(|b| (key, b));
+        let archive = &archive;
+        let mut fetched = futures::stream::iter(segments)
+            .map(|name| async move {
+                let key = layout::segment_key(generation, &name);
+                archive
+                    .get(&key)
+                    .await
+                    .with_context(|| format!("download {key}"))
+                    .map(|b| (key, b))
+            })
+            .buffered(PREFETCH);
+        while let Some(result) = fetched.next().await {
             let failed = result.is_err();
             if tx.send(result).await.is_err() || failed {
                 return;
