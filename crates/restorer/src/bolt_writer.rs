@@ -15,15 +15,15 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::path::Path;
 
 use etcdpitr_common::bbolt::{
     self, RightEdge, BRANCH_PAGE, BUCKET_LEAF_FLAG, ELEMENT_LEN, LEAF_PAGE, PAGE_HEADER_LEN,
 };
 
-/// Page size of the files written from scratch (the size etcd uses on
-/// common platforms); a file continued keeps its own.
-pub const PAGE_SIZE: u64 = 4096;
+/// Page size of the files the tests write from scratch (the size etcd
+/// uses on common platforms); a restore keeps its base snapshot's.
+#[cfg(test)]
+const PAGE_SIZE: u64 = 4096;
 /// bbolt keeps element counts in a u16.
 const MAX_ELEMENTS: usize = 0xFFFF - 1;
 
@@ -39,10 +39,8 @@ pub struct PageWriter {
 
 impl PageWriter {
     /// Creates the file and reserves the two meta pages.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn create(path: &Path) -> io::Result<Self> {
+    #[cfg(test)]
+    fn create(path: &std::path::Path) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -75,16 +73,6 @@ impl PageWriter {
             scratch: Vec::new(),
             appended: blake3::Hasher::new(),
         })
-    }
-
-    /// The next page to be written: the high-water mark so far.
-    pub fn next_pgid(&self) -> u64 {
-        self.next_pgid
-    }
-
-    /// Bytes up to the high-water mark so far.
-    pub fn len_bytes(&self) -> u64 {
-        self.next_pgid * self.page_size as u64
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -371,6 +359,7 @@ pub fn bucket_header(root_pgid: u64, sequence: u64) -> [u8; 16] {
 mod tests {
     use super::*;
     use etcdpitr_common::bbolt::BoltReader;
+    use std::path::Path;
 
     #[test]
     fn written_files_pass_the_consistency_check() {
