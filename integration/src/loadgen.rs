@@ -714,7 +714,9 @@ impl Executor {
     /// Applies `op`; returns the revision of etcd's answer and the value
     /// bytes written.
     async fn apply(&mut self, op: Op) -> anyhow::Result<(i64, u64)> {
-        let revision = |h: Option<&etcd_client::ResponseHeader>| h.map_or(0, |h| h.revision());
+        let revision = |h: Option<&etcd_client::ResponseHeader>| {
+            h.map_or(0, etcd_client::ResponseHeader::revision)
+        };
         Ok(match op {
             Op::Create { key, value } => {
                 let len = value.len() as u64;
