@@ -31,8 +31,10 @@ pub const DEFAULT_SEGMENT_MAX_AGE: Duration = Duration::from_secs(5);
 pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 16 << 20;
 /// Default limit of sealed-but-not-uploaded bytes kept in the spool.
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
-/// Default number of segments uploaded at once.
-pub const DEFAULT_UPLOAD_CONCURRENCY: u32 = 4;
+/// Default number of segments uploaded at once: one, so that the store
+/// never holds a segment whose predecessor is missing (see
+/// `--upload-concurrency` in docs/archiver.md for what more would risk).
+pub const DEFAULT_UPLOAD_CONCURRENCY: u32 = 1;
 /// Most segments uploaded at once (each holds one segment in memory).
 const MAX_UPLOAD_CONCURRENCY: u32 = 64;
 /// Default interval at which an idle cluster's progress is sealed.

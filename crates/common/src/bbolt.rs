@@ -657,8 +657,10 @@ impl BoltReader {
         for depth in 1..height {
             let mut next = Vec::new();
             for pgid in level {
-                if !branches.insert(pgid) {
-                    return Err(invalid(format!("page {pgid} is referenced twice")));
+                if pgid < 2 || pgid >= self.high_water || !branches.insert(pgid) {
+                    return Err(invalid(format!(
+                        "branch page {pgid} is out of range or referenced twice"
+                    )));
                 }
                 let page = self.read_page(pgid)?;
                 if page.flags != BRANCH_PAGE || page.count == 0 {

@@ -10,9 +10,10 @@ use etcdpitr_common::layout::{self, GenerationId, SegmentName};
 use etcdpitr_common::listing::{ArchiveListing, GenerationListing};
 use etcdpitr_common::manifest::ClockStep;
 use etcdpitr_common::progress::{Mode, Progress, Unit};
+use etcdpitr_common::relay;
 use etcdpitr_common::segment::{self, Record, RecordReader, SegmentHeader};
 use etcdpitr_common::snapshot::{self, SnapshotHeader};
-use etcdpitr_common::store::{self, Archive, StoreError};
+use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
 use tokio_util::io::SyncIoBridge;
@@ -42,7 +43,8 @@ async fn fetch_checked(
         .with_context(|| format!("create {}", db_path.display()))?;
     // The download writes the object into one end of a pipe; the
     // decompression reads the other on a blocking thread.
-    let (mut sending, receiving) = tokio::io::duplex(store::READ_RANGE_BYTES as usize);
+    // (The ranges in flight are the read-ahead; the pipe only decouples.)
+    let (mut sending, receiving) = tokio::io::duplex(2 * relay::CHUNK_BYTES);
     let fetching = Progress::new(
         progress,
         format!("fetch snapshot at revision {revision}"),
@@ -50,6 +52,9 @@ async fn fetch_checked(
         None,
     );
     let (object, fetch_progress) = (key.clone(), fetching.clone());
+    // The disk writes the file back while it arrives, not all at the end.
+    let writeback =
+        Writeback::start(&out).with_context(|| format!("open {}", db_path.display()))?;
     let decompress = tokio::task::spawn_blocking(move || {
         let mut input = std::io::BufReader::new(SyncIoBridge::new(receiving));
         // The header (read ahead here) gives the file's length.
@@ -71,6 +76,7 @@ async fn fetch_checked(
         result
     };
     let (downloaded, decompressed) = tokio::join!(download, decompress);
+    let synced = tokio::task::spawn_blocking(move || writeback.finish()).await?;
     let header = match (downloaded, decompressed?) {
         (Ok(_), decompressed) => decompressed?,
         // The decompression stopped first (a damaged object): the download
@@ -81,6 +87,7 @@ async fn fetch_checked(
         // A failed download cuts the object short: its error is the cause.
         (Err(e), _) => return Err(anyhow::Error::from(e).context(format!("download {key}"))),
     };
+    synced.with_context(|| format!("write {}", db_path.display()))?;
     fetching.finish();
     if header.revision != revision || header.generation != generation.0 {
         return Err(chain::IntegrityError::new(
@@ -96,6 +103,41 @@ async fn fetch_checked(
     tokio::task::spawn_blocking(move || snapshot::check_content_revision(&key, &header, &db))
         .await??;
     Ok(header)
+}
+
+/// Syncs a file being written every [`Writeback::INTERVAL`] on a thread of
+/// its own, so that the disk writes it back while it grows rather than all
+/// in the final sync (the kernel alone starts only once a tenth of memory
+/// is dirty). Costs no extra writes: each sync writes what is new.
+struct Writeback {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Writeback {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+    fn start(file: &std::fs::File) -> std::io::Result<Self> {
+        let file = file.try_clone()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                file.sync_data()?;
+                std::thread::sleep(Self::INTERVAL);
+            }
+            Ok(())
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the syncs; an error one of them met (the disk failing).
+    fn finish(self) -> std::io::Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| std::io::Error::other("the writeback thread panicked"))?
+    }
 }
 
 /// Downloads a snapshot object and writes the etcd snapshot file it holds to

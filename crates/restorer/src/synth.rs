@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use etcdpitr_common::bbolt::{self, BoltError, BoltReader};
+use etcdpitr_common::bbolt::{self, BoltError, BoltReader, PageSet};
 use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::relay;
 use etcdpitr_common::segment::{Event, EventKind, LeaseRecord, RevisionRecord};
@@ -293,6 +293,10 @@ pub struct Written {
     base_tail: Vec<u8>,
     base_high_water: u64,
     base_blake3: [u8; 32],
+    /// The leaves of the base's `key` bucket, and the entries added to it:
+    /// the restored bucket must hold the base's entries plus those.
+    base_leaves: PageSet,
+    added: u64,
     finished: Finished,
 }
 
@@ -323,6 +327,8 @@ pub fn synthesize(
         )));
     }
     let (page_size, base_high_water) = (reader.page_size(), reader.high_water());
+    let base_leaves = reader.leaf_pages(b"key").map_err(bolt_err)?;
+    let mut added = 0;
     let werr = write_err(out_path);
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -410,6 +416,7 @@ pub fn synthesize(
                     )
                     .map_err(&werr)?;
                 }
+                added = tree.count();
                 tree.finish(&mut w).map_err(&werr)?
             }
             b"lease" => {
@@ -485,6 +492,8 @@ pub fn synthesize(
         base_tail,
         base_high_water,
         base_blake3: base.db_blake3,
+        base_leaves,
+        added,
         finished,
     })
 }
@@ -531,6 +540,8 @@ pub fn seal(
         base_tail,
         base_high_water,
         base_blake3,
+        base_leaves,
+        added,
         finished,
     } = written;
     let read = |source: io::Error| OutputError::Read {
@@ -573,7 +584,7 @@ pub fn seal(
     let mut appended = blake3::Hasher::new();
     let base_end = base_high_water * page_size;
     let meta_len = base_head.len() as u64;
-    let (mut key_entries, mut leaves_seen) = (0u64, 0u64);
+    let (mut key_entries, mut leaves_seen, mut base_entries) = (0u64, 0u64, 0u64);
     // Reading and sha256 here; the checks and blake3 on a second thread.
     let mut checked_to = 0u64;
     relay::relay(
@@ -617,6 +628,9 @@ pub fn seal(
                     key_entries += u64::from(count);
                     leaves_seen += 1;
                 }
+                if pgid < base_high_water && base_leaves.contains(pgid) {
+                    base_entries += u64::from(bbolt::page_header(page).2);
+                }
             }
             // The byte ranges of the chunk in the base's pages and after.
             let end = at + chunk.len() as u64;
@@ -656,6 +670,11 @@ pub fn seal(
         return Err(mismatch(
             "a leaf of the key bucket lies beyond its end".into(),
         ));
+    }
+    if key_entries != base_entries + added {
+        return Err(mismatch(format!(
+            "its key bucket holds {key_entries} entries, not the base snapshot's {base_entries} plus the {added} written"
+        )));
     }
     summary.key_entries = key_entries;
     if options.paranoid {
