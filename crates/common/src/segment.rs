@@ -109,8 +109,14 @@ const TAG_REVISION: u8 = 1;
 const TAG_LEASE: u8 = 2;
 const TAG_PROGRESS: u8 = 3;
 const FLAG_CATCHING_UP: u8 = 1;
-/// zstd level: level 1 keeps the archiver's CPU far below etcd's own.
-const ZSTD_LEVEL: i32 = 1;
+/// zstd level of segments built with [`SegmentBuilder::new`]: level 1 keeps
+/// the archiver's CPU far below etcd's own (see "Archive size" in
+/// `docs/benchmarks.md`).
+pub const ZSTD_LEVEL: i32 = 1;
+/// Highest zstd level a segment may be built with
+/// ([`SegmentBuilder::with_level`]): zstd's levels above it use windows
+/// larger than [`MAX_ZSTD_WINDOW_LOG`], which readers refuse.
+pub const MAX_ZSTD_LEVEL: i32 = 19;
 /// Initial capacity of a field buffer: larger fields grow as data arrives.
 const FIELD_CHUNK: u64 = 64 << 10;
 /// Initial capacity of a revision's event list.
@@ -306,6 +312,26 @@ impl SegmentBuilder {
         prev_revision: Revision,
         prev_digest: [u8; 32],
     ) -> io::Result<Self> {
+        Self::with_level(generation, prev_revision, prev_digest, ZSTD_LEVEL)
+    }
+
+    /// As [`SegmentBuilder::new`], compressing at zstd level `level`
+    /// (negative levels are zstd's fast ones).
+    ///
+    /// # Errors
+    /// `InvalidInput` for a level above [`MAX_ZSTD_LEVEL`]: its frames
+    /// would need a window that readers refuse.
+    pub fn with_level(
+        generation: u64,
+        prev_revision: Revision,
+        prev_digest: [u8; 32],
+        level: i32,
+    ) -> io::Result<Self> {
+        if level > MAX_ZSTD_LEVEL {
+            return Err(invalid_input(format!(
+                "zstd level {level} is above {MAX_ZSTD_LEVEL}: its window would exceed what segment readers accept (2^{MAX_ZSTD_WINDOW_LOG} bytes)"
+            )));
+        }
         Ok(Self {
             generation,
             prev_revision,
@@ -316,7 +342,7 @@ impl SegmentBuilder {
             raw_bytes: 0,
             decoded_bytes: 0,
             revisions: 0,
-            encoder: zstd::Encoder::new(Vec::new(), ZSTD_LEVEL)?,
+            encoder: zstd::Encoder::new(Vec::new(), level)?,
             scratch: Vec::new(),
             prev_digest,
             snapshot: None,
@@ -1042,6 +1068,44 @@ mod tests {
         assert_eq!(header.last_revision, 12);
         assert_eq!(header.first_time_ms, 1_700_000_000_000);
         assert_eq!(header.record_count, 4);
+    }
+
+    /// Every level `with_level` accepts writes frames that readers accept,
+    /// up to the highest, whose window is exactly the readers' limit; a
+    /// level beyond it is refused before anything is written.
+    #[test]
+    fn chosen_levels_round_trip_up_to_the_readers_window() {
+        // More than one zstd block (128 KiB), so the encoder does not know
+        // the size in advance and uses the level's full window.
+        let text: Vec<u8> = (0..300_000u32)
+            .map(|i| b"etcd-pitr segment "[(i % 18) as usize] ^ (i / 7919) as u8)
+            .collect();
+        let mut records = sample_records();
+        let Record::Revision(r) = &mut records[2] else {
+            unreachable!()
+        };
+        r.events[0].value = text;
+        for level in [-5, ZSTD_LEVEL, 9, MAX_ZSTD_LEVEL] {
+            let mut b = SegmentBuilder::with_level(3, 10, [0; 32], level).unwrap();
+            for r in &records {
+                b.push(r).unwrap();
+            }
+            let (_, bytes) = b.finish().unwrap();
+            let (_, decoded) = decode_all("level", &bytes).unwrap();
+            assert_eq!(decoded, records, "level {level}");
+            if level == MAX_ZSTD_LEVEL {
+                // Frame header: magic, descriptor (single-segment flag 0x20
+                // clear), window descriptor (exponent in the high 5 bits).
+                let body = &bytes[HEADER_LEN..];
+                assert_eq!(body[4] & 0x20, 0, "a windowed frame");
+                assert_eq!(10 + u32::from(body[5] >> 3), MAX_ZSTD_WINDOW_LOG);
+            }
+        }
+        let err = SegmentBuilder::with_level(3, 10, [0; 32], MAX_ZSTD_LEVEL + 1)
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("zstd level 20"), "{err}");
     }
 
     #[test]
