@@ -166,3 +166,14 @@ pub fn timed(program: &Path, args: &[&str], stdout: &Path) -> anyhow::Result<Tim
         peak_rss_mib,
     })
 }
+
+/// Peak resident set size of a process in MiB (`VmHWM`, what GNU time
+/// reports as its maximum resident set size).
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

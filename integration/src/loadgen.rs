@@ -57,6 +57,22 @@ pub const DEFAULT_WRITERS: u64 = 64;
 /// Default seed.
 pub const DEFAULT_SEED: u64 = 1;
 
+/// Starts an etcd 3.5 member to fill with `size_bytes` of load: its backend
+/// quota is twice that (at least 8 GiB), so the load never reaches it.
+///
+/// # Errors
+/// If etcd does not start.
+pub async fn start_source(size_bytes: u64) -> anyhow::Result<crate::EtcdCluster> {
+    let quota = (size_bytes * 2).max(8 << 30).to_string();
+    crate::EtcdCluster::start_with_flags(
+        crate::EtcdVersion::V35,
+        1,
+        false,
+        &["--quota-backend-bytes", &quota],
+    )
+    .await
+}
+
 const WORDS: &[&str] = &[
     "api",
     "auth",

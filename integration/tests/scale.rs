@@ -12,8 +12,8 @@ use etcdpitr_common::settings::parse_size;
 use etcdpitr_common::store::Archive;
 use integration::loadgen::{run_load, LoadOptions, Until};
 use integration::{
-    archiver_args, current_revision, run_restorer, wait_archived, ArchiverProcess, EtcdCluster,
-    EtcdVersion, RestoredEtcd,
+    archiver_args, current_revision, run_restorer, wait_archived, ArchiverProcess, EtcdVersion,
+    RestoredEtcd,
 };
 
 /// Database size when `ETCD_PITR_SCALE_BYTES` is unset.
@@ -27,14 +27,7 @@ async fn restores_a_gb_scale_database_exactly() -> anyhow::Result<()> {
     let size_text =
         std::env::var("ETCD_PITR_SCALE_BYTES").unwrap_or_else(|_| DEFAULT_SCALE.to_owned());
     let size = parse_size("ETCD_PITR_SCALE_BYTES", &size_text)?;
-    let quota = (size * 2).max(8 << 30).to_string();
-    let source = EtcdCluster::start_with_flags(
-        EtcdVersion::V35,
-        1,
-        false,
-        &["--quota-backend-bytes", &quota],
-    )
-    .await?;
+    let source = integration::loadgen::start_source(size).await?;
     let endpoints = source.endpoints();
     let options = LoadOptions::default();
     let fill = run_load(

@@ -575,16 +575,17 @@ mod tests {
         }
     }
 
-    /// Runs the uploader on the one spooled item until it stops.
-    async fn upload(s: &Setup) -> (u64, Fatal) {
-        let archive =
-            Archive::from_store(s.store.clone(), "", "memory://test").with_keys(s.keys.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(s.item.clone()).unwrap();
-        drop(tx);
+    /// The state of a writer of generation 1 at revision 10: its fatal
+    /// flag, chain tip and observer (with the observer's registry).
+    fn writer_at_10() -> (
+        Fatal,
+        SharedTip,
+        Observer,
+        etcdpitr_common::metrics::Registry,
+    ) {
         let fatal = Fatal::new(&CancellationToken::new());
         let tip = SharedTip::new(crate::tip::Tip::start(GenerationId(1), 10, [0; 32]));
-        let (observer, _) = Observer::new(
+        let (observer, registry) = Observer::new(
             crate::clock::AnchoredClock::system(),
             Duration::from_secs(30),
         );
@@ -596,6 +597,17 @@ mod tests {
                 vouched_ms: 0,
             },
         );
+        (fatal, tip, observer, registry)
+    }
+
+    /// Runs the uploader on the one spooled item until it stops.
+    async fn upload(s: &Setup) -> (u64, Fatal) {
+        let archive =
+            Archive::from_store(s.store.clone(), "", "memory://test").with_keys(s.keys.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(s.item.clone()).unwrap();
+        drop(tx);
+        let (fatal, tip, observer, _) = writer_at_10();
         let uploaded = tokio::time::timeout(
             Duration::from_secs(20),
             run_uploader(
@@ -937,20 +949,7 @@ mod tests {
             .collect();
         drop(tx);
         let archive = Archive::from_store(store.clone(), "", "memory://test");
-        let fatal = Fatal::new(&CancellationToken::new());
-        let tip = SharedTip::new(crate::tip::Tip::start(GenerationId(1), 10, [0; 32]));
-        let (observer, registry) = Observer::new(
-            crate::clock::AnchoredClock::system(),
-            Duration::from_secs(30),
-        );
-        observer.writing();
-        observer.generation(
-            GenerationId(1),
-            crate::observe::Durable {
-                revision: 10,
-                vouched_ms: 0,
-            },
-        );
+        let (fatal, tip, observer, registry) = writer_at_10();
         let uploader = tokio::spawn(run_uploader(
             archive,
             spool.clone(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use etcdpitr_common::listing::ArchiveListing;
 use etcdpitr_common::store::Archive;
-use integration::{archiver_args, ArchiverProcess, EtcdCluster, EtcdVersion};
+use integration::{archiver_args, peak_rss_mib, ArchiverProcess, EtcdCluster, EtcdVersion};
 
 const WRITERS: usize = 64;
 const VALUE_BYTES: usize = 1024;
@@ -33,16 +33,6 @@ fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|s| s.parse::<f64>().ok())
             .unwrap_or(0.0);
     ticks / 100.0
-}
-
-/// Peak resident set size of a process in MiB, from /proc.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 #[tokio::main]

@@ -32,8 +32,8 @@ use etcdpitr_common::settings::parse_size;
 use etcdpitr_common::store::Archive;
 use integration::loadgen::{run_load, LoadOptions, LoadSummary, Until};
 use integration::{
-    archiver_args, binary, timed, ArchiverProcess, DelayProxy, EtcdCluster, EtcdVersion,
-    RestoredEtcd, S3Server, Timing,
+    archiver_args, binary, peak_rss_mib, timed, ArchiverProcess, DelayProxy, EtcdCluster,
+    EtcdVersion, RestoredEtcd, S3Server, Timing,
 };
 
 const USAGE: &str = "usage: bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N]";
@@ -144,17 +144,6 @@ async fn wait_snapshot(archive: &Archive, archiver: &ArchiverProcess) -> anyhow:
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Peak resident set size of a process in MiB (`VmHWM`, what GNU time
-/// reports as its maximum resident set size).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// How an archiver followed writes at the highest rate.
@@ -325,14 +314,7 @@ async fn main() -> anyhow::Result<()> {
         gb(available)
     );
     let mut table = Table(Vec::new());
-    let quota = (s.size_bytes * 2).max(8 << 30).to_string();
-    let source = EtcdCluster::start_with_flags(
-        EtcdVersion::V35,
-        1,
-        false,
-        &["--quota-backend-bytes", &quota],
-    )
-    .await?;
+    let source = integration::loadgen::start_source(s.size_bytes).await?;
     let endpoints = source.endpoints();
     let options = LoadOptions {
         writers: s.writers,
