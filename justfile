@@ -65,6 +65,11 @@ bench-scale size="1GB": setup
     cargo build --release --workspace --bins
     target/release/bench-scale {{size}}
 
+# Archive size: segments at several zstd levels against gzip -6 and zstd -19, offline (see docs/benchmarks.md).
+bench-size revisions="1000000":
+    cargo build --release -p integration --bin bench-size
+    target/release/bench-size {{revisions}}
+
 # Long-running exactness test: HashKV of members restored from a 1 GB archive (ETCD_PITR_SCALE_BYTES overrides).
 scale-test: setup
     cargo build --release --workspace --bins
