@@ -100,9 +100,10 @@ pub const MAX_RECORDS_PER_SEGMENT: u64 = MAX_SEGMENT_DECODED_BYTES / RECORD_DECO
 /// than its decoded size, so a body within the limits above fits; the cap
 /// stops a small "zstd bomb" from being decompressed any further.
 pub const MAX_BODY_BYTES: u64 = 256 << 20;
-/// Largest zstd window accepted (log2: 8 MiB). The archiver compresses with
-/// levels 1 (segments, 512 KiB window) and 3 (snapshots, 2 MiB); a frame
-/// asking for more would only make the decoder allocate more.
+/// Largest zstd window accepted (log2: 8 MiB). The archiver compresses
+/// segments and snapshots at level 1 (a 512 KiB window; earlier snapshots
+/// used level 3, 2 MiB); a frame asking for more would only make the
+/// decoder allocate more.
 pub const MAX_ZSTD_WINDOW_LOG: u32 = 23;
 
 const TAG_REVISION: u8 = 1;
