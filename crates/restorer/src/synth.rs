@@ -293,9 +293,11 @@ pub struct Written {
     base_tail: Vec<u8>,
     base_high_water: u64,
     base_blake3: [u8; 32],
-    /// The leaves of the base's `key` bucket, and the entries added to it:
-    /// the restored bucket must hold the base's entries plus those.
+    /// The leaves of the base's `key` bucket (or the entries of an inline
+    /// one), and the entries added to it: the restored bucket must hold the
+    /// base's entries plus those.
     base_leaves: PageSet,
+    inline_entries: u64,
     added: u64,
     finished: Finished,
 }
@@ -328,7 +330,7 @@ pub fn synthesize(
     }
     let (page_size, base_high_water) = (reader.page_size(), reader.high_water());
     let base_leaves = reader.leaf_pages(b"key").map_err(bolt_err)?;
-    let mut added = 0;
+    let (mut added, mut inline_entries) = (0, 0);
     let werr = write_err(out_path);
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -366,6 +368,11 @@ pub fn synthesize(
                     .right_edge(b"key")
                     .map_err(bolt_err)?
                     .unwrap_or_default();
+                // A small bucket lives inline in its parent, on no leaf page
+                // of its own: its entries are counted here.
+                if base_leaves.is_empty() {
+                    inline_entries = edge.leaf.len() as u64;
+                }
                 let mut tree = TreeBuilder::continue_from(edge);
                 let replaying = Progress::new(
                     progress,
@@ -493,6 +500,7 @@ pub fn synthesize(
         base_high_water,
         base_blake3: base.db_blake3,
         base_leaves,
+        inline_entries,
         added,
         finished,
     })
@@ -541,6 +549,7 @@ pub fn seal(
         base_high_water,
         base_blake3,
         base_leaves,
+        inline_entries,
         added,
         finished,
     } = written;
@@ -584,7 +593,7 @@ pub fn seal(
     let mut appended = blake3::Hasher::new();
     let base_end = base_high_water * page_size;
     let meta_len = base_head.len() as u64;
-    let (mut key_entries, mut leaves_seen, mut base_entries) = (0u64, 0u64, 0u64);
+    let (mut key_entries, mut leaves_seen, mut base_entries) = (0u64, 0u64, inline_entries);
     // Reading and sha256 here; the checks and blake3 on a second thread.
     let mut checked_to = 0u64;
     relay::relay(
