@@ -184,6 +184,22 @@ pub struct Event {
     pub lease: i64,
 }
 
+impl Event {
+    /// The delete of `key` at revision `mod_revision`, as etcd reports it
+    /// (the key and the revision only).
+    pub fn deleted(key: Vec<u8>, mod_revision: Revision) -> Self {
+        Self {
+            kind: EventKind::Delete,
+            key,
+            value: Vec::new(),
+            create_revision: 0,
+            mod_revision,
+            version: 0,
+            lease: 0,
+        }
+    }
+}
+
 /// All events of one revision, in sub-revision order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevisionRecord {
@@ -827,15 +843,7 @@ impl<'a> RecordReader<'a> {
                     lease,
                 }
             } else {
-                Event {
-                    kind,
-                    key,
-                    value: Vec::new(),
-                    create_revision: 0,
-                    mod_revision: revision,
-                    version: 0,
-                    lease: 0,
-                }
+                Event::deleted(key, revision)
             };
             events.push(event);
         }

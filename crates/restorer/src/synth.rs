@@ -860,15 +860,7 @@ mod tests {
             .map(|revision| {
                 let key = format!("k{}", revision % 13).into_bytes();
                 let event = if revision % 10 == 0 {
-                    Event {
-                        kind: EventKind::Delete,
-                        key,
-                        value: Vec::new(),
-                        create_revision: 0,
-                        mod_revision: revision,
-                        version: 0,
-                        lease: 0,
-                    }
+                    Event::deleted(key, revision)
                 } else {
                     Event {
                         kind: EventKind::Put,

@@ -125,15 +125,7 @@ impl Mvcc {
     fn delete(&mut self, revision: Revision, key: Vec<u8>) -> Option<Event> {
         let meta = self.keys.remove(&key)?;
         self.detach(meta.lease, &key);
-        Some(Event {
-            kind: EventKind::Delete,
-            key,
-            value: Vec::new(),
-            create_revision: 0,
-            mod_revision: revision,
-            version: 0,
-            lease: 0,
-        })
+        Some(Event::deleted(key, revision))
     }
 
     fn detach(&mut self, lease: i64, key: &[u8]) {
