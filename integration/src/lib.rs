@@ -6,6 +6,7 @@
 //! - [`etcd`]: etcd members, clusters and restored etcds.
 //! - [`binaries`]: the archiver and restorer processes.
 //! - [`store`]: the S3 server and the outage proxy.
+//! - [`file_s3`]: a read-only S3 endpoint serving a directory's files.
 //! - [`workload`]: deterministic writes.
 //! - [`history`]: oracles (archive contents, etcd's history and reads).
 //! - [`bench`]: a large archive and timed commands, for the benchmarks.
@@ -14,6 +15,7 @@
 mod bench;
 mod binaries;
 mod etcd;
+mod file_s3;
 mod history;
 pub mod loadgen;
 mod store;
@@ -22,6 +24,7 @@ mod workload;
 pub use bench::*;
 pub use binaries::*;
 pub use etcd::*;
+pub use file_s3::*;
 pub use history::*;
 pub use store::*;
 pub use workload::*;
