@@ -8,10 +8,11 @@
 //! 2. more writes at the highest rate (the archiver keeps up or lags);
 //! 3. `etcd-restorer restore` of the newest revision next to `cp` + `sync` of
 //!    etcd's own snapshot at that revision (output size too);
-//! 4. the same restore from S3 (moto, a copy of the archive), directly and
-//!    through a proxy adding latency per request, next to the local restore;
-//! 5. a second archiver writing to S3 through that proxy: its first snapshot,
-//!    and whether it keeps up with writes at the highest rate;
+//! 4. the same restore from a read-only S3 endpoint serving the archive's
+//!    files (`integration::file_s3`), directly and through a proxy adding
+//!    latency per request, next to the local restore;
+//! 5. a second archiver writing to S3 (moto) through such a proxy: its first
+//!    snapshot, and whether it keeps up with writes at the highest rate;
 //! 6. time to a running restored etcd (restore + `etcdutl snapshot restore` +
 //!    start + first read) next to the same from etcd's own snapshot;
 //! 7. `HashKV` of the restored member at the restored revision against the
@@ -19,7 +20,8 @@
 //!
 //! Usage: `bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N]`
 //! (SIZE e.g. `1GB`, `3GB`; defaults 64 writers, 10 s of writes after the
-//! snapshot, 50 ms of latency), after `cargo build --release --bins`.
+//! snapshot, 50 ms of latency added per request, half each way), after
+//! `cargo build --release --bins`.
 //! Needs about 5 × SIZE of free space in the temporary directory.
 
 use std::path::Path;
@@ -33,42 +35,24 @@ use etcdpitr_common::store::Archive;
 use integration::loadgen::{run_load, LoadOptions, LoadSummary, Until};
 use integration::{
     archiver_args, binary, peak_rss_mib, timed, ArchiverProcess, DelayProxy, EtcdCluster,
-    EtcdVersion, RestoredEtcd, S3Server, Timing,
+    EtcdVersion, FileS3Server, RestoredEtcd, S3Server, Timing,
 };
 
 const USAGE: &str = "usage: bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N]";
 /// Free space needed, in multiples of SIZE: etcd's database, etcd's two
-/// snapshots, the archive and its S3 copy, two restored files and the
-/// restored members' data directories, not all at once.
+/// snapshots, the archive and the slow archiver's copy in moto, two restored
+/// files and the restored members' data directories, not all at once.
 const SPACE_FACTOR: u64 = 5;
 /// Segment age limit of the benchmark's archivers.
 const SEGMENT_MAX_AGE: &str = "2s";
 const BUCKET: &str = "pitr";
-
-/// Copies the files of a local archive directory into an S3 bucket under a
-/// prefix (boto3's parallel multipart transfers). Arguments: endpoint,
-/// directory, bucket, prefix.
-const MIRROR_TO_S3: &str = r##"
-import os, sys, boto3
-from boto3.s3.transfer import TransferConfig
-from concurrent.futures import ThreadPoolExecutor
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="testing",
-                  aws_secret_access_key="testing", region_name="us-east-1")
-root, bucket, prefix = sys.argv[2], sys.argv[3], sys.argv[4]
-files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if "#" not in f]
-config = TransferConfig(max_concurrency=4, multipart_chunksize=16 << 20)
-def upload(path):
-    s3.upload_file(path, bucket, prefix + "/" + os.path.relpath(path, root), Config=config)
-with ThreadPoolExecutor(8) as pool:
-    list(pool.map(upload, files))
-print(len(files))
-"##;
 
 struct Settings {
     size_bytes: u64,
     size_text: String,
     writers: u64,
     more_secs: u64,
+    /// Latency added per request (a round trip): half of it each way.
     delay: Duration,
 }
 
@@ -256,6 +240,31 @@ fn file_size(path: &Path) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)
         .with_context(|| format!("size of {}", path.display()))?
         .len())
+}
+
+/// Whether two files hold the same bytes.
+fn same_content(first: &Path, second: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    let open = |p: &Path| {
+        std::fs::File::open(p)
+            .map(|f| std::io::BufReader::with_capacity(1 << 20, f))
+            .with_context(|| format!("open {}", p.display()))
+    };
+    if file_size(first)? != file_size(second)? {
+        return Ok(false);
+    }
+    let (mut first, mut second) = (open(first)?, open(second)?);
+    let (mut ours, mut theirs) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let read = first.read(&mut ours)?;
+        if read == 0 {
+            return Ok(true);
+        }
+        second.read_exact(&mut theirs[..read])?;
+        if ours[..read] != theirs[..read] {
+            return Ok(false);
+        }
+    }
 }
 
 /// Total size of the files under `dir`.
@@ -468,44 +477,39 @@ async fn main() -> anyhow::Result<()> {
         ratio(restored_bytes as f64, reference_bytes as f64),
     );
 
-    eprintln!("copying the archive into S3 (moto)");
-    let s3 = S3Server::start(BUCKET).await?;
-    let mirror_started = Instant::now();
-    let out = Command::new("python3")
-        .args(["-c", MIRROR_TO_S3, &format!("http://127.0.0.1:{}", s3.port)])
-        .arg(tmp.path().join("archive"))
-        .args([BUCKET, "copy"])
-        .output()
-        .context("run python3 with boto3")?;
-    ensure!(
-        out.status.success(),
-        "copy the archive into S3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!(
-        "copied {} objects in {:.1} s",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        mirror_started.elapsed().as_secs_f64()
-    );
-    let s3_url = format!("s3://{BUCKET}/copy");
-    let proxy = DelayProxy::start(s3.port, s.delay).await?;
+    eprintln!("serving the archive over S3 (integration::file_s3)");
+    let s3_files = FileS3Server::start(&tmp.path().join("archive"), BUCKET).await?;
+    let s3_url = format!("s3://{BUCKET}");
+    // The proxy delays each direction: a request and its answer get
+    // `delay` between them.
+    let files_proxy = DelayProxy::start(s3_files.port, s.delay / 2).await?;
     let delay_ms = s.delay.as_millis();
-    eprintln!("restore from S3, directly and with {delay_ms} ms per request");
+    let per_request = format!(
+        "{delay_ms} ms added per request ({} ms each way)",
+        s.delay.as_secs_f64() * 500.0
+    );
+    eprintln!("restore from S3, directly and with {per_request}");
     let from_s3 = tmp.path().join("from-s3.db");
-    let s3_restore = restore(&s3_url, last, &from_s3, Some(s3.port))?;
+    let s3_restore = restore(&s3_url, last, &from_s3, Some(s3_files.port))?;
     ensure!(
-        file_size(&from_s3)? == restored_bytes,
-        "the restore from S3 differs in size from the local one"
+        same_content(&from_s3, &restored)?,
+        "the restore from S3 differs from the local one"
     );
     std::fs::remove_file(&from_s3)?;
-    let slow_restore = restore(&s3_url, last, &from_s3, Some(proxy.port))?;
+    let slow_restore = restore(&s3_url, last, &from_s3, Some(files_proxy.port))?;
     ensure!(
-        file_size(&from_s3)? == restored_bytes,
-        "the restore from S3 differs in size from the local one"
+        same_content(&from_s3, &restored)?,
+        "the restore from S3 differs from the local one"
     );
     std::fs::remove_file(&from_s3)?;
+    let refused = s3_files.refused();
+    ensure!(
+        refused.is_empty(),
+        "the restores sent the read-only S3 endpoint requests it refused: {refused:?}"
+    );
+    drop((files_proxy, s3_files));
     table.row(
-        "restore from S3 (moto on this machine)",
+        "restore from S3: a read-only S3 endpoint serving the archive's files (integration::file_s3)",
         format!(
             "{:.1} s, {:.0} MiB peak RSS",
             s3_restore.wall_secs, s3_restore.peak_rss_mib
@@ -514,7 +518,7 @@ async fn main() -> anyhow::Result<()> {
         ratio(s3_restore.wall_secs, local_restore.wall_secs),
     );
     table.row(
-        &format!("restore from S3 with {delay_ms} ms added per request"),
+        &format!("restore from S3 (the same endpoint) with {per_request}"),
         format!(
             "{:.1} s, {:.0} MiB peak RSS",
             slow_restore.wall_secs, slow_restore.peak_rss_mib
@@ -569,7 +573,9 @@ async fn main() -> anyhow::Result<()> {
         std::fs::remove_file(file)?;
     }
 
-    eprintln!("archiver writing to S3 with {delay_ms} ms per request");
+    eprintln!("archiver writing to S3 (moto) with {per_request}");
+    let s3 = S3Server::start(BUCKET).await?;
+    let proxy = DelayProxy::start(s3.port, s.delay / 2).await?;
     let slow_url = format!("s3://{BUCKET}/slow");
     let slow = {
         let _env = integration::use_s3_in_process(s3.port).await;
@@ -601,14 +607,14 @@ async fn main() -> anyhow::Result<()> {
     let slow_rss = peak_rss_mib(slow_pid);
     slow_archiver.terminate(Duration::from_mins(1))?;
     table.row(
-        &format!("archiver's first full snapshot into S3 with {delay_ms} ms added per request"),
+        &format!("archiver's first full snapshot into S3 (moto) with {per_request}"),
         format!("{slow_snapshot:.1} s, {slow_rss:.0} MiB peak RSS"),
         format!("into local files: {first_snapshot:.1} s"),
         ratio(slow_snapshot, first_snapshot),
     );
     table.row(
         &format!(
-            "archiver, S3 with {delay_ms} ms added per request, {} s of writes at {:.0} revisions/s",
+            "archiver, S3 (moto) with {per_request}, {} s of writes at {:.0} revisions/s",
             s.more_secs,
             slow_more.writes.ops as f64 / slow_more.writes.elapsed.as_secs_f64()
         ),
