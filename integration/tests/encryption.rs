@@ -159,7 +159,12 @@ async fn assert_archive_holds(archive: &Archive, needles: &Needles) -> anyhow::R
     let mut stored = Vec::new();
     archive.download(&object, &mut stored).await?;
     let mut db = Vec::new();
-    snapshot::read_object(&object, &mut &stored[..], &mut db)?;
+    snapshot::read_object(
+        &object,
+        &mut &stored[..],
+        &mut db,
+        snapshot::BodyHash::Check,
+    )?;
     for needle in [&needles.snapshot.0, &needles.snapshot.1] {
         assert!(
             db.windows(needle.len()).any(|w| w == &needle[..]),

@@ -18,12 +18,14 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// An empty buffer (with the capacity [`relay`] was given); `None`
-    /// once the consumer stopped (it failed: [`relay`] returns its error).
+    /// A buffer to fill (with the capacity [`relay`] was given), as its
+    /// last use left it: empty at first, then as long as when it was last
+    /// sent, so that resizing it to the same length costs nothing (a pass
+    /// over gigabytes would otherwise zero every chunk before filling it).
+    /// `None` once the consumer stopped (it failed: [`relay`] returns its
+    /// error).
     pub fn buffer(&mut self) -> Option<Vec<u8>> {
-        let mut buf = self.empty.recv().ok()?;
-        buf.clear();
-        Some(buf)
+        self.empty.recv().ok()
     }
 
     /// Hands a filled buffer to the consumer; false once it stopped.
@@ -84,6 +86,7 @@ mod tests {
             |feed| -> Result<usize, String> {
                 for i in 0..100u8 {
                     let mut buf = feed.buffer().ok_or("consumer stopped")?;
+                    buf.clear();
                     buf.extend_from_slice(&[i; 8]);
                     assert!(feed.send(buf));
                 }
@@ -125,6 +128,30 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err, "disk full");
+        // Buffers come back as they were sent, so refilling one to the
+        // same length costs no zeroing.
+        let lens = relay(
+            8,
+            |feed| -> Result<Vec<usize>, String> {
+                let mut lens = Vec::new();
+                for _ in 0..=BUFFERS {
+                    let mut buf = feed.buffer().ok_or("consumer stopped")?;
+                    lens.push(buf.len());
+                    buf.resize(3, 7);
+                    assert!(feed.send(buf));
+                }
+                Ok(lens)
+            },
+            |chunk| {
+                if chunk == [7; 3] {
+                    Ok(())
+                } else {
+                    Err(format!("{chunk:?}"))
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(lens, [vec![0; BUFFERS], vec![3]].concat());
         // A producer's own error comes back when the consumer is fine.
         let err = relay(8, |_| Err::<(), _>("bad input".to_owned()), |_| Ok(())).unwrap_err();
         assert_eq!(err, "bad input");

@@ -367,10 +367,23 @@ impl<W: Write + io::Seek> BodyWritten<W> {
     }
 }
 
-/// Decompresses a snapshot object's body into `out`, checking length and
-/// hash against the header. Streams, and stops as soon as the body
-/// decompresses to more than the header's `db_bytes`: at most `db_bytes`
-/// bytes are ever written to `out`.
+/// Whether [`read_object`] checks the body's blake3 as it writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyHash {
+    /// Hash the body while writing it and compare with the header.
+    Check,
+    /// Leave the hash to the caller, which reads the written file back in
+    /// full anyway and compares its blake3 with the header's `db_blake3`
+    /// before anything relies on the file (a restore's read-back), so that
+    /// a long file is hashed once, not twice. Length and framing are still
+    /// checked here.
+    Deferred,
+}
+
+/// Decompresses a snapshot object's body into `out`, checking its length
+/// against the header, and its hash per `hash`. Streams, and stops as soon
+/// as the body decompresses to more than the header's `db_bytes`: at most
+/// `db_bytes` bytes are ever written to `out`.
 ///
 /// # Errors
 /// [`SnapshotError::ChecksumMismatch`] if the content does not match (in
@@ -381,6 +394,7 @@ pub fn read_object(
     object: &str,
     input: &mut impl Read,
     out: &mut (impl Write + Send),
+    hash: BodyHash,
 ) -> Result<SnapshotHeader, SnapshotError> {
     let io_err = |source: io::Error| SnapshotError::Io {
         object: object.to_owned(),
@@ -398,7 +412,7 @@ pub fn read_object(
     decoder
         .window_log_max(MAX_ZSTD_WINDOW_LOG)
         .map_err(io_err)?;
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = (hash == BodyHash::Check).then(blake3::Hasher::new);
     // Decompression here, hashing and writing on a second thread.
     let total = relay::relay(
         relay::CHUNK_BYTES,
@@ -436,11 +450,15 @@ pub fn read_object(
             }
         },
         |chunk| {
-            hasher.update(chunk);
+            if let Some(h) = &mut hasher {
+                h.update(chunk);
+            }
             out.write_all(chunk).map_err(io_err)
         },
     )?;
-    if total != header.db_bytes || hasher.finalize().as_bytes() != &header.db_blake3 {
+    if total != header.db_bytes
+        || hasher.is_some_and(|h| h.finalize().as_bytes() != &header.db_blake3)
+    {
         return Err(mismatch());
     }
     Ok(header)
@@ -502,7 +520,7 @@ mod tests {
         write_object(&header, &mut db.as_slice(), &mut obj).unwrap();
         let mut back = Vec::new();
         assert_eq!(
-            read_object("s", &mut obj.as_slice(), &mut back).unwrap(),
+            read_object("s", &mut obj.as_slice(), &mut back, BodyHash::Check).unwrap(),
             header
         );
         assert_eq!(back, db);
@@ -510,7 +528,13 @@ mod tests {
         let mut bad = obj.clone();
         let last = bad.len() - 3;
         bad[last] ^= 1;
-        let err = read_object("gen/s.snap", &mut bad.as_slice(), &mut Vec::new()).unwrap_err();
+        let err = read_object(
+            "gen/s.snap",
+            &mut bad.as_slice(),
+            &mut Vec::new(),
+            BodyHash::Check,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, SnapshotError::ChecksumMismatch { .. }),
             "{err}"
@@ -520,10 +544,48 @@ mod tests {
         let mut bad = obj;
         bad[25] ^= 1;
         assert!(matches!(
-            read_object("s", &mut bad.as_slice(), &mut Vec::new()),
+            read_object("s", &mut bad.as_slice(), &mut Vec::new(), BodyHash::Check),
             Err(SnapshotError::ChecksumMismatch { .. })
         ));
     }
+    /// Deferred hashing leaves the hash to the caller (a body whose hash
+    /// differs from its header's is written whole) but still checks the
+    /// length.
+    #[test]
+    fn deferred_hash_still_checks_the_length() {
+        let db = vec![7u8; 10_000];
+        let mut header = header_for(&db, 9);
+        header.db_blake3 = [1; 32];
+        let mut obj = Vec::new();
+        write_object(&header, &mut db.as_slice(), &mut obj).unwrap();
+        assert!(matches!(
+            read_object("s", &mut obj.as_slice(), &mut Vec::new(), BodyHash::Check),
+            Err(SnapshotError::ChecksumMismatch { .. })
+        ));
+        let mut back = Vec::new();
+        let read = read_object("s", &mut obj.as_slice(), &mut back, BodyHash::Deferred);
+        assert_eq!(read.unwrap(), header);
+        assert_eq!(back, db);
+        for db_bytes in [9_999, 10_001] {
+            let mut obj = Vec::new();
+            write_object(
+                &SnapshotHeader { db_bytes, ..header },
+                &mut db.as_slice(),
+                &mut obj,
+            )
+            .unwrap();
+            assert!(matches!(
+                read_object(
+                    "s",
+                    &mut obj.as_slice(),
+                    &mut Vec::new(),
+                    BodyHash::Deferred
+                ),
+                Err(SnapshotError::ChecksumMismatch { .. })
+            ));
+        }
+    }
+
     /// An object written as the file streams in, header last, reads back
     /// as one written in one go; a header for other content is refused.
     #[test]
@@ -563,7 +625,10 @@ mod tests {
         let obj = body.write_header(&header).unwrap().into_inner();
         assert_eq!(&obj[..6], b"prefix");
         let mut back = Vec::new();
-        assert_eq!(read_object("s", &mut &obj[6..], &mut back).unwrap(), header);
+        assert_eq!(
+            read_object("s", &mut &obj[6..], &mut back, BodyHash::Check).unwrap(),
+            header
+        );
         assert!(back == db);
     }
 
@@ -618,7 +683,13 @@ mod tests {
         let mut obj = header.encode().to_vec();
         obj.extend_from_slice(&rle_zeros(1 << 30));
         let mut out = Counting(0);
-        let err = read_object("gen/bomb.snap", &mut obj.as_slice(), &mut out).unwrap_err();
+        let err = read_object(
+            "gen/bomb.snap",
+            &mut obj.as_slice(),
+            &mut out,
+            BodyHash::Check,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, SnapshotError::ChecksumMismatch { .. }),
             "{err}"
@@ -629,11 +700,16 @@ mod tests {
         // The exact length passes; a shorter body is a mismatch.
         let mut obj = header.encode().to_vec();
         obj.extend_from_slice(&rle_zeros(4096));
-        read_object("ok", &mut obj.as_slice(), &mut Counting(0)).unwrap();
+        read_object("ok", &mut obj.as_slice(), &mut Counting(0), BodyHash::Check).unwrap();
         let mut obj = header.encode().to_vec();
         obj.extend_from_slice(&rle_zeros(4095));
         assert!(matches!(
-            read_object("short", &mut obj.as_slice(), &mut Counting(0)),
+            read_object(
+                "short",
+                &mut obj.as_slice(),
+                &mut Counting(0),
+                BodyHash::Check
+            ),
             Err(SnapshotError::ChecksumMismatch { .. })
         ));
     }
@@ -677,13 +753,13 @@ mod tests {
         v1.extend_from_slice(&check.as_bytes()[..8]);
         v1.extend_from_slice(&v2[HEADER_LEN..]);
         let mut out = Vec::new();
-        let old = read_object("v1", &mut v1.as_slice(), &mut out).unwrap();
+        let old = read_object("v1", &mut v1.as_slice(), &mut out, BodyHash::Check).unwrap();
         assert_eq!(out, db);
         assert_eq!((old.prev_digest, old.prev_revision), ([0; 32], 0));
         assert_eq!(SnapshotHeader::decode("v1", &v1).unwrap(), old);
         let mut out = Vec::new();
         assert_eq!(
-            read_object("v2", &mut v2.as_slice(), &mut out).unwrap(),
+            read_object("v2", &mut v2.as_slice(), &mut out, BodyHash::Check).unwrap(),
             header
         );
         assert_ne!(
@@ -708,8 +784,13 @@ mod tests {
             )
             .unwrap();
             let mut file = std::fs::File::create(&db_path).unwrap();
-            let header =
-                read_object("gen-2/snapshots/x.snap", &mut obj.as_slice(), &mut file).unwrap();
+            let header = read_object(
+                "gen-2/snapshots/x.snap",
+                &mut obj.as_slice(),
+                &mut file,
+                BodyHash::Check,
+            )
+            .unwrap();
             drop(file);
             let result = check_content_revision("gen-2/snapshots/x.snap", &header, &db_path);
             if ok {

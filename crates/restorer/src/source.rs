@@ -12,7 +12,7 @@ use etcdpitr_common::manifest::ClockStep;
 use etcdpitr_common::progress::{Mode, Progress, Unit};
 use etcdpitr_common::relay;
 use etcdpitr_common::segment::{self, Record, RecordReader, SegmentHeader};
-use etcdpitr_common::snapshot::{self, SnapshotHeader};
+use etcdpitr_common::snapshot::{self, BodyHash, SnapshotHeader};
 use etcdpitr_common::store::{Archive, StoreError};
 use etcdpitr_common::Revision;
 use tokio::sync::mpsc;
@@ -21,18 +21,53 @@ use tokio_util::io::SyncIoBridge;
 use crate::plan::{self, PlanError};
 use crate::point::{AfterNewest, Currency, TimeRules};
 
+/// The reading end of [`read_downloaded`]'s pipe.
+type Piped = std::io::BufReader<SyncIoBridge<tokio::io::DuplexStream>>;
+
+/// Downloads object `key` into one end of a pipe while `read` consumes the
+/// other on a blocking thread (the ranges in flight are the read-ahead; the
+/// pipe only decouples). When both fail, the cause is named: `read`'s error
+/// if it stopped first (a damaged object closes the pipe under the
+/// download), else the download's (a failed download cuts the object
+/// short).
+async fn read_downloaded<T: Send + 'static>(
+    archive: &Archive,
+    key: &str,
+    read: impl FnOnce(&mut Piped) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (mut sending, receiving) = tokio::io::duplex(2 * relay::CHUNK_BYTES);
+    let reading = tokio::task::spawn_blocking(move || {
+        read(&mut std::io::BufReader::new(SyncIoBridge::new(receiving)))
+    });
+    let download = async {
+        let result = archive.download(key, &mut sending).await;
+        // The end of the pipe: the reader sees the end of the object.
+        drop(sending);
+        result
+    };
+    let (downloaded, read) = tokio::join!(download, reading);
+    match (downloaded, read?) {
+        (Ok(_), read) => read,
+        (Err(StoreError::Io(e)), Err(cause)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Err(cause)
+        }
+        (Err(e), _) => Err(anyhow::Error::from(e).context(format!("download {key}"))),
+    }
+}
+
 /// Fetches snapshot object `(generation, revision)` and writes the etcd
 /// snapshot file it holds to `db_path` as it arrives (parallel ranged
 /// reads feeding the decompression; nothing is staged), checking it:
-/// length and blake3 against its header, header against its name, and the
-/// revision of the bbolt content against the header. Shows the bytes
-/// written per `progress`.
+/// length (and blake3 per `hash`) against its header, header against its
+/// name, and the revision of the bbolt content against the header. Shows
+/// the bytes written per `progress`.
 async fn fetch_checked(
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
     db_path: &Path,
     progress: Mode,
+    hash: BodyHash,
 ) -> anyhow::Result<SnapshotHeader> {
     let key = layout::snapshot_key(generation, revision);
     let out = std::fs::OpenOptions::new()
@@ -41,10 +76,6 @@ async fn fetch_checked(
         .truncate(true)
         .open(db_path)
         .with_context(|| format!("create {}", db_path.display()))?;
-    // The download writes the object into one end of a pipe; the
-    // decompression reads the other on a blocking thread.
-    // (The ranges in flight are the read-ahead; the pipe only decouples.)
-    let (mut sending, receiving) = tokio::io::duplex(2 * relay::CHUNK_BYTES);
     let fetching = Progress::new(
         progress,
         format!("fetch snapshot at revision {revision}"),
@@ -52,42 +83,20 @@ async fn fetch_checked(
         None,
     );
     let (object, fetch_progress) = (key.clone(), fetching.clone());
-    // The disk writes the file back while it arrives, not all at the end.
-    let writeback =
-        Writeback::start(&out).with_context(|| format!("open {}", db_path.display()))?;
-    let decompress = tokio::task::spawn_blocking(move || {
-        let mut input = std::io::BufReader::new(SyncIoBridge::new(receiving));
+    let header = read_downloaded(archive, &key, move |input| {
         // The header (read ahead here) gives the file's length.
-        if let Ok(h) = SnapshotHeader::decode(&object, std::io::BufRead::fill_buf(&mut input)?) {
+        if let Ok(h) = SnapshotHeader::decode(&object, std::io::BufRead::fill_buf(input)?) {
             fetch_progress.set_total(h.db_bytes);
         }
         let mut out = std::io::BufWriter::with_capacity(1 << 20, fetch_progress.counting(out));
-        let header = snapshot::read_object(&object, &mut input, &mut out)?;
+        let header = snapshot::read_object(&object, input, &mut out, hash)?;
         std::io::Write::flush(&mut out).map_err(|source| snapshot::SnapshotError::Io {
             object: object.clone(),
             source,
         })?;
         anyhow::Ok(header)
-    });
-    let download = async {
-        let result = archive.download(&key, &mut sending).await;
-        // The end of the pipe: the decompression sees the end of the object.
-        drop(sending);
-        result
-    };
-    let (downloaded, decompressed) = tokio::join!(download, decompress);
-    let synced = tokio::task::spawn_blocking(move || writeback.finish()).await?;
-    let header = match (downloaded, decompressed?) {
-        (Ok(_), decompressed) => decompressed?,
-        // The decompression stopped first (a damaged object): the download
-        // found the pipe closed.
-        (Err(StoreError::Io(e)), Err(cause)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Err(cause)
-        }
-        // A failed download cuts the object short: its error is the cause.
-        (Err(e), _) => return Err(anyhow::Error::from(e).context(format!("download {key}"))),
-    };
-    synced.with_context(|| format!("write {}", db_path.display()))?;
+    })
+    .await?;
     fetching.finish();
     if header.revision != revision || header.generation != generation.0 {
         return Err(chain::IntegrityError::new(
@@ -105,41 +114,6 @@ async fn fetch_checked(
     Ok(header)
 }
 
-/// Syncs a file being written every [`Writeback::INTERVAL`] on a thread of
-/// its own, so that the disk writes it back while it grows rather than all
-/// in the final sync (the kernel alone starts only once a tenth of memory
-/// is dirty). Costs no extra writes: each sync writes what is new.
-struct Writeback {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
-}
-
-impl Writeback {
-    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-
-    fn start(file: &std::fs::File) -> std::io::Result<Self> {
-        let file = file.try_clone()?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                file.sync_data()?;
-                std::thread::sleep(Self::INTERVAL);
-            }
-            Ok(())
-        });
-        Ok(Self { stop, thread })
-    }
-
-    /// Stops the syncs; an error one of them met (the disk failing).
-    fn finish(self) -> std::io::Result<()> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| std::io::Error::other("the writeback thread panicked"))?
-    }
-}
-
 /// Downloads a snapshot object and writes the etcd snapshot file it holds to
 /// `dest`, checking its length and blake3 hash; the fetch shows its
 /// progress per `progress`.
@@ -153,7 +127,61 @@ pub async fn fetch_snapshot(
     dest: &Path,
     progress: Mode,
 ) -> anyhow::Result<SnapshotHeader> {
-    fetch_checked(archive, generation, revision, dest, progress).await
+    fetch_checked(
+        archive,
+        generation,
+        revision,
+        dest,
+        progress,
+        BodyHash::Check,
+    )
+    .await
+}
+
+/// [`fetch_snapshot`] for a restore, which reads the whole file back
+/// anyway: the blake3 of the file is left to that read-back
+/// ([`crate::synth::seal`] compares the base's bytes with the header's
+/// `db_blake3`), so that gigabytes are hashed once. Until then the file is
+/// checked only in length, framing and revision. When the restore fails,
+/// [`check_snapshot_object`] tells a damaged archive from a local fault.
+///
+/// # Errors
+/// Store failures or an integrity error naming the object.
+pub async fn fetch_restore_base(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+    dest: &Path,
+    progress: Mode,
+) -> anyhow::Result<SnapshotHeader> {
+    fetch_checked(
+        archive,
+        generation,
+        revision,
+        dest,
+        progress,
+        BodyHash::Deferred,
+    )
+    .await
+}
+
+/// Downloads snapshot object `(generation, revision)` and checks its
+/// content against its header (length and blake3) without keeping it.
+///
+/// # Errors
+/// Store failures or an integrity error naming the object.
+pub async fn check_snapshot_object(
+    archive: &Archive,
+    generation: GenerationId,
+    revision: Revision,
+) -> anyhow::Result<()> {
+    let key = layout::snapshot_key(generation, revision);
+    let object = key.clone();
+    read_downloaded(archive, &key, move |input| {
+        snapshot::read_object(&object, input, &mut std::io::sink(), BodyHash::Check)?;
+        Ok(())
+    })
+    .await
 }
 
 /// Downloads a snapshot object and checks its content against its header
@@ -169,7 +197,15 @@ pub async fn verify_snapshot(
     scratch: &Path,
 ) -> anyhow::Result<SnapshotHeader> {
     // Shown as one object of `verify`'s own progress.
-    let checked = fetch_checked(archive, generation, revision, scratch, Mode::Hidden).await;
+    let checked = fetch_checked(
+        archive,
+        generation,
+        revision,
+        scratch,
+        Mode::Hidden,
+        BodyHash::Check,
+    )
+    .await;
     tokio::fs::remove_file(scratch).await.ok();
     checked
 }

@@ -594,15 +594,52 @@ pub fn seal(
     let base_end = base_high_water * page_size;
     let meta_len = base_head.len() as u64;
     let (mut key_entries, mut leaves_seen, mut base_entries) = (0u64, 0u64, inline_entries);
-    // Reading and sha256 here; the checks and blake3 on a second thread.
-    let mut checked_to = 0u64;
-    relay::relay(
+    // Reading, the checks and blake3 here; sha256, the longest of them, on
+    // a second thread of its own.
+    let mut check = |chunk: &[u8], at: u64| -> Result<(), OutputError> {
+        // Pages of this chunk (chunks hold whole pages).
+        let first = at / page_size;
+        for (i, page) in chunk.chunks(page_size as usize).enumerate() {
+            let pgid = first + i as u64;
+            if leaves.contains(pgid) {
+                let (id, flags, count) = bbolt::page_header(page);
+                if id != pgid || flags != bbolt::LEAF_PAGE {
+                    return Err(mismatch(format!(
+                        "page {pgid}, a leaf of the key bucket, says it is page {id} with flags {flags:#x}"
+                    )));
+                }
+                key_entries += u64::from(count);
+                leaves_seen += 1;
+            }
+            if pgid < base_high_water && base_leaves.contains(pgid) {
+                base_entries += u64::from(bbolt::page_header(page).2);
+            }
+        }
+        // The byte ranges of the chunk in the base's pages and after.
+        let end = at + chunk.len() as u64;
+        if at < meta_len {
+            let m = meta_len.min(end);
+            if chunk[..(m - at) as usize] != finished.meta[at as usize..m as usize] {
+                return Err(mismatch("its meta pages are not what was written".into()));
+            }
+            base_hash.update(&base_head[at as usize..m as usize]);
+        }
+        if end > meta_len && at < base_end {
+            let (from, to) = (at.max(meta_len), end.min(base_end));
+            base_hash.update(&chunk[(from - at) as usize..(to - at) as usize]);
+        }
+        if end > base_end {
+            appended.update(&chunk[(at.max(base_end) - at) as usize..]);
+        }
+        Ok(())
+    };
+    let checked_to = relay::relay(
         relay::CHUNK_BYTES,
         |feed| {
             let mut at = 0u64;
             while at < len {
                 let Some(mut buf) = feed.buffer() else {
-                    return Ok(());
+                    break;
                 };
                 buf.resize(relay::CHUNK_BYTES.min((len - at) as usize), 0);
                 file.read_exact_at(&mut buf, at).map_err(|e| {
@@ -612,52 +649,17 @@ pub fn seal(
                         read(e)
                     }
                 })?;
-                sha.update(&buf);
+                check(&buf, at)?;
                 at += buf.len() as u64;
                 reading.inc(buf.len() as u64);
                 if !feed.send(buf) {
-                    return Ok(());
+                    break;
                 }
             }
-            Ok(())
+            Ok(at)
         },
         |chunk| {
-            let at = checked_to;
-            // Pages of this chunk (chunks hold whole pages).
-            let first = at / page_size;
-            for (i, page) in chunk.chunks(page_size as usize).enumerate() {
-                let pgid = first + i as u64;
-                if leaves.contains(pgid) {
-                    let (id, flags, count) = bbolt::page_header(page);
-                    if id != pgid || flags != bbolt::LEAF_PAGE {
-                        return Err(mismatch(format!(
-                            "page {pgid}, a leaf of the key bucket, says it is page {id} with flags {flags:#x}"
-                        )));
-                    }
-                    key_entries += u64::from(count);
-                    leaves_seen += 1;
-                }
-                if pgid < base_high_water && base_leaves.contains(pgid) {
-                    base_entries += u64::from(bbolt::page_header(page).2);
-                }
-            }
-            // The byte ranges of the chunk in the base's pages and after.
-            let end = at + chunk.len() as u64;
-            if at < meta_len {
-                let m = meta_len.min(end);
-                if chunk[..(m - at) as usize] != finished.meta[at as usize..m as usize] {
-                    return Err(mismatch("its meta pages are not what was written".into()));
-                }
-                base_hash.update(&base_head[at as usize..m as usize]);
-            }
-            if end > meta_len && at < base_end {
-                let (from, to) = (at.max(meta_len), end.min(base_end));
-                base_hash.update(&chunk[(from - at) as usize..(to - at) as usize]);
-            }
-            if end > base_end {
-                appended.update(&chunk[(at.max(base_end) - at) as usize..]);
-            }
-            checked_to = end;
+            sha.update(chunk);
             Ok(())
         },
     )?;

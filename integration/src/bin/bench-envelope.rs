@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     let open_s = open(&keys, name, &sealed, &object)?;
     let started = Instant::now();
     let mut back = Vec::with_capacity(db.len());
-    snapshot::read_object(name, &mut &object[..], &mut back)?;
+    snapshot::read_object(name, &mut &object[..], &mut back, snapshot::BodyHash::Check)?;
     let decode_s = started.elapsed().as_secs_f64();
     anyhow::ensure!(back == db, "snapshot round trip");
     row(

@@ -124,7 +124,8 @@ pub async fn restore(
     // pages with the replayed revisions appended.
     let scratch = Scratch::new_in(&dir)?;
     let partial = scratch.file(&file_name);
-    let base = source::fetch_snapshot(
+    // Its blake3 is checked by the read-back (`seal`), which reads it all.
+    let base = source::fetch_restore_base(
         &archive,
         plan.generation,
         plan.snapshot_revision,
@@ -136,11 +137,34 @@ pub async fn restore(
     let mut events = ArchiveEvents::new(&archive, plan.replay());
     let (partial2, target) = (partial.clone(), plan.target);
     let seal = SealOptions { paranoid };
-    let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<synth::Summary> {
+    let restored = tokio::task::spawn_blocking(move || -> anyhow::Result<synth::Summary> {
         let written = synth::synthesize(&partial2, &base, target, &mut events, bump, Mode::Auto)?;
         synth::seal(&partial2, written, seal, Mode::Auto).context("verify the restored file")
     })
-    .await??;
+    .await?;
+    let summary = match restored {
+        Ok(summary) => summary,
+        // The base was used before its hash was checked: a damaged
+        // archived snapshot is named as such, not as a local fault.
+        Err(e) => {
+            return Err(
+                match source::check_snapshot_object(
+                    &archive,
+                    plan.generation,
+                    plan.snapshot_revision,
+                )
+                .await
+                {
+                    Err(damaged) if crate::classify(&damaged) == crate::ExitKind::Integrity => {
+                        damaged.context(format!(
+                            "the base snapshot is damaged (the restore failed: {e:#})"
+                        ))
+                    }
+                    _ => e,
+                },
+            )
+        }
+    };
     if force {
         std::fs::rename(&partial, output)
             .with_context(|| format!("move the restored file to {}", output.display()))?;
