@@ -418,14 +418,32 @@ fn is_sealed_object(relative: &str) -> bool {
     relative != layout::MANIFEST_NAME
 }
 
+/// The bytes of one ranged read of [`Archive::download`].
+enum RangeBytes {
+    /// As the store returned them (a local file's range).
+    Read(Bytes),
+    /// Copied from a response into a buffer of the download's pool.
+    Pooled(Vec<u8>),
+}
+
+impl std::ops::Deref for RangeBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Read(b) => b,
+            Self::Pooled(v) => v,
+        }
+    }
+}
+
 /// Bytes of each ranged read of [`Archive::download`]. The reads in flight
-/// (and one being written) are held whole, so this bounds the memory of a
-/// download: 4 MiB keeps a restore's peak RSS near 75 MiB where 8 MiB
-/// took it to 100 MiB. Four such reads in flight still fetch a snapshot
-/// faster than it decompresses at 100 ms per request.
-pub const READ_RANGE_BYTES: u64 = 4 << 20;
+/// (and one being written) are held whole, so this and [`READS_IN_FLIGHT`]
+/// bound a download's memory (14 MiB). With 50 ms per request they still
+/// arrive faster than a snapshot decompresses (`docs/benchmarks.md`).
+pub const READ_RANGE_BYTES: u64 = 2 << 20;
 /// Ranged reads [`Archive::download`] keeps in flight at once.
-pub const READS_IN_FLIGHT: usize = 4;
+pub const READS_IN_FLIGHT: usize = 6;
 
 /// Plaintext bytes read from a local file per upload step.
 const UPLOAD_READ_BYTES: usize = 1 << 20;
@@ -1078,8 +1096,14 @@ impl Archive {
             }
             Err(e) => return Err(e.into()),
         };
-        let store = &self.store;
-        let path = &path;
+        let (store, path) = (&self.store, &path);
+        // Buffers of the ranges read from a remote store, reused: filled
+        // from the response as it streams in, so that memory is the reads
+        // in flight (and one being written), with no churn of large
+        // allocations (an allocator keeps freed ones a while).
+        let pool = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
+        let pool = &pool;
+        let remote = self.local.is_none();
         let mut ranges = futures::stream::iter(
             (0..size)
                 .step_by(READ_RANGE_BYTES as usize)
@@ -1087,7 +1111,25 @@ impl Archive {
         )
         .map(|range| async move {
             let want = range.end - range.start;
-            let bytes = store.get_range(path, range).await?;
+            let bytes = if remote {
+                let mut buf = pool
+                    .lock()
+                    .expect("the pool is never poisoned")
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(READ_RANGE_BYTES as usize));
+                buf.clear();
+                let options = object_store::GetOptions {
+                    range: Some(range.into()),
+                    ..object_store::GetOptions::default()
+                };
+                let mut body = store.get_opts(path, options).await?.into_stream();
+                while let Some(chunk) = body.try_next().await? {
+                    buf.extend_from_slice(&chunk);
+                }
+                RangeBytes::Pooled(buf)
+            } else {
+                RangeBytes::Read(store.get_range(path, range).await?)
+            };
             // An object replaced meanwhile (or a store that ignores
             // ranges) must not splice into another's bytes.
             if bytes.len() as u64 != want {
@@ -1114,6 +1156,9 @@ impl Archive {
             };
             out.write_all(bytes).await?;
             total += bytes.len() as u64;
+            if let RangeBytes::Pooled(buf) = chunk {
+                pool.lock().expect("the pool is never poisoned").push(buf);
+            }
         }
         if let Some(o) = opener {
             plain.clear();

@@ -39,6 +39,9 @@ pub enum Fault {
     /// After `n` deletions, every deletion fails with a transient error (a
     /// process killed or a network lost mid-prune).
     FailDeletesAfter(usize),
+    /// Every read takes this long (a store far away); the most reads in
+    /// flight at once is counted ([`Faulty::most_reads_in_flight`]).
+    SlowReads(std::time::Duration),
 }
 
 /// An in-memory store that injects one [`Fault`].
@@ -52,6 +55,8 @@ pub struct Faulty {
     /// object's lock by store path.
     locks: Mutex<Option<BTreeMap<String, Retention>>>,
     lock_lookups: AtomicUsize,
+    reads_in_flight: AtomicUsize,
+    most_reads_in_flight: AtomicUsize,
 }
 
 impl Faulty {
@@ -64,7 +69,15 @@ impl Faulty {
             deletes: AtomicUsize::new(0),
             locks: Mutex::new(None),
             lock_lookups: AtomicUsize::new(0),
+            reads_in_flight: AtomicUsize::new(0),
+            most_reads_in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// The most reads in flight at once so far (counted under
+    /// [`Fault::SlowReads`]).
+    pub fn most_reads_in_flight(&self) -> usize {
+        self.most_reads_in_flight.load(Ordering::SeqCst)
     }
 
     /// Turns Object Lock on (for good, as on S3) and locks the object at
@@ -197,6 +210,19 @@ impl ObjectStore for Faulty {
         location: &StorePath,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if let Fault::SlowReads(delay) = self.fault {
+            /// Counts a read out when it ends, or is dropped.
+            struct InFlight<'a>(&'a AtomicUsize);
+            impl Drop for InFlight<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let now = self.reads_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            let _counted = InFlight(&self.reads_in_flight);
+            self.most_reads_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+        }
         self.inner.get_opts(location, options).await
     }
 

@@ -211,12 +211,16 @@ pub async fn verify_snapshot(
 }
 
 /// Segments fetched at once ahead of the one being replayed: a store's
-/// latency per request is paid about once per this many segments.
+/// latency per request is paid about once per this many segments...
 const PREFETCH: usize = 6;
+/// ...as long as that many of the largest segment seen so far fit in this
+/// many bytes: segments of incompressible values (Secrets encrypted at
+/// rest) reach the archiver's 16 MiB, and memory must not grow with them.
+const PREFETCH_BYTES: usize = 24 << 20;
 
 /// Fetches `segments` in a background task, [`PREFETCH`] requests in
-/// flight, delivered in order. Each item is the object key and its bytes
-/// (not yet checked).
+/// flight (fewer for large segments, see [`PREFETCH_BYTES`]), delivered in
+/// order. Each item is the object key and its bytes (not yet checked).
 pub fn prefetch_segments(
     archive: Archive,
     generation: GenerationId,
@@ -226,17 +230,31 @@ pub fn prefetch_segments(
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let archive = &archive;
-        let mut fetched = futures::stream::iter(segments)
-            .map(|name| async move {
-                let key = layout::segment_key(generation, &name);
-                archive
-                    .get(&key)
-                    .await
-                    .with_context(|| format!("download {key}"))
-                    .map(|b| (key, b))
-            })
-            .buffered(PREFETCH);
-        while let Some(result) = fetched.next().await {
+        let fetch = |name: SegmentName| async move {
+            let key = layout::segment_key(generation, &name);
+            archive
+                .get(&key)
+                .await
+                .with_context(|| format!("download {key}"))
+                .map(|b| (key, b))
+        };
+        let mut names = segments.into_iter();
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        // The largest segment seen; sizes are known once segments arrive:
+        // two at first.
+        let mut largest: Option<usize> = None;
+        loop {
+            let allowed = largest.map_or(2, |l| (PREFETCH_BYTES / l.max(1)).clamp(1, PREFETCH));
+            while in_flight.len() < allowed {
+                let Some(name) = names.next() else { break };
+                in_flight.push_back(fetch(name));
+            }
+            let Some(result) = in_flight.next().await else {
+                return;
+            };
+            if let Ok((_, bytes)) = &result {
+                largest = largest.max(Some(bytes.len()));
+            }
             let failed = result.is_err();
             if tx.send(result).await.is_err() || failed {
                 return;
@@ -794,6 +812,44 @@ mod tests {
 
     /// A real etcd 3.5.1 snapshot at revision 31.
     const ETCD_SNAPSHOT: &[u8] = include_bytes!("../../common/testdata/etcd-3.5.1-rev31.db");
+
+    /// Segments arrive in order, with up to six fetched at once while they
+    /// are small and fewer once they are large, so that memory stays
+    /// bounded by [`PREFETCH_BYTES`], not by the archiver's segment size.
+    #[tokio::test]
+    async fn prefetch_keeps_order_and_bounds_bytes_in_flight() {
+        use etcdpitr_common::testing::{Fault, Faulty};
+        for (size, most) in [(1 << 10, PREFETCH), (10 << 20, 2)] {
+            let store = std::sync::Arc::new(Faulty::new(Fault::SlowReads(
+                std::time::Duration::from_millis(20),
+            )));
+            let archive = Archive::from_store(store.clone(), "", "memory:///");
+            let names: Vec<SegmentName> = (0..12)
+                .map(|i| SegmentName {
+                    first: i * 10 + 1,
+                    last: i * 10 + 10,
+                    end_ms: i,
+                })
+                .collect();
+            for (i, name) in names.iter().enumerate() {
+                let bytes = vec![u8::try_from(i).unwrap(); size];
+                let key = layout::segment_key(GenerationId(1), name);
+                archive.put_once(&key, bytes.into()).await.unwrap();
+            }
+            let mut rx = prefetch_segments(archive, GenerationId(1), names.clone());
+            for (i, name) in names.iter().enumerate() {
+                let (key, bytes) = rx.recv().await.unwrap().unwrap();
+                assert_eq!(key, layout::segment_key(GenerationId(1), name));
+                assert!(bytes.iter().all(|&b| usize::from(b) == i));
+            }
+            assert!(rx.recv().await.is_none());
+            assert_eq!(
+                store.most_reads_in_flight(),
+                most,
+                "segments of {size} bytes"
+            );
+        }
+    }
 
     /// Stores the snapshot as object `(generation 2, claimed)`, as if
     /// re-headed and renamed to claim that revision.

@@ -24,7 +24,7 @@
 //! `cargo build --release --bins`.
 //! Needs about 5 × SIZE of free space in the temporary directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,9 @@ use integration::{
     EtcdVersion, FileS3Server, RestoredEtcd, S3Server, Timing,
 };
 
-const USAGE: &str = "usage: bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N]";
+const USAGE: &str =
+    "usage: bench-scale SIZE [--writers N] [--more-secs N] [--delay-ms N] [--rounds N]
+       bench-scale --restore-only ARCHIVE_DIR REVISION REFERENCE_DB [--delay-ms N] [--rounds N]";
 /// Free space needed, in multiples of SIZE: etcd's database, etcd's two
 /// snapshots, the archive and the slow archiver's copy in moto, two restored
 /// files and the restored members' data directories, not all at once.
@@ -47,24 +49,59 @@ const SPACE_FACTOR: u64 = 5;
 const SEGMENT_MAX_AGE: &str = "2s";
 const BUCKET: &str = "pitr";
 
+/// What to run.
+enum Run {
+    /// Everything, on a database of this size.
+    Full { size_bytes: u64, size_text: String },
+    /// Only the restore rows, on an existing archive directory, against
+    /// etcd's own snapshot at `revision`.
+    RestoreOnly {
+        archive_dir: PathBuf,
+        revision: i64,
+        reference: PathBuf,
+    },
+}
+
 struct Settings {
-    size_bytes: u64,
-    size_text: String,
+    run: Run,
     writers: u64,
     more_secs: u64,
     /// Latency added per request (a round trip): half of it each way.
     delay: Duration,
+    /// Rounds of the restore comparisons (medians are reported).
+    rounds: usize,
 }
 
 fn settings() -> anyhow::Result<Settings> {
     let mut args = std::env::args().skip(1);
-    let size_text = args.next().context(USAGE)?;
+    let first = args.next().context(USAGE)?;
+    let run = if first == "--restore-only" {
+        let mut next = |what: &str| {
+            args.next()
+                .with_context(|| format!("{what} is missing\n{USAGE}"))
+        };
+        let archive_dir = PathBuf::from(next("ARCHIVE_DIR")?);
+        let revision = next("REVISION")?;
+        let revision = revision
+            .parse()
+            .with_context(|| format!("REVISION: {revision:?} is not a revision"))?;
+        Run::RestoreOnly {
+            archive_dir,
+            revision,
+            reference: PathBuf::from(next("REFERENCE_DB")?),
+        }
+    } else {
+        Run::Full {
+            size_bytes: parse_size("SIZE", &first)?,
+            size_text: first,
+        }
+    };
     let mut s = Settings {
-        size_bytes: parse_size("SIZE", &size_text)?,
-        size_text,
+        run,
         writers: 64,
         more_secs: 10,
         delay: Duration::from_millis(50),
+        rounds: 3,
     };
     while let Some(flag) = args.next() {
         let value = args
@@ -77,10 +114,20 @@ fn settings() -> anyhow::Result<Settings> {
             "--writers" => s.writers = number,
             "--more-secs" => s.more_secs = number,
             "--delay-ms" => s.delay = Duration::from_millis(number),
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            "--rounds" if number > 0 => s.rounds = usize::try_from(number)?,
+            other => bail!("unknown argument {other:?} (or a bad value)\n{USAGE}"),
         }
     }
     Ok(s)
+}
+
+/// How the benchmark's latency is described in its rows.
+fn per_request(delay: Duration) -> String {
+    format!(
+        "{} ms added per request ({} ms each way)",
+        delay.as_millis(),
+        delay.as_secs_f64() * 500.0
+    )
 }
 
 /// Bytes available to unprivileged users in the file system holding `dir`.
@@ -226,6 +273,163 @@ fn restore(
     )
 }
 
+/// What [`compare_restores`] leaves for the next steps.
+struct Restores {
+    /// The last local restore's output (the archive's newest revision).
+    restored: PathBuf,
+    /// The median local restore, in seconds.
+    local_secs: f64,
+}
+
+/// The median of `values` (by wall time), and the highest peak RSS.
+fn median(mut values: Vec<Timing>) -> Timing {
+    values.sort_by(|a, b| a.wall_secs.total_cmp(&b.wall_secs));
+    let peak = values.iter().map(|t| t.peak_rss_mib).fold(0.0, f64::max);
+    Timing {
+        wall_secs: values[values.len() / 2].wall_secs,
+        peak_rss_mib: peak,
+    }
+}
+
+/// `low–high` seconds of `values`.
+fn spread(values: &[Timing]) -> String {
+    let (low, high) = values.iter().fold((f64::MAX, 0.0f64), |(l, h), t| {
+        (l.min(t.wall_secs), h.max(t.wall_secs))
+    });
+    format!("{low:.1}–{high:.1} s")
+}
+
+/// The restore rows, over `rounds` rounds of, one after the other: `cp` +
+/// `sync` of `reference` (etcd's own snapshot at `revision`), the restore
+/// of `revision` from the archive in `archive_dir` as local files, from a
+/// read-only S3 endpoint serving them (`integration::file_s3`), and from
+/// that endpoint through a proxy adding `delay` per request. Medians are
+/// reported: this machine's disk writes at 220–470 MB/s from one minute to
+/// the next, so one run of each can mislead by half. Every S3 restore must
+/// equal the local one byte for byte (checked in the first round).
+#[allow(clippy::too_many_lines)]
+async fn compare_restores(
+    table: &mut Table,
+    work: &Path,
+    archive_dir: &Path,
+    revision: i64,
+    reference: &Path,
+    delay: Duration,
+    rounds: usize,
+) -> anyhow::Result<Restores> {
+    let local_url = format!("file://{}", archive_dir.display());
+    let listing = ArchiveListing::load(&Archive::open(&local_url)?).await?;
+    let base = listing
+        .generations
+        .iter()
+        .flat_map(|g| g.snapshots.iter().copied())
+        .filter(|&r| r <= revision)
+        .max()
+        .context("no snapshot at or before the revision")?;
+    let s3_files = FileS3Server::start(archive_dir, BUCKET).await?;
+    let s3_url = format!("s3://{BUCKET}");
+    // The proxy delays each direction: a request and its answer get
+    // `delay` between them.
+    let files_proxy = DelayProxy::start(s3_files.port, delay / 2).await?;
+    let per_request = per_request(delay);
+    let restored = work.join("restored.db");
+    let from_s3 = work.join("from-s3.db");
+    let copy = work.join("copy.db");
+    let (mut copies, mut locals, mut s3s, mut slows) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        eprintln!("round {round} of {rounds}: cp + sync, then restores of revision {revision} (base {base}): local, S3, S3 with {per_request}");
+        copies.push(timed(
+            Path::new("/bin/sh"),
+            &[
+                "-c",
+                r#"cp "$1" "$2" && sync "$2""#,
+                "sh",
+                &reference.display().to_string(),
+                &copy.display().to_string(),
+            ],
+            &work.join("copy.out"),
+        )?);
+        std::fs::remove_file(&copy)?;
+        if restored.exists() {
+            std::fs::remove_file(&restored)?;
+        }
+        locals.push(restore(&local_url, revision, &restored, None)?);
+        for (port, timings) in [(s3_files.port, &mut s3s), (files_proxy.port, &mut slows)] {
+            timings.push(restore(&s3_url, revision, &from_s3, Some(port))?);
+            if round == 1 {
+                ensure!(
+                    same_content(&from_s3, &restored)?,
+                    "the restore from S3 differs from the local one"
+                );
+            }
+            std::fs::remove_file(&from_s3)?;
+        }
+    }
+    let refused = s3_files.refused();
+    ensure!(
+        refused.is_empty(),
+        "the restores sent the read-only S3 endpoint requests it refused: {refused:?}"
+    );
+    drop((files_proxy, s3_files));
+    let restored_bytes = file_size(&restored)?;
+    let reference_bytes = file_size(reference)?;
+    let spreads = [&copies, &locals, &s3s, &slows].map(|t| spread(t));
+    let [copy, local, s3, slow] = [copies, locals, s3s, slows].map(median);
+    table.row(
+        &format!(
+            "`etcd-restorer restore` of the newest revision ({} revisions on top of the base), median of {rounds}",
+            revision - base
+        ),
+        format!(
+            "{:.1} s ({}), {:.0} MiB peak RSS",
+            local.wall_secs, spreads[1], local.peak_rss_mib
+        ),
+        format!(
+            "`cp` + `sync` of etcd's own snapshot at that revision: {:.1} s ({})",
+            copy.wall_secs, spreads[0]
+        ),
+        ratio(local.wall_secs, copy.wall_secs),
+    );
+    table.row(
+        "restored file size",
+        gb(restored_bytes),
+        format!(
+            "etcd's own snapshot at that revision: {}",
+            gb(reference_bytes)
+        ),
+        ratio(restored_bytes as f64, reference_bytes as f64),
+    );
+    table.row(
+        &format!("restore from S3: a read-only S3 endpoint serving the archive's files (integration::file_s3), median of {rounds}"),
+        format!(
+            "{:.1} s ({}), {:.0} MiB peak RSS",
+            s3.wall_secs, spreads[2], s3.peak_rss_mib
+        ),
+        format!("restore from local files: {:.1} s", local.wall_secs),
+        ratio(s3.wall_secs, local.wall_secs),
+    );
+    table.row(
+        &format!("restore from S3 (the same endpoint) with {per_request}, median of {rounds}"),
+        format!(
+            "{:.1} s ({}), {:.0} MiB peak RSS",
+            slow.wall_secs, spreads[3], slow.peak_rss_mib
+        ),
+        format!(
+            "restore from local files: {:.1} s (from S3 without the delay: {:.1} s)",
+            local.wall_secs, s3.wall_secs
+        ),
+        format!(
+            "{} ({} of S3 without the delay)",
+            ratio(slow.wall_secs, local.wall_secs),
+            ratio(slow.wall_secs, s3.wall_secs)
+        ),
+    );
+    Ok(Restores {
+        restored,
+        local_secs: local.wall_secs,
+    })
+}
+
 /// Starts etcd on `snapshot` (`etcdutl snapshot restore`, start, first
 /// read); returns it and how long that took.
 async fn start_restored(snapshot: &Path) -> anyhow::Result<(RestoredEtcd, Duration)> {
@@ -312,29 +516,57 @@ async fn main() -> anyhow::Result<()> {
     let s = settings()?;
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let tmp = tempfile::Builder::new().prefix("bench-scale").tempdir()?;
+    let (size_bytes, size_text) = match &s.run {
+        Run::Full {
+            size_bytes,
+            size_text,
+        } => (*size_bytes, size_text.clone()),
+        Run::RestoreOnly {
+            archive_dir,
+            revision,
+            reference,
+        } => {
+            let mut table = Table(Vec::new());
+            let restores = compare_restores(
+                &mut table,
+                tmp.path(),
+                archive_dir,
+                *revision,
+                reference,
+                s.delay,
+                s.rounds,
+            )
+            .await?;
+            std::fs::remove_file(&restores.restored)?;
+            println!("Command: `{command_line}`");
+            println!();
+            table.print();
+            return Ok(());
+        }
+    };
     let available = available_bytes(tmp.path())?;
-    let needed = s.size_bytes * SPACE_FACTOR;
+    let needed = size_bytes * SPACE_FACTOR;
     ensure!(
         available >= needed,
         "bench-scale {} needs about {} free in {} ({SPACE_FACTOR} × SIZE), only {} is available; free space or set TMPDIR to a larger file system",
-        s.size_text,
+        size_text,
         gb(needed),
         tmp.path().parent().unwrap_or(tmp.path()).display(),
         gb(available)
     );
     let mut table = Table(Vec::new());
-    let source = integration::loadgen::start_source(s.size_bytes).await?;
+    let source = integration::loadgen::start_source(size_bytes).await?;
     let endpoints = source.endpoints();
     let options = LoadOptions {
         writers: s.writers,
         ..LoadOptions::default()
     };
 
-    eprintln!("filling etcd to {} with {} writers", s.size_text, s.writers);
+    eprintln!("filling etcd to {} with {} writers", size_text, s.writers);
     let fill = run_load(
         std::slice::from_ref(&endpoints),
         &options,
-        Until::DbBytes(s.size_bytes),
+        Until::DbBytes(size_bytes),
     )
     .await?;
     let fill_secs = fill.elapsed.as_secs_f64();
@@ -432,117 +664,28 @@ async fn main() -> anyhow::Result<()> {
         ],
         &tmp.path().join("etcdctl.out"),
     )?;
-    let reference_bytes = file_size(&reference)?;
     let archive_bytes = dir_size(&tmp.path().join("archive"))?;
 
-    eprintln!("restore of revision {last} (base {base}) from the local archive");
-    let restored = tmp.path().join("restored.db");
-    let local_restore = restore(&local_url, last, &restored, None)?;
-    let restored_bytes = file_size(&restored)?;
-    let copy = tmp.path().join("copy.db");
-    let copy_timing = timed(
-        Path::new("/bin/sh"),
-        &[
-            "-c",
-            r#"cp "$1" "$2" && sync "$2""#,
-            "sh",
-            &reference.display().to_string(),
-            &copy.display().to_string(),
-        ],
-        &tmp.path().join("copy.out"),
-    )?;
-    std::fs::remove_file(&copy)?;
-    table.row(
-        &format!(
-            "`etcd-restorer restore` of the newest revision ({} revisions on top of the base)",
-            last - base
-        ),
-        format!(
-            "{:.1} s, {:.0} MiB peak RSS",
-            local_restore.wall_secs, local_restore.peak_rss_mib
-        ),
-        format!(
-            "`cp` + `sync` of etcd's own snapshot at that revision: {:.1} s",
-            copy_timing.wall_secs
-        ),
-        ratio(local_restore.wall_secs, copy_timing.wall_secs),
-    );
-    table.row(
-        "restored file size",
-        gb(restored_bytes),
-        format!(
-            "etcd's own snapshot at that revision: {}",
-            gb(reference_bytes)
-        ),
-        ratio(restored_bytes as f64, reference_bytes as f64),
-    );
-
-    eprintln!("serving the archive over S3 (integration::file_s3)");
-    let s3_files = FileS3Server::start(&tmp.path().join("archive"), BUCKET).await?;
-    let s3_url = format!("s3://{BUCKET}");
-    // The proxy delays each direction: a request and its answer get
-    // `delay` between them.
-    let files_proxy = DelayProxy::start(s3_files.port, s.delay / 2).await?;
-    let delay_ms = s.delay.as_millis();
-    let per_request = format!(
-        "{delay_ms} ms added per request ({} ms each way)",
-        s.delay.as_secs_f64() * 500.0
-    );
-    eprintln!("restore from S3, directly and with {per_request}");
-    let from_s3 = tmp.path().join("from-s3.db");
-    let s3_restore = restore(&s3_url, last, &from_s3, Some(s3_files.port))?;
-    ensure!(
-        same_content(&from_s3, &restored)?,
-        "the restore from S3 differs from the local one"
-    );
-    std::fs::remove_file(&from_s3)?;
-    let slow_restore = restore(&s3_url, last, &from_s3, Some(files_proxy.port))?;
-    ensure!(
-        same_content(&from_s3, &restored)?,
-        "the restore from S3 differs from the local one"
-    );
-    std::fs::remove_file(&from_s3)?;
-    let refused = s3_files.refused();
-    ensure!(
-        refused.is_empty(),
-        "the restores sent the read-only S3 endpoint requests it refused: {refused:?}"
-    );
-    drop((files_proxy, s3_files));
-    table.row(
-        "restore from S3: a read-only S3 endpoint serving the archive's files (integration::file_s3)",
-        format!(
-            "{:.1} s, {:.0} MiB peak RSS",
-            s3_restore.wall_secs, s3_restore.peak_rss_mib
-        ),
-        format!("restore from local files: {:.1} s", local_restore.wall_secs),
-        ratio(s3_restore.wall_secs, local_restore.wall_secs),
-    );
-    table.row(
-        &format!("restore from S3 (the same endpoint) with {per_request}"),
-        format!(
-            "{:.1} s, {:.0} MiB peak RSS",
-            slow_restore.wall_secs, slow_restore.peak_rss_mib
-        ),
-        format!(
-            "restore from local files: {:.1} s (from S3 without the delay: {:.1} s)",
-            local_restore.wall_secs, s3_restore.wall_secs
-        ),
-        format!(
-            "{} ({} of S3 without the delay)",
-            ratio(slow_restore.wall_secs, local_restore.wall_secs),
-            ratio(slow_restore.wall_secs, s3_restore.wall_secs)
-        ),
-    );
+    let restores = compare_restores(
+        &mut table,
+        tmp.path(),
+        &tmp.path().join("archive"),
+        last,
+        &reference,
+        s.delay,
+        s.rounds,
+    )
+    .await?;
+    let (restored, local_restore) = (restores.restored, restores.local_secs);
 
     eprintln!("time to a running restored etcd");
     let (ours_etcd, ours_start) = start_restored(&restored).await?;
     let (ref_etcd, ref_start) = start_restored(&reference).await?;
-    let ours_total = local_restore.wall_secs + ours_start.as_secs_f64();
+    let ours_total = local_restore + ours_start.as_secs_f64();
     table.row(
-        "time to a running restored etcd (restore + `etcdutl snapshot restore` + start + first read)",
+        "time to a running restored etcd (the median restore + `etcdutl snapshot restore` + start + first read)",
         format!(
-            "{ours_total:.1} s ({:.1} + {:.1})",
-            local_restore.wall_secs,
+            "{ours_total:.1} s ({local_restore:.1} + {:.1})",
             ours_start.as_secs_f64()
         ),
         format!(
@@ -573,6 +716,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::remove_file(file)?;
     }
 
+    let per_request = per_request(s.delay);
     eprintln!("archiver writing to S3 (moto) with {per_request}");
     let s3 = S3Server::start(BUCKET).await?;
     let proxy = DelayProxy::start(s3.port, s.delay / 2).await?;
