@@ -429,13 +429,17 @@ pub fn read_object(
                 let want = relay::CHUNK_BYTES
                     .min(usize::try_from(room.saturating_add(1)).unwrap_or(usize::MAX));
                 buf.resize(want, 0);
-                let n = loop {
-                    match decoder.read(&mut buf) {
-                        Ok(n) => break n,
+                // Whole chunks (the decoder returns less per call): the
+                // buffer comes back this long and is not zeroed again.
+                let mut n = 0;
+                while n < want {
+                    match decoder.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(_) => return Err(mismatch()),
                     }
-                };
+                }
                 if n == 0 {
                     return Ok(total);
                 }

@@ -111,6 +111,9 @@ fn settings() -> anyhow::Result<Settings> {
             .parse()
             .with_context(|| format!("{flag}: {value:?} is not a whole number"))?;
         match flag.as_str() {
+            "--writers" | "--more-secs" if matches!(s.run, Run::RestoreOnly { .. }) => {
+                bail!("{flag} does not apply to --restore-only\n{USAGE}")
+            }
             "--writers" => s.writers = number,
             "--more-secs" => s.more_secs = number,
             "--delay-ms" => s.delay = Duration::from_millis(number),
@@ -281,12 +284,19 @@ struct Restores {
     local_secs: f64,
 }
 
-/// The median of `values` (by wall time), and the highest peak RSS.
+/// The median of `values` (by wall time; of an even count, the mean of
+/// the middle two), and the highest peak RSS.
 fn median(mut values: Vec<Timing>) -> Timing {
     values.sort_by(|a, b| a.wall_secs.total_cmp(&b.wall_secs));
     let peak = values.iter().map(|t| t.peak_rss_mib).fold(0.0, f64::max);
+    let mid = values.len() / 2;
+    let wall_secs = if values.len().is_multiple_of(2) {
+        f64::midpoint(values[mid - 1].wall_secs, values[mid].wall_secs)
+    } else {
+        values[mid].wall_secs
+    };
     Timing {
-        wall_secs: values[values.len() / 2].wall_secs,
+        wall_secs,
         peak_rss_mib: peak,
     }
 }
@@ -319,13 +329,15 @@ async fn compare_restores(
 ) -> anyhow::Result<Restores> {
     let local_url = format!("file://{}", archive_dir.display());
     let listing = ArchiveListing::load(&Archive::open(&local_url)?).await?;
+    // The base the restore starts from: the newest snapshot at or before
+    // the revision in the newest generation that reaches it.
     let base = listing
         .generations
         .iter()
-        .flat_map(|g| g.snapshots.iter().copied())
-        .filter(|&r| r <= revision)
-        .max()
-        .context("no snapshot at or before the revision")?;
+        .rev()
+        .find(|g| g.chain().last_revision() >= revision)
+        .and_then(|g| g.snapshots.iter().copied().filter(|&r| r <= revision).max())
+        .context("no generation of the archive reaches the revision from a snapshot")?;
     let s3_files = FileS3Server::start(archive_dir, BUCKET).await?;
     let s3_url = format!("s3://{BUCKET}");
     // The proxy delays each direction: a request and its answer get
@@ -377,11 +389,11 @@ async fn compare_restores(
     let [copy, local, s3, slow] = [copies, locals, s3s, slows].map(median);
     table.row(
         &format!(
-            "`etcd-restorer restore` of the newest revision ({} revisions on top of the base), median of {rounds}",
+            "`etcd-restorer restore` of revision {revision} ({} revisions on top of the base), median of {rounds}",
             revision - base
         ),
         format!(
-            "{:.1} s ({}), {:.0} MiB peak RSS",
+            "{:.1} s ({}), {:.0} MiB highest peak RSS",
             local.wall_secs, spreads[1], local.peak_rss_mib
         ),
         format!(
@@ -402,7 +414,7 @@ async fn compare_restores(
     table.row(
         &format!("restore from S3: a read-only S3 endpoint serving the archive's files (integration::file_s3), median of {rounds}"),
         format!(
-            "{:.1} s ({}), {:.0} MiB peak RSS",
+            "{:.1} s ({}), {:.0} MiB highest peak RSS",
             s3.wall_secs, spreads[2], s3.peak_rss_mib
         ),
         format!("restore from local files: {:.1} s", local.wall_secs),
@@ -411,7 +423,7 @@ async fn compare_restores(
     table.row(
         &format!("restore from S3 (the same endpoint) with {per_request}, median of {rounds}"),
         format!(
-            "{:.1} s ({}), {:.0} MiB peak RSS",
+            "{:.1} s ({}), {:.0} MiB highest peak RSS",
             slow.wall_secs, spreads[3], slow.peak_rss_mib
         ),
         format!(

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use etcdpitr_common::bbolt::BoltError;
+use etcdpitr_common::crypto::{self, CryptoFault};
 use etcdpitr_common::layout;
 use etcdpitr_common::progress::Mode;
+use etcdpitr_common::snapshot::SnapshotError;
 
 use super::{describe_time_choice, load, plan_target, ArchiveEvents, OutputLock, Scratch, Target};
 use crate::next_steps::{EtcdRelease, NextSteps, ReleaseChoice};
@@ -144,9 +147,10 @@ pub async fn restore(
     .await?;
     let summary = match restored {
         Ok(summary) => summary,
-        // The base was used before its hash was checked: a damaged
-        // archived snapshot is named as such, not as a local fault.
-        Err(e) => {
+        // The base was read before its hash was checked (by `seal`): when
+        // it is what failed, the archived object is checked, and a damaged
+        // one is named as such (exit 4), not as a local fault.
+        Err(e) if may_come_from_the_base(&e) => {
             return Err(
                 match source::check_snapshot_object(
                     &archive,
@@ -155,15 +159,19 @@ pub async fn restore(
                 )
                 .await
                 {
-                    Err(damaged) if crate::classify(&damaged) == crate::ExitKind::Integrity => {
-                        damaged.context(format!(
-                            "the base snapshot is damaged (the restore failed: {e:#})"
-                        ))
-                    }
-                    _ => e,
+                    Err(check) if is_damaged(&check) => check.context(format!(
+                        "the base snapshot is damaged (the restore failed: {e:#})"
+                    )),
+                    Err(check) => e.context(format!(
+                        "the base snapshot could not be checked again: {check:#}"
+                    )),
+                    Ok(()) => e.context(
+                        "the archived base snapshot is intact: the fault is local (disk or memory) or in transit",
+                    ),
                 },
             )
         }
+        Err(e) => return Err(e),
     };
     if force {
         std::fs::rename(&partial, output)
@@ -220,4 +228,30 @@ pub async fn restore(
     };
     write!(out, "{}", steps.render())?;
     Ok(())
+}
+
+/// Whether a failed synthesis or read-back may come from a base snapshot
+/// that is not what its header says: bbolt refused the file, or it read
+/// back other than written.
+fn may_come_from_the_base(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<BoltError>()
+            || matches!(
+                c.downcast_ref::<synth::OutputError>(),
+                Some(synth::OutputError::Mismatch { .. })
+            )
+    })
+}
+
+/// Whether [`source::check_snapshot_object`]'s error says the object is
+/// damaged (not that the store failed or the object is gone).
+fn is_damaged(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| match c.downcast_ref::<SnapshotError>() {
+        Some(SnapshotError::Io { source, .. }) => matches!(
+            source.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+        ),
+        Some(_) => true,
+        None => crypto::fault_of(c) == Some(CryptoFault::Damaged),
+    })
 }
