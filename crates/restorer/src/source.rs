@@ -60,8 +60,15 @@ async fn read_downloaded<T: Send + 'static>(
 /// reads feeding the decompression; nothing is staged), checking it:
 /// length (and blake3 per `hash`) against its header, header against its
 /// name, and the revision of the bbolt content against the header. Shows
-/// the bytes written per `progress`.
-async fn fetch_checked(
+/// the bytes written per `progress`. A restore defers the hash
+/// ([`BodyHash::Deferred`]) to its read-back ([`crate::synth::seal`]
+/// compares the base's bytes with the header's `db_blake3`), which reads
+/// every byte anyway, so that gigabytes are hashed once; when it fails,
+/// [`check_snapshot_object`] tells a damaged archive from a local fault.
+///
+/// # Errors
+/// Store failures or an integrity error naming the object.
+pub async fn fetch_snapshot(
     archive: &Archive,
     generation: GenerationId,
     revision: Revision,
@@ -114,57 +121,6 @@ async fn fetch_checked(
     Ok(header)
 }
 
-/// Downloads a snapshot object and writes the etcd snapshot file it holds to
-/// `dest`, checking its length and blake3 hash; the fetch shows its
-/// progress per `progress`.
-///
-/// # Errors
-/// Store failures or an integrity error naming the object.
-pub async fn fetch_snapshot(
-    archive: &Archive,
-    generation: GenerationId,
-    revision: Revision,
-    dest: &Path,
-    progress: Mode,
-) -> anyhow::Result<SnapshotHeader> {
-    fetch_checked(
-        archive,
-        generation,
-        revision,
-        dest,
-        progress,
-        BodyHash::Check,
-    )
-    .await
-}
-
-/// [`fetch_snapshot`] for a restore, which reads the whole file back
-/// anyway: the blake3 of the file is left to that read-back
-/// ([`crate::synth::seal`] compares the base's bytes with the header's
-/// `db_blake3`), so that gigabytes are hashed once. Until then the file is
-/// checked only in length, framing and revision. When the restore fails,
-/// [`check_snapshot_object`] tells a damaged archive from a local fault.
-///
-/// # Errors
-/// Store failures or an integrity error naming the object.
-pub async fn fetch_restore_base(
-    archive: &Archive,
-    generation: GenerationId,
-    revision: Revision,
-    dest: &Path,
-    progress: Mode,
-) -> anyhow::Result<SnapshotHeader> {
-    fetch_checked(
-        archive,
-        generation,
-        revision,
-        dest,
-        progress,
-        BodyHash::Deferred,
-    )
-    .await
-}
-
 /// Downloads snapshot object `(generation, revision)` and checks its
 /// content against its header (length and blake3) without keeping it.
 ///
@@ -197,7 +153,7 @@ pub async fn verify_snapshot(
     scratch: &Path,
 ) -> anyhow::Result<SnapshotHeader> {
     // Shown as one object of `verify`'s own progress.
-    let checked = fetch_checked(
+    let checked = fetch_snapshot(
         archive,
         generation,
         revision,
@@ -889,7 +845,7 @@ mod tests {
                 .db_bytes,
             ETCD_SNAPSHOT.len() as u64
         );
-        fetch_snapshot(&archive, g, 31, &dest, Mode::Hidden)
+        fetch_snapshot(&archive, g, 31, &dest, Mode::Hidden, BodyHash::Check)
             .await
             .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), ETCD_SNAPSHOT);
@@ -899,7 +855,7 @@ mod tests {
             verify_snapshot(&archive, g, 41, &scratch)
                 .await
                 .unwrap_err(),
-            fetch_snapshot(&archive, g, 41, &dest, Mode::Hidden)
+            fetch_snapshot(&archive, g, 41, &dest, Mode::Hidden, BodyHash::Check)
                 .await
                 .unwrap_err(),
         ] {

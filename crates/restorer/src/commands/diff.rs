@@ -98,6 +98,7 @@ pub async fn diff(
             base,
             &scratch,
             etcdpitr_common::progress::Mode::Auto,
+            etcdpitr_common::snapshot::BodyHash::Check,
         )
         .await
         .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;

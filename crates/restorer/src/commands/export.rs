@@ -54,6 +54,7 @@ pub async fn export(
         plan.snapshot_revision,
         &scratch,
         Mode::Auto,
+        etcdpitr_common::snapshot::BodyHash::Check,
     )
     .await
     .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;

@@ -9,7 +9,7 @@ use etcdpitr_common::bbolt::BoltError;
 use etcdpitr_common::crypto::{self, CryptoFault};
 use etcdpitr_common::layout;
 use etcdpitr_common::progress::Mode;
-use etcdpitr_common::snapshot::SnapshotError;
+use etcdpitr_common::snapshot::{BodyHash, SnapshotError};
 
 use super::{describe_time_choice, load, plan_target, ArchiveEvents, OutputLock, Scratch, Target};
 use crate::next_steps::{EtcdRelease, NextSteps, ReleaseChoice};
@@ -128,12 +128,13 @@ pub async fn restore(
     let scratch = Scratch::new_in(&dir)?;
     let partial = scratch.file(&file_name);
     // Its blake3 is checked by the read-back (`seal`), which reads it all.
-    let base = source::fetch_restore_base(
+    let base = source::fetch_snapshot(
         &archive,
         plan.generation,
         plan.snapshot_revision,
         &partial,
         Mode::Auto,
+        BodyHash::Deferred,
     )
     .await
     .with_context(|| format!("fetch the base snapshot into {}", partial.display()))?;

@@ -73,6 +73,7 @@ async fn archive_state(
         plan.snapshot_revision,
         &scratch,
         etcdpitr_common::progress::Mode::Hidden,
+        etcdpitr_common::snapshot::BodyHash::Check,
     )
     .await
     .with_context(|| format!("fetch the base snapshot into {}", scratch.display()))?;
