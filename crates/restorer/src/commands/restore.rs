@@ -151,27 +151,21 @@ pub async fn restore(
         // The base was read before its hash was checked (by `seal`): when
         // it is what failed, the archived object is checked, and a damaged
         // one is named as such (exit 4), not as a local fault.
-        Err(e) if may_come_from_the_base(&e) => {
-            return Err(
-                match source::check_snapshot_object(
-                    &archive,
-                    plan.generation,
-                    plan.snapshot_revision,
-                )
+        Err(e) if may_come_from_the_base(&e) => return Err(
+            match source::check_snapshot_object(&archive, plan.generation, plan.snapshot_revision)
                 .await
-                {
-                    Err(check) if is_damaged(&check) => check.context(format!(
-                        "the base snapshot is damaged (the restore failed: {e:#})"
-                    )),
-                    Err(check) => e.context(format!(
-                        "the base snapshot could not be checked again: {check:#}"
-                    )),
-                    Ok(()) => e.context(
-                        "the archived base snapshot is intact: the fault is local (disk or memory) or in transit",
-                    ),
-                },
-            )
-        }
+            {
+                Err(check) if is_damaged(&check) => check.context(format!(
+                    "the base snapshot is damaged (the restore failed: {e:#})"
+                )),
+                Err(check) => e.context(format!(
+                    "the base snapshot could not be checked again: {check:#}"
+                )),
+                Ok(()) => e.context(
+                    "the archived base snapshot matches its hash (checked again after the failure)",
+                ),
+            },
+        ),
         Err(e) => return Err(e),
     };
     if force {
