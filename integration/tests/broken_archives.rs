@@ -193,12 +193,18 @@ fn segment_bytes(generation: u64, first: i64, last: i64, value: &[u8], prev: Dig
 }
 
 fn snapshot_object(generation: u64, revision: i64, db: &[u8]) -> Vec<u8> {
+    snapshot_object_claiming(generation, revision, db, db)
+}
+
+/// A snapshot object holding `db` whose header claims the blake3 of
+/// `claimed` (a forger or a bit flip after hashing when they differ).
+fn snapshot_object_claiming(generation: u64, revision: i64, db: &[u8], claimed: &[u8]) -> Vec<u8> {
     let header = SnapshotHeader {
         generation,
         revision,
         taken_ms: 1,
         db_bytes: db.len() as u64,
-        db_blake3: *blake3::hash(db).as_bytes(),
+        db_blake3: *blake3::hash(claimed).as_bytes(),
         prev_digest: [0; 32],
         prev_revision: 0,
     };
@@ -369,19 +375,8 @@ fn a_snapshot_body_that_differs_from_its_hash_is_refused() {
         let f = Fixture::new();
         let mut db = BASE_DB.to_vec();
         db[at] ^= 0x40;
-        let header = SnapshotHeader {
-            generation: 1,
-            revision: f.base,
-            taken_ms: 1,
-            db_bytes: db.len() as u64,
-            db_blake3: *blake3::hash(BASE_DB).as_bytes(),
-            prev_digest: [0; 32],
-            prev_revision: 0,
-        };
-        let mut object = Vec::new();
-        snapshot::write_object(&header, &mut &db[..], &mut object).unwrap();
         let key = layout::snapshot_key(GenerationId(1), f.base);
-        f.write(&key, &object);
+        f.write(&key, &snapshot_object_claiming(1, f.base, &db, BASE_DB));
         let what = format!("byte {at} flipped");
         assert_outcome(&format!("verify, {what}"), f.verify(), 4, &[&key]);
         assert_outcome(
